@@ -1,0 +1,16 @@
+"""Build glue only: metadata lives in pyproject.toml."""
+
+import sysconfig
+
+from setuptools import setup
+
+# The compiled module uses the stable ABI (one wheel for CPython 3.9+), except
+# on free-threaded builds, which have no stable ABI before 3.15.
+ABI3 = not sysconfig.get_config_var("Py_GIL_DISABLED")
+
+setup(
+    cffi_modules=["src/_tlsctl_build.py:ffibuilder"],
+    ext_package="tlsctl",
+    zip_safe=False,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ABI3 else {},
+)

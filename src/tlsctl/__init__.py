@@ -1,0 +1,54 @@
+"""tlsctl: control when TLS 1.3 session tickets leave a Python ``ssl`` server.
+
+OpenSSL servers send NewSessionTicket messages right after the handshake,
+whether or not the application ever writes.  Clients that upload and close
+without reading then lose data (their kernel answers with RST), and clients
+that write before reading can deadlock a handshake that has large tickets.
+``tlsctl.patch(ctx)`` makes a server context send its tickets with the
+server's first application write instead, as BoringSSL does, keeping session
+resumption::
+
+    import ssl, tlsctl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain("cert.pem", "key.pem")
+    tlsctl.patch(ctx)              # tickets="defer" is the default
+
+Public API: ``patch``, ``issue_tickets``, ``connection_state``, ``info``,
+``ConnectionState``, ``Info`` and the exceptions rooted at ``TlsctlError``.
+``python -m tlsctl doctor`` shows what was bound; ``python -m tlsctl demo``
+shows the bugs and the fix side by side.
+"""
+
+from tlsctl._bind import Info, info
+from tlsctl._errors import (
+    BindingError,
+    ConnectionStateError,
+    OpenSSLError,
+    TlsctlError,
+    UnsupportedError,
+)
+from tlsctl._policy import (
+    POLICIES,
+    ConnectionState,
+    connection_state,
+    issue_tickets,
+    patch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "BindingError",
+    "ConnectionState",
+    "ConnectionStateError",
+    "Info",
+    "OpenSSLError",
+    "TlsctlError",
+    "UnsupportedError",
+    "__version__",
+    "connection_state",
+    "info",
+    "issue_tickets",
+    "patch",
+]

@@ -1,0 +1,239 @@
+"""Binding to the OpenSSL instance that the interpreter's ``_ssl`` uses.
+
+Invariant: no OpenSSL function is ever called on a pointer taken from a
+Python object unless
+
+1. binding succeeded: every required symbol was resolved through ``_ssl``'s
+   own shared object (or the global namespace when ``_ssl`` is built in), the
+   library's version equals ``ssl.OPENSSL_VERSION_NUMBER``, and the layout
+   self-test below passed;
+2. the object is a real stdlib object (``ssl.SSLContext``; an
+   ``ssl.SSLSocket`` / ``ssl.SSLObject`` whose ``_sslobj`` is exactly
+   ``_ssl._SSLSocket``), otherwise ``TypeError``;
+3. the ``SSL_CTX`` reached is proven to belong to the bound instance: its
+   method pointer is one of the bound ``TLS_*_method()`` results, and for a
+   connection, ``SSL_get_SSL_CTX(ssl)`` is that proven context.
+
+Binding happens once, at import.  If it fails, ``import tlsctl`` still
+succeeds, ``info()`` says why, and every call that needs OpenSSL raises
+``BindingError``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import _ssl
+
+from tlsctl._errors import BindingError, ConnectionStateError
+
+try:
+    from tlsctl._binding import ffi, lib
+except ImportError as exc:  # pragma: no cover - only a broken install
+    ffi = lib = None
+    _IMPORT_ERROR: Optional[str] = f"compiled module tlsctl._binding missing: {exc}"
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["Info", "ctx_pointer", "info", "openssl_errors", "ssl_pointer"]
+
+_MIN_VERSION = 0x10101000  # OpenSSL 1.1.1
+
+
+@dataclass(frozen=True)
+class Info:
+    """What tlsctl bound to (``tlsctl.info()``).
+
+    Attributes:
+        bound: True when tlsctl can operate on this interpreter's ``ssl``.
+        reason: why nothing could be bound (``None`` when bound).
+        openssl_version: ``ssl.OPENSSL_VERSION`` of the running interpreter.
+        openssl_version_number: the bound library's ``OpenSSL_version_num()``
+            (``ssl.OPENSSL_VERSION_NUMBER`` when nothing was bound).
+        library: file of the bound libssl (from ``dladdr``), if known.
+        via: where the symbols were looked up: the path of ``_ssl``'s shared
+            object, or ``"global symbols"`` when ``_ssl`` is built in.
+        native_tickets: ``SSL_new_session_ticket`` is available (OpenSSL 3.0+),
+            so ``defer`` and ``issue_tickets`` work natively.
+        stash: the ticket stash fallback (OpenSSL 1.1.1) is available.
+        mechanism: ``"native"``, ``"stash"`` or ``None``: what ``defer`` uses.
+    """
+
+    bound: bool
+    reason: Optional[str]
+    openssl_version: str
+    openssl_version_number: int
+    library: Optional[str]
+    via: Optional[str]
+    native_tickets: bool
+    stash: bool
+    mechanism: Optional[str]
+
+
+def _bind() -> Info:
+    def failed(reason: str, **extra: Any) -> Info:
+        fields: dict[str, Any] = {
+            "bound": False,
+            "reason": reason,
+            "openssl_version": ssl.OPENSSL_VERSION,
+            "openssl_version_number": ssl.OPENSSL_VERSION_NUMBER,
+            "library": None,
+            "via": None,
+            "native_tickets": False,
+            "stash": False,
+            "mechanism": None,
+        }
+        fields.update(extra)
+        return Info(**fields)
+
+    if _IMPORT_ERROR is not None:
+        return failed(_IMPORT_ERROR)
+    if ssl.OPENSSL_VERSION.startswith("LibreSSL"):
+        return failed(f"{ssl.OPENSSL_VERSION} is not OpenSSL; tlsctl needs OpenSSL")
+    if ssl.OPENSSL_VERSION_NUMBER < _MIN_VERSION:
+        return failed(f"{ssl.OPENSSL_VERSION} is older than OpenSSL 1.1.1")
+
+    path: Optional[str] = getattr(_ssl, "__file__", None)
+    via = path if path else "global symbols"
+    err = ffi.new("char[]", 1024)
+    if lib.tlsctl_bind(path.encode() if path else ffi.NULL, err, len(err)) != 0:
+        return failed(ffi.string(err).decode(errors="replace"), via=via)
+
+    library = ffi.string(lib.tlsctl_library_path()).decode(errors="replace") or None
+    number = int(lib.OpenSSL_version_num())
+    if number != ssl.OPENSSL_VERSION_NUMBER:
+        return failed(
+            f"the library reached through {via} reports version {number:#x}, "
+            f"but ssl.OPENSSL_VERSION_NUMBER is {ssl.OPENSSL_VERSION_NUMBER:#x}: "
+            "not the interpreter's OpenSSL instance",
+            via=via,
+            library=library,
+            openssl_version_number=number,
+        )
+    problem = _self_test()
+    if problem is not None:
+        return failed(f"layout self-test failed: {problem}", via=via, library=library)
+
+    native = bool(lib.tlsctl_has_symbol(b"SSL_new_session_ticket"))
+    return Info(
+        bound=True,
+        reason=None,
+        openssl_version=ssl.OPENSSL_VERSION,
+        openssl_version_number=number,
+        library=library,
+        via=via,
+        native_tickets=native,
+        stash=False,
+        mechanism="native" if native else None,
+    )
+
+
+def _self_test() -> Optional[str]:
+    """Check the object layouts on throwaway objects before trusting them.
+
+    A context whose ``num_tickets`` was set through Python must read back the
+    same through C, its method must be ``TLS_server_method()``, and an
+    ``SSL`` made from a client context must point back at that context.
+    """
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.num_tickets = 7
+    sptr = lib.tlsctl_ctx_of(id(server))
+    if lib.tlsctl_ctx_method_kind(sptr) != lib.TLSCTL_KIND_SERVER:
+        return "SSLContext does not hold an SSL_CTX from the bound library"
+    if lib.SSL_CTX_get_num_tickets(sptr) != 7:
+        return "SSL_CTX_get_num_tickets disagrees with SSLContext.num_tickets"
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    conn = client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="x")
+    cptr = lib.tlsctl_ctx_of(id(client))
+    if lib.tlsctl_ctx_method_kind(cptr) != lib.TLSCTL_KIND_CLIENT:
+        return "client SSLContext has an unexpected method"
+    sslptr = lib.tlsctl_ssl_of(id(conn._sslobj))
+    if lib.SSL_get_SSL_CTX(sslptr) != cptr or lib.SSL_is_server(sslptr) != 0:
+        return "_ssl._SSLSocket does not hold an SSL of its context"
+    return None
+
+
+_INFO = _bind()
+
+
+def info() -> Info:
+    """Return what tlsctl bound to, or why it could not bind."""
+    return _INFO
+
+
+def require_bound() -> None:
+    """Raise ``BindingError`` unless binding succeeded."""
+    if not _INFO.bound:
+        raise BindingError(
+            f"tlsctl is not bound to this interpreter's OpenSSL: {_INFO.reason}"
+        )
+
+
+def openssl_errors() -> tuple[str, ...]:
+    """Drain this thread's OpenSSL error queue into text, oldest first."""
+    out = []
+    buf = ffi.new("char[]", 256)
+    while True:
+        code = lib.ERR_get_error()
+        if code == 0:
+            return tuple(out)
+        lib.ERR_error_string_n(code, buf, len(buf))
+        out.append(ffi.string(buf).decode(errors="replace"))
+
+
+def ctx_pointer(ctx: object) -> tuple[Any, int]:
+    """Return ``(SSL_CTX *, method kind)`` for a stdlib ``ssl.SSLContext``.
+
+    Raises ``TypeError`` for anything that is not an ``ssl.SSLContext`` and
+    ``BindingError`` when its ``SSL_CTX`` is not proven to come from the bound
+    OpenSSL.  Nothing is called on the context before that proof.
+    """
+    if not isinstance(ctx, ssl.SSLContext):
+        raise TypeError(
+            f"expected an ssl.SSLContext, got {type(ctx).__module__}."
+            f"{type(ctx).__qualname__} (only the stdlib ssl module's objects "
+            "are supported)"
+        )
+    require_bound()
+    ptr = lib.tlsctl_ctx_of(id(ctx))
+    kind = int(lib.tlsctl_ctx_method_kind(ptr))
+    if kind == lib.TLSCTL_KIND_UNKNOWN:
+        raise BindingError(
+            "this SSLContext's SSL_CTX does not use TLS_method(), "
+            "TLS_server_method() or TLS_client_method() of the bound OpenSSL "
+            "(a deprecated fixed-version protocol, or another OpenSSL instance); "
+            "it was left untouched"
+        )
+    return ptr, kind
+
+
+def ssl_pointer(conn: object) -> Any:
+    """Return the ``SSL *`` of an ``ssl.SSLSocket`` / ``ssl.SSLObject``.
+
+    Raises ``TypeError`` for other objects, ``ConnectionStateError`` when the
+    connection has no TLS state (closed, unwrapped, or never connected), and
+    ``BindingError`` when it is not proven to belong to the bound OpenSSL.
+    """
+    if not isinstance(conn, (ssl.SSLSocket, ssl.SSLObject)):
+        raise TypeError(
+            f"expected an ssl.SSLSocket or ssl.SSLObject, got "
+            f"{type(conn).__module__}.{type(conn).__qualname__}"
+        )
+    sslobj = conn._sslobj
+    if sslobj is None:
+        raise ConnectionStateError(
+            "the connection has no TLS state (closed, unwrapped or not connected)"
+        )
+    if type(sslobj) is not _ssl._SSLSocket:
+        raise TypeError(
+            f"conn._sslobj is {type(sslobj).__qualname__}, not _ssl._SSLSocket"
+        )
+    ctx_ptr, _ = ctx_pointer(sslobj.context)
+    ptr = lib.tlsctl_ssl_of(id(sslobj))
+    if lib.SSL_get_SSL_CTX(ptr) != ctx_ptr:
+        raise BindingError(
+            "the connection's SSL does not belong to its SSLContext's SSL_CTX"
+        )
+    return ptr
