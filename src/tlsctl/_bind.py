@@ -37,7 +37,14 @@ except ImportError as exc:  # pragma: no cover - only a broken install
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["Info", "ctx_pointer", "info", "openssl_errors", "ssl_pointer"]
+__all__ = [
+    "Info",
+    "ctx_pointer",
+    "info",
+    "is_connection",
+    "openssl_errors",
+    "ssl_pointer",
+]
 
 _MIN_VERSION = 0x10101000  # OpenSSL 1.1.1
 
@@ -190,7 +197,8 @@ def ctx_pointer(ctx: object) -> tuple[Any, int]:
     ``BindingError`` when its ``SSL_CTX`` is not proven to come from the bound
     OpenSSL.  Nothing is called on the context before that proof.
     """
-    if not isinstance(ctx, ssl.SSLContext):
+    # type(), not isinstance(): a Mock(spec=ssl.SSLContext) fakes __class__.
+    if not issubclass(type(ctx), ssl.SSLContext):
         raise TypeError(
             f"expected an ssl.SSLContext, got {type(ctx).__module__}."
             f"{type(ctx).__qualname__} (only the stdlib ssl module's objects "
@@ -209,6 +217,12 @@ def ctx_pointer(ctx: object) -> tuple[Any, int]:
     return ptr, kind
 
 
+def is_connection(conn: object) -> bool:
+    """True for real ``ssl.SSLSocket`` / ``ssl.SSLObject`` instances (by
+    ``type()``, which a mock cannot fake)."""
+    return issubclass(type(conn), (ssl.SSLSocket, ssl.SSLObject))
+
+
 def ssl_pointer(conn: object) -> Any:
     """Return the ``SSL *`` of an ``ssl.SSLSocket`` / ``ssl.SSLObject``.
 
@@ -216,7 +230,7 @@ def ssl_pointer(conn: object) -> Any:
     connection has no TLS state (closed, unwrapped, or never connected), and
     ``BindingError`` when it is not proven to belong to the bound OpenSSL.
     """
-    if not isinstance(conn, (ssl.SSLSocket, ssl.SSLObject)):
+    if not is_connection(conn):
         raise TypeError(
             f"expected an ssl.SSLSocket or ssl.SSLObject, got "
             f"{type(conn).__module__}.{type(conn).__qualname__}"

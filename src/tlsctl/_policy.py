@@ -30,10 +30,18 @@ handshake, the tickets go out with the server's first application write.
 * The first write through a hook makes ONE C call, ``tlsctl_queue_tickets``:
   for a finished TLS 1.3 server handshake it calls ``SSL_new_session_ticket``
   N times (``count``, or one after a resumed handshake, as stock OpenSSL
-  does), then the hook deletes itself from the instance ``__dict__`` and
-  calls the class's method.  The write runs OpenSSL's state machine, which
-  emits the tickets and then the application record, in that order, in the
-  same call.  Every later write is the class method itself: zero overhead.
+  does).  The hook then writes those tickets with ``_sslobj.do_handshake()``,
+  deletes itself from the instance ``__dict__`` and calls the class's write
+  method: ticket records first, then the application record, all inside the
+  caller's one write call.  Every later write is the class method itself:
+  zero overhead.
+
+* Why flush with ``do_handshake()`` instead of letting ``SSL_write`` emit
+  the tickets?  When the socket accepts only part of a ticket record (small
+  buffers, large client-certificate tickets, timeout or non-blocking
+  sockets), ``SSL_write`` returns WANT_WRITE and its retry with the caller's
+  buffer fails OpenSSL's pending-write length check (``SSL_R_BAD_LENGTH``).
+  ``SSL_do_handshake`` resumes a partial ticket write cleanly (measured).
 
 * Why not queue the tickets right after the handshake?  Because after
   ``SSL_new_session_ticket()`` the server's next ``SSL_read`` also runs the
@@ -101,13 +109,14 @@ class _Policy:
 class _ConnState:
     """Per-connection bookkeeping, stored in the connection's ``__dict__``."""
 
-    __slots__ = ("extra", "first", "issued", "policy", "ptr")
+    __slots__ = ("extra", "first", "flushing", "issued", "policy", "ptr")
 
     def __init__(self, policy: Optional[_Policy]) -> None:
         self.policy = policy
         self.first = policy is not None and policy.tickets == "defer"
         self.extra = 0  # tickets asked for with issue_tickets(), not yet queued
         self.issued = 0  # tickets tlsctl queued so far
+        self.flushing = False  # queued tickets not yet fully written
         self.ptr: Any = None  # validated SSL *, cached after the first proof
 
 
@@ -168,34 +177,47 @@ def _disarm(conn: Connection) -> None:
 
 def _before_write(conn: Connection) -> None:
     state: _ConnState = conn.__dict__[_STATE_ATTR]
-    if conn._sslobj is None:  # unwrapped or closed: stock behaviour from now on
+    sslobj = conn._sslobj
+    if sslobj is None:  # unwrapped or closed: stock behaviour from now on
         _disarm(conn)
         return
     if state.ptr is None:
         state.ptr = _bind.ssl_pointer(conn)
-    full = state.extra
-    resumed = state.extra
-    if state.first:
-        assert state.policy is not None
-        full += state.policy.count
-        resumed += state.policy.resumed_count
-    lib = _bind.lib
-    rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed)
-    if rc == lib.TLSCTL_ERR_HANDSHAKE:
-        # The write would run the handshake itself; run it first so the
-        # tickets can be queued between the handshake and the data.  Raises
-        # SSLWantReadError etc. exactly as the write would; we stay armed.
-        conn._sslobj.do_handshake()
+    if not state.flushing:
+        full = resumed = state.extra
+        if state.first:
+            assert state.policy is not None
+            full += state.policy.count
+            resumed += state.policy.resumed_count
+        lib = _bind.lib
         rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed)
-    if rc < 0:
-        _disarm(conn)
-        raise OpenSSLError(
-            "SSL_new_session_ticket failed before the first write",
-            _bind.openssl_errors(),
-        )
-    state.issued += rc
-    state.first = False
-    state.extra = 0
+        if rc == lib.TLSCTL_ERR_HANDSHAKE:
+            # The write would run the handshake itself; run it first so the
+            # tickets can be queued between the handshake and the data.
+            # Raises SSLWantReadError etc. exactly as the write would, and
+            # we stay armed for the retry.
+            sslobj.do_handshake()
+            rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed)
+        if rc < 0:
+            _disarm(conn)
+            raise OpenSSLError(
+                "SSL_new_session_ticket failed before the first write",
+                _bind.openssl_errors(),
+            )
+        state.issued += rc
+        state.first = False
+        state.extra = 0
+        state.flushing = rc > 0
+    if state.flushing:
+        # Write the queued tickets through the handshake driver, not through
+        # SSL_write: if the socket takes only part of a ticket record,
+        # SSL_write returns WANT_WRITE, and its retry with the caller's
+        # (shorter) buffer then fails ssl3_write_bytes' length check
+        # (SSL_R_BAD_LENGTH), because the pending record is the ticket.
+        # SSL_do_handshake retries cleanly.  On a non-blocking socket this
+        # raises SSLWantWriteError from the caller's write, which retries.
+        sslobj.do_handshake()
+        state.flushing = False
     _disarm(conn)
 
 
@@ -366,7 +388,7 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
 
 def connection_state(conn: Connection) -> ConnectionState:
     """Report the ticket policy and ticket bookkeeping of one connection."""
-    if not isinstance(conn, (ssl.SSLSocket, ssl.SSLObject)):
+    if not _bind.is_connection(conn):
         raise TypeError(
             f"expected an ssl.SSLSocket or ssl.SSLObject, got {type(conn).__name__}"
         )

@@ -1,0 +1,375 @@
+"""The bug scenarios, reproducible on 127.0.0.1.
+
+Used by ``python -m tlsctl demo``, by the test suite and by the benchmark, so
+the numbers all three report come from one implementation.  Every function
+runs a real server thread and a real client over loopback TCP with real TLS
+handshakes; certificates come from ``trustme`` (install ``tlsctl[demo]``).
+
+Invariants: every loop is bounded in count and time (socket timeouts on
+both ends), servers bind to 127.0.0.1 only, and every thread is joined
+before a function returns.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+__all__ = [
+    "Certs",
+    "DeadlockResult",
+    "ResumptionResult",
+    "TicketCounter",
+    "UploadResult",
+    "client_context",
+    "make_certs",
+    "one_way_uploads",
+    "request_response",
+    "server_context",
+    "write_before_read",
+]
+
+LOCALHOST = "127.0.0.1"
+
+
+@dataclass
+class Certs:
+    """A throwaway CA, a server certificate for ``localhost`` and a client
+    certificate with many SANs (large client certificates make large tickets)."""
+
+    ca: Any
+    server: Any
+    client: Any
+
+
+def make_certs(client_sans: int = 400) -> Certs:
+    """Generate throwaway certificates with ``trustme``."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", LOCALHOST)
+    client = ca.issue_cert(*(f"client{i}.example" for i in range(client_sans)))
+    return Certs(ca, server, client)
+
+
+def server_context(
+    certs: Certs,
+    *,
+    require_client_cert: bool = False,
+    maximum_version: Optional[ssl.TLSVersion] = None,
+) -> ssl.SSLContext:
+    """A fresh ``PROTOCOL_TLS_SERVER`` context with the server certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certs.server.configure_cert(ctx)
+    if require_client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        certs.ca.configure_trust(ctx)
+    if maximum_version is not None:
+        ctx.maximum_version = maximum_version
+    return ctx
+
+
+def client_context(
+    certs: Certs,
+    *,
+    with_client_cert: bool = False,
+    maximum_version: Optional[ssl.TLSVersion] = None,
+) -> ssl.SSLContext:
+    """A fresh ``PROTOCOL_TLS_CLIENT`` context trusting the throwaway CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    certs.ca.configure_trust(ctx)
+    if with_client_cert:
+        certs.client.configure_cert(ctx)
+    if maximum_version is not None:
+        ctx.maximum_version = maximum_version
+    return ctx
+
+
+class TicketCounter:
+    """Counts NewSessionTicket messages a client context reads.
+
+    Uses ``SSLContext._msg_callback``, CPython's (private, 3.8+) hook over
+    OpenSSL's message callback, which sees decrypted handshake messages.
+    """
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        ctx._msg_callback = self  # type: ignore[attr-defined]
+
+    def __call__(
+        self, conn: Any, direction: str, version: Any, content_type: Any,
+        msg_type: Any, data: bytes,
+    ) -> None:
+        if (
+            direction == "read"
+            and content_type == ssl._TLSContentType.HANDSHAKE  # type: ignore[attr-defined]
+            and msg_type == ssl._TLSMessageType.NEWSESSION_TICKET  # type: ignore[attr-defined]
+        ):
+            with self._lock:
+                self.count += 1
+
+
+class _Server:
+    """Accepts ``n`` connections on 127.0.0.1, one at a time, in a thread,
+    calling ``handle(raw_socket)`` for each; collects results in order."""
+
+    def __init__(
+        self,
+        n: int,
+        handle: Callable[[socket.socket], Any],
+        *,
+        bufsize: Optional[int] = None,
+        accept_timeout: float = 30.0,
+    ) -> None:
+        self.results: list[Any] = []
+        self.error: Optional[BaseException] = None
+        self._n = n
+        self._handle = handle
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bufsize is not None:  # accepted sockets inherit these
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+        self._listener.bind((LOCALHOST, 0))
+        self._listener.listen(128)
+        self._listener.settimeout(accept_timeout)
+        self.address = self._listener.getsockname()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for _ in range(self._n):
+                raw, _ = self._listener.accept()
+                with raw:
+                    self.results.append(self._handle(raw))
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    def __enter__(self) -> _Server:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(60)
+        self._listener.close()
+
+    def join(self) -> list[Any]:
+        self._thread.join(60)
+        if self._thread.is_alive():
+            raise TimeoutError("server thread did not finish")
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+
+# ---------------------------------------------------------------- one-way
+
+
+@dataclass
+class UploadResult:
+    """Outcome of ``one_way_uploads``: bytes the server received per upload."""
+
+    size: int
+    received: list[int]
+    server_errors: list[str] = field(default_factory=list)
+
+    @property
+    def connections(self) -> int:
+        return len(self.received)
+
+    @property
+    def lost_connections(self) -> int:
+        return sum(1 for r in self.received if r != self.size)
+
+    @property
+    def bytes_lost(self) -> int:
+        return sum(self.size - r for r in self.received)
+
+
+def one_way_uploads(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    *,
+    connections: int = 200,
+    size: int = 256 * 1024,
+    timeout: float = 10.0,
+) -> UploadResult:
+    """Clients upload ``size`` bytes and close without reading anything.
+
+    The server reads each connection until EOF or an error and records how
+    many bytes arrived.  Any NewSessionTicket the server sends lies unread in
+    the client's receive buffer when it closes, so its kernel sends RST and
+    the server's kernel drops upload data still queued for the server.
+    """
+    payload = b"u" * size
+    errors: list[str] = []
+
+    def handle(raw: socket.socket) -> int:
+        raw.settimeout(timeout)
+        got = 0
+        try:
+            with server_ctx.wrap_socket(raw, server_side=True) as conn:
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+        except (OSError, ssl.SSLError) as exc:
+            errors.append(type(exc).__name__)
+        return got
+
+    with _Server(connections, handle) as server:
+        for _ in range(connections):
+            with socket.create_connection(server.address, timeout=timeout) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname="localhost") as c:
+                    c.sendall(payload)
+        received = server.join()
+    return UploadResult(size, received, errors)
+
+
+# -------------------------------------------------------------- deadlock
+
+
+@dataclass
+class DeadlockResult:
+    """Outcome of ``write_before_read``."""
+
+    server_outcome: str  # "completed", "handshake timed out", or an error name
+    client_outcome: str
+    received: int
+    tickets: int
+
+    @property
+    def completed(self) -> bool:
+        return self.server_outcome == "completed" and self.client_outcome == "completed"
+
+
+def write_before_read(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    *,
+    size: int = 512 * 1024,
+    bufsize: int = 4096,
+    timeout: float = 5.0,
+) -> DeadlockResult:
+    """A client sends ``size`` bytes before reading, over small buffers.
+
+    Use a server context that requires a client certificate and a client
+    context carrying a large one: the tickets are then several KiB each.  A
+    server that writes them during the handshake blocks on a full send
+    buffer while the client blocks on its own; neither reads.
+    """
+    payload = b"d" * size
+    counter = TicketCounter(client_ctx)
+
+    def handle(raw: socket.socket) -> tuple[str, int]:
+        raw.settimeout(timeout)
+        got = 0
+        try:
+            conn = server_ctx.wrap_socket(raw, server_side=True,
+                                          do_handshake_on_connect=False)
+            try:
+                conn.do_handshake()
+            except (socket.timeout, TimeoutError):
+                return "handshake timed out", 0
+            with conn:
+                while got < size:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                conn.sendall(b"done")
+        except (socket.timeout, TimeoutError):
+            return "timed out after handshake", got
+        except (OSError, ssl.SSLError) as exc:
+            return f"{type(exc).__name__}: {exc}", got
+        return "completed", got
+
+    client_outcome = "completed"
+    with _Server(1, handle, bufsize=bufsize) as server:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+        raw.settimeout(timeout)
+        try:
+            raw.connect(server.address)
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as c:
+                c.sendall(payload)
+                reply = b""
+                while len(reply) < 4:
+                    chunk = c.recv(4 - len(reply))
+                    if not chunk:
+                        break
+                    reply += chunk
+                if reply != b"done":
+                    client_outcome = f"bad reply {reply!r}"
+        except (socket.timeout, TimeoutError):
+            client_outcome = "timed out"
+        except (OSError, ssl.SSLError) as exc:
+            client_outcome = type(exc).__name__
+        finally:
+            raw.close()
+        [(server_outcome, received)] = server.join()
+    return DeadlockResult(server_outcome, client_outcome, received, counter.count)
+
+
+# ------------------------------------------------------------ resumption
+
+
+@dataclass
+class ResumptionResult:
+    """Outcome of ``request_response``."""
+
+    connections: int
+    resumed: int
+    tickets: int
+    replies_ok: int
+
+
+def request_response(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    *,
+    connections: int = 10,
+    timeout: float = 10.0,
+) -> ResumptionResult:
+    """Clients send a request, read the reply to EOF, and reconnect with the
+    newest session they hold.  Counts resumed handshakes and tickets read."""
+    counter = TicketCounter(client_ctx)
+
+    def handle(raw: socket.socket) -> None:
+        raw.settimeout(timeout)
+        with server_ctx.wrap_socket(raw, server_side=True) as conn:
+            request = b""
+            while not request.endswith(b"\n"):
+                chunk = conn.recv(1024)
+                if not chunk:
+                    return
+                request += chunk
+            conn.sendall(b"reply to " + request)
+
+    resumed = ok = 0
+    session: Optional[ssl.SSLSession] = None
+    with _Server(connections, handle) as server:
+        for i in range(connections):
+            with socket.create_connection(server.address, timeout=timeout) as raw:
+                with client_ctx.wrap_socket(
+                    raw, server_hostname="localhost", session=session
+                ) as c:
+                    request = f"request {i}\n".encode()
+                    c.sendall(request)
+                    reply = b""
+                    while True:
+                        chunk = c.recv(1024)
+                        if not chunk:
+                            break
+                        reply += chunk
+                    ok += reply == b"reply to " + request
+                    resumed += c.session_reused
+                    session = c.session
+        server.join()
+    return ResumptionResult(connections, resumed, counter.count, ok)
