@@ -27,8 +27,10 @@ __all__ = [
     "client_context",
     "make_certs",
     "one_way_uploads",
+    "request_clients",
     "request_response",
     "server_context",
+    "upload_clients",
     "write_before_read",
 ]
 
@@ -205,7 +207,6 @@ def one_way_uploads(
     the client's receive buffer when it closes, so its kernel sends RST and
     the server's kernel drops upload data still queued for the server.
     """
-    payload = b"u" * size
     errors: list[str] = []
 
     def handle(raw: socket.socket) -> int:
@@ -223,12 +224,24 @@ def one_way_uploads(
         return got
 
     with _Server(connections, handle) as server:
-        for _ in range(connections):
-            with socket.create_connection(server.address, timeout=timeout) as raw:
-                with client_ctx.wrap_socket(raw, server_hostname="localhost") as c:
-                    c.sendall(payload)
+        upload_clients(server.address, client_ctx, connections, size, timeout)
         received = server.join()
     return UploadResult(size, received, errors)
+
+
+def upload_clients(
+    address: Any,
+    client_ctx: ssl.SSLContext,
+    connections: int,
+    size: int,
+    timeout: float = 10.0,
+) -> None:
+    """The client half of ``one_way_uploads``: connect, upload, close."""
+    payload = b"u" * size
+    for _ in range(connections):
+        with socket.create_connection(address, timeout=timeout) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as c:
+                c.sendall(payload)
 
 
 # -------------------------------------------------------------- deadlock
@@ -339,7 +352,6 @@ def request_response(
 ) -> ResumptionResult:
     """Clients send a request, read the reply to EOF, and reconnect with the
     newest session they hold.  Counts resumed handshakes and tickets read."""
-    counter = TicketCounter(client_ctx)
 
     def handle(raw: socket.socket) -> None:
         raw.settimeout(timeout)
@@ -352,24 +364,39 @@ def request_response(
                 request += chunk
             conn.sendall(b"reply to " + request)
 
+    with _Server(connections, handle) as server:
+        result = request_clients(server.address, client_ctx, connections, timeout)
+        server.join()
+    return result
+
+
+def request_clients(
+    address: Any,
+    client_ctx: ssl.SSLContext,
+    connections: int,
+    timeout: float = 10.0,
+) -> ResumptionResult:
+    """The client half of ``request_response``: send ``request <i>\\n``, read
+    the reply to EOF, reconnect with the newest session.  ``tickets`` counts
+    the NewSessionTicket messages these clients read (it installs a
+    ``TicketCounter`` on ``client_ctx``)."""
+    counter = TicketCounter(client_ctx)
     resumed = ok = 0
     session: Optional[ssl.SSLSession] = None
-    with _Server(connections, handle) as server:
-        for i in range(connections):
-            with socket.create_connection(server.address, timeout=timeout) as raw:
-                with client_ctx.wrap_socket(
-                    raw, server_hostname="localhost", session=session
-                ) as c:
-                    request = f"request {i}\n".encode()
-                    c.sendall(request)
-                    reply = b""
-                    while True:
-                        chunk = c.recv(1024)
-                        if not chunk:
-                            break
-                        reply += chunk
-                    ok += reply == b"reply to " + request
-                    resumed += c.session_reused
-                    session = c.session
-        server.join()
+    for i in range(connections):
+        with socket.create_connection(address, timeout=timeout) as raw:
+            with client_ctx.wrap_socket(
+                raw, server_hostname="localhost", session=session
+            ) as c:
+                request = f"request {i}\n".encode()
+                c.sendall(request)
+                reply = b""
+                while True:
+                    chunk = c.recv(1024)
+                    if not chunk:
+                        break
+                    reply += chunk
+                ok += reply == b"reply to " + request
+                resumed += c.session_reused
+                session = c.session
     return ResumptionResult(connections, resumed, counter.count, ok)

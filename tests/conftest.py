@@ -1,0 +1,150 @@
+"""Shared fixtures: throwaway certificates, contexts, memory-BIO pairs.
+
+Everything is real: OpenSSL handshakes over MemoryBIO or 127.0.0.1 sockets,
+certificates from trustme.  Nothing from ssl is mocked.
+"""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pytest
+
+import tlsctl
+from tlsctl import scenarios
+
+TLS_VERSIONS = {
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+def pytest_report_header(config: Any) -> list[str]:
+    info = tlsctl.info()
+    return [
+        f"python: {sys.version.split()[0]}, ssl: {ssl.OPENSSL_VERSION}",
+        f"tlsctl: bound={info.bound} mechanism={info.mechanism} "
+        f"library={info.library} reason={info.reason}",
+    ]
+
+
+needs_native = pytest.mark.skipif(
+    not tlsctl.info().native_tickets,
+    reason="needs native ticket issuing (SSL_new_session_ticket, OpenSSL 3.0+)",
+)
+needs_defer = pytest.mark.skipif(
+    tlsctl.info().mechanism is None,
+    reason="needs a defer mechanism (native or stash)",
+)
+
+
+@pytest.fixture(scope="session")
+def certs() -> scenarios.Certs:
+    return scenarios.make_certs(client_sans=400)
+
+
+@pytest.fixture(params=list(TLS_VERSIONS))
+def tls_version(request: Any) -> ssl.TLSVersion:
+    return TLS_VERSIONS[request.param]
+
+
+@pytest.fixture
+def server_ctx(certs: scenarios.Certs) -> Callable[..., ssl.SSLContext]:
+    def make(**kw: Any) -> ssl.SSLContext:
+        return scenarios.server_context(certs, **kw)
+
+    return make
+
+
+@pytest.fixture
+def client_ctx(certs: scenarios.Certs) -> Callable[..., ssl.SSLContext]:
+    def make(**kw: Any) -> ssl.SSLContext:
+        return scenarios.client_context(certs, **kw)
+
+    return make
+
+
+@dataclass
+class BioPair:
+    """A server and a client SSLObject joined by memory BIOs."""
+
+    server: ssl.SSLObject
+    client: ssl.SSLObject
+    s_in: ssl.MemoryBIO
+    s_out: ssl.MemoryBIO
+    c_in: ssl.MemoryBIO
+    c_out: ssl.MemoryBIO
+
+    def client_to_server(self) -> int:
+        data = self.c_out.read()
+        self.s_in.write(data)
+        return len(data)
+
+    def server_to_client(self) -> bytes:
+        data = self.s_out.read()
+        self.c_in.write(data)
+        return data
+
+    def handshake(self) -> None:
+        """Drive both sides to completion WITHOUT moving anything the server
+        writes after its handshake finished (left in s_out for inspection)."""
+        server_done = client_done = False
+        for _ in range(10):
+            if not client_done:
+                try:
+                    self.client.do_handshake()
+                    client_done = True
+                except ssl.SSLWantReadError:
+                    pass
+            self.client_to_server()
+            if not server_done:
+                try:
+                    self.server.do_handshake()
+                    server_done = True
+                except ssl.SSLWantReadError:
+                    pass
+                if not server_done or not client_done:
+                    self.server_to_client()
+            if server_done and client_done:
+                return
+        raise AssertionError("handshake did not finish")
+
+    def client_read(self) -> Optional[bytes]:
+        try:
+            return self.client.read(65536)
+        except ssl.SSLWantReadError:
+            return None
+
+
+def bio_pair(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    session: Optional[ssl.SSLSession] = None,
+) -> BioPair:
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(
+        c_in, c_out, server_hostname="localhost", session=session
+    )
+    return BioPair(server, client, s_in, s_out, c_in, c_out)
+
+
+def split_records(data: bytes) -> list[bytes]:
+    """Split a byte stream into whole TLS records (5-byte header + body)."""
+    records = []
+    while data:
+        assert len(data) >= 5, "truncated record header"
+        length = int.from_bytes(data[3:5], "big")
+        assert len(data) >= 5 + length, "truncated record"
+        records.append(data[: 5 + length])
+        data = data[5 + length :]
+    return records
+
+
+@pytest.fixture
+def pair_factory() -> Iterator[Callable[..., BioPair]]:
+    yield bio_pair
