@@ -1,0 +1,134 @@
+"""asyncio servers (asyncio.start_server, loop.create_server) on a patched
+context, driven by the blocking clients of tlsctl.scenarios in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any, Callable
+
+import pytest
+from conftest import needs_defer
+
+import tlsctl
+from tlsctl import scenarios
+
+pytestmark = [
+    pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound"),
+    needs_defer,
+]
+
+CtxFactory = Callable[..., ssl.SSLContext]
+
+
+async def _upload_server(
+    ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, n: int, size: int
+) -> list[int]:
+    received: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = 0
+        try:
+            while chunk := await reader.read(65536):
+                got += len(chunk)
+        except (ConnectionError, ssl.SSLError):
+            pass
+        received.append(got)
+        writer.close()
+        if len(received) == n:
+            done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    address = server.sockets[0].getsockname()
+    async with server:
+        await asyncio.get_running_loop().run_in_executor(
+            None, scenarios.upload_clients, address, client_ctx, n, size
+        )
+        await asyncio.wait_for(done.wait(), 30)
+    return received
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["stock", "patched"])
+def test_start_server_one_way_uploads(
+    patched: bool, server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    ctx = server_ctx()
+    if patched:
+        tlsctl.patch(ctx)
+    received = asyncio.run(_upload_server(ctx, client_ctx(), 50, 256 * 1024))
+    lost = sum(1 for r in received if r != 256 * 1024)
+    print(f"\n[asyncio {'patched' if patched else 'stock'}] {lost}/50 uploads lost data")
+    if patched:
+        assert received == [256 * 1024] * 50
+
+
+class _Echo(asyncio.Protocol):
+    """loop.create_server protocol: reply to one line, then close."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.buf.endswith(b"\n"):
+            self.transport.write(b"reply to " + self.buf)
+            self.transport.close()
+
+
+async def _request_server(ctx: ssl.SSLContext, client: ssl.SSLContext,
+                          n: int) -> scenarios.ResumptionResult:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Echo, "127.0.0.1", 0, ssl=ctx)
+    address = server.sockets[0].getsockname()
+    async with server:
+        return await loop.run_in_executor(
+            None, scenarios.request_clients, address, client, n
+        )
+
+
+@pytest.mark.parametrize("tls", ["TLSv1.2", "TLSv1.3"])
+def test_create_server_resumption_matches_stock(
+    tls: str, server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    version = ssl.TLSVersion[tls.replace(".", "_")]
+    stock = asyncio.run(
+        _request_server(server_ctx(maximum_version=version), client_ctx(), 8)
+    )
+    patched = asyncio.run(
+        _request_server(
+            tlsctl.patch(server_ctx(maximum_version=version)), client_ctx(), 8
+        )
+    )
+    assert patched == stock
+    assert patched.replies_ok == 8 and patched.resumed == 7
+
+
+def test_large_transfer_through_patched_asyncio_server(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    payload = bytes(range(256)) * 4096 * 4  # 4 MiB
+
+    async def main() -> bytes:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(payload)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tlsctl.patch(server_ctx()))
+        port = server.sockets[0].getsockname()[1]
+        client = client_ctx()
+        counter = scenarios.TicketCounter(client)
+        async with server:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client, server_hostname="localhost"
+            )
+            writer.write(b"get\n")
+            data = await reader.readexactly(len(payload))
+            writer.close()
+        assert counter.count == 2
+        return data
+
+    assert asyncio.run(main()) == payload

@@ -1,0 +1,78 @@
+"""``openssl s_client`` as a real, independent TLS client of a patched server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from conftest import needs_defer
+
+import tlsctl
+
+pytestmark = [
+    pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed"),
+    needs_defer,
+]
+
+
+def _serve(ctx: ssl.SSLContext, n: int, listener: socket.socket, errors: list[Any]) -> None:
+    try:
+        for _ in range(n):
+            raw, _ = listener.accept()
+            raw.settimeout(10)
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = conn.recv(100)
+                    if not chunk:
+                        break
+                    line += chunk
+                conn.sendall(b"reply to " + line)
+    except Exception as exc:  # reported below
+        errors.append(exc)
+
+
+def _s_client(port: int, ca: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+         "-servername", "localhost", "-CAfile", str(ca), "-tls1_3", "-ign_eof",
+         *args],
+        input=b"hello\n", capture_output=True, timeout=30,
+    )
+    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+
+
+def test_s_client_gets_tickets_and_resumes(
+    certs: Any, server_ctx: Callable[..., ssl.SSLContext], tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    certs.ca.cert_pem.write_to_path(str(ca))
+    session = tmp_path / "session.pem"
+    ctx = tlsctl.patch(server_ctx())
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    port = listener.getsockname()[1]
+    errors: list[Any] = []
+    thread = threading.Thread(target=_serve, args=(ctx, 2, listener, errors))
+    thread.start()
+    try:
+        first = _s_client(port, ca, "-sess_out", str(session))
+        second = _s_client(port, ca, "-sess_in", str(session))
+    finally:
+        thread.join(30)
+        listener.close()
+    assert not errors, errors
+    assert "reply to hello" in first
+    assert first.count("Post-Handshake New Session Ticket arrived") == 2
+    assert "New, TLSv1.3" in first
+    assert session.stat().st_size > 0
+    assert "reply to hello" in second
+    assert "Reused, TLSv1.3" in second
+    assert second.count("Post-Handshake New Session Ticket arrived") == 1
