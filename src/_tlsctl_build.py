@@ -125,9 +125,9 @@ typedef int (*tlsctl_dec_ticket_fn)(SSL *, SSL_SESSION *,
                                     int, void *);
 """
 
-CDEF_CONSTANTS = "".join(
-    f"static const int {name};\n" for name in OPENSSL_CONSTANTS
-) + """
+CDEF_CONSTANTS = (
+    "".join(f"static const int {name};\n" for name in OPENSSL_CONSTANTS)
+    + """
 static const int TLSCTL_KIND_UNKNOWN;
 static const int TLSCTL_KIND_GENERIC;
 static const int TLSCTL_KIND_SERVER;
@@ -141,6 +141,7 @@ static const int TLSCTL_ERR_NOT_TLS13;
 static const int TLSCTL_RENEW_STOCK;
 static const int TLSCTL_RENEW_NEVER;
 """
+)
 
 CDEF_FUNCTIONS = "".join(
     f"{ret} {name}({params});\n" for name, ret, params, _ in OPENSSL_FUNCTIONS

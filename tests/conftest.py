@@ -10,7 +10,7 @@ import ssl
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 
@@ -113,7 +113,7 @@ class BioPair:
                 return
         raise AssertionError("handshake did not finish")
 
-    def client_read(self) -> Optional[bytes]:
+    def client_read(self) -> bytes | None:
         try:
             return self.client.read(65536)
         except ssl.SSLWantReadError:
@@ -123,7 +123,7 @@ class BioPair:
 def bio_pair(
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
-    session: Optional[ssl.SSLSession] = None,
+    session: ssl.SSLSession | None = None,
 ) -> BioPair:
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)

@@ -8,9 +8,9 @@ import ssl
 from typing import Any, Callable
 
 import pytest
-from conftest import needs_defer
 
 import tlsctl
+from conftest import needs_defer
 from tlsctl import scenarios
 
 pytestmark = [
@@ -27,7 +27,9 @@ async def _upload_server(
     received: list[int] = []
     done = asyncio.Event()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         got = 0
         try:
             while chunk := await reader.read(65536):
@@ -58,7 +60,9 @@ def test_start_server_one_way_uploads(
         tlsctl.patch(ctx)
     received = asyncio.run(_upload_server(ctx, client_ctx(), 50, 256 * 1024))
     lost = sum(1 for r in received if r != 256 * 1024)
-    print(f"\n[asyncio {'patched' if patched else 'stock'}] {lost}/50 uploads lost data")
+    print(
+        f"\n[asyncio {'patched' if patched else 'stock'}] {lost}/50 uploads lost data"
+    )
     if patched:
         assert received == [256 * 1024] * 50
 
@@ -77,8 +81,9 @@ class _Echo(asyncio.Protocol):
             self.transport.close()
 
 
-async def _request_server(ctx: ssl.SSLContext, client: ssl.SSLContext,
-                          n: int) -> scenarios.ResumptionResult:
+async def _request_server(
+    ctx: ssl.SSLContext, client: ssl.SSLContext, n: int
+) -> scenarios.ResumptionResult:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(_Echo, "127.0.0.1", 0, ssl=ctx)
     address = server.sockets[0].getsockname()
@@ -111,13 +116,17 @@ def test_large_transfer_through_patched_asyncio_server(
     payload = bytes(range(256)) * 4096 * 4  # 4 MiB
 
     async def main() -> bytes:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
             await reader.readline()
             writer.write(payload)
             await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tlsctl.patch(server_ctx()))
+        server = await asyncio.start_server(
+            handle, "127.0.0.1", 0, ssl=tlsctl.patch(server_ctx())
+        )
         port = server.sockets[0].getsockname()[1]
         client = client_ctx()
         counter = scenarios.TicketCounter(client)

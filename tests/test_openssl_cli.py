@@ -11,18 +11,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from conftest import needs_defer
 
 import tlsctl
+from conftest import needs_defer
 
 pytestmark = [
     pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound"),
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed"),
+    pytest.mark.skipif(
+        shutil.which("openssl") is None, reason="openssl CLI not installed"
+    ),
     needs_defer,
 ]
 
 
-def _serve(ctx: ssl.SSLContext, n: int, listener: socket.socket, errors: list[Any]) -> None:
+def _serve(
+    ctx: ssl.SSLContext, n: int, listener: socket.socket, errors: list[Any]
+) -> None:
     try:
         for _ in range(n):
             raw, _ = listener.accept()
@@ -41,10 +45,22 @@ def _serve(ctx: ssl.SSLContext, n: int, listener: socket.socket, errors: list[An
 
 def _s_client(port: int, ca: Path, *args: str) -> str:
     proc = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
-         "-servername", "localhost", "-CAfile", str(ca), "-tls1_3", "-ign_eof",
-         *args],
-        input=b"hello\n", capture_output=True, timeout=30,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-servername",
+            "localhost",
+            "-CAfile",
+            str(ca),
+            "-tls1_3",
+            "-ign_eof",
+            *args,
+        ],
+        input=b"hello\n",
+        capture_output=True,
+        timeout=30,
     )
     return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 

@@ -9,9 +9,9 @@ from typing import Any, Callable
 from unittest import mock
 
 import pytest
-from conftest import BioPair, needs_defer, needs_native, split_records
 
 import tlsctl
+from conftest import BioPair, needs_defer, needs_native, split_records
 from tlsctl.scenarios import TicketCounter
 
 pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
@@ -112,7 +112,10 @@ def test_every_policy_on_both_tls_versions(
 @needs_defer
 @pytest.mark.parametrize("count", [0, 1, 5])
 def test_defer_count(
-    count: int, server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+    count: int,
+    server_ctx: CtxFactory,
+    client_ctx: CtxFactory,
+    pair_factory: PairFactory,
 ) -> None:
     args = (ssl.TLSVersion.TLSv1_3, server_ctx, client_ctx, pair_factory)
     assert _tickets_for("defer", *args, count=count) == (0, 0, count)
@@ -120,11 +123,15 @@ def test_defer_count(
 
 @pytest.mark.parametrize("count", [0, 3])
 def test_immediate_count(
-    count: int, server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+    count: int,
+    server_ctx: CtxFactory,
+    client_ctx: CtxFactory,
+    pair_factory: PairFactory,
 ) -> None:
     args = (ssl.TLSVersion.TLSv1_3, server_ctx, client_ctx, pair_factory)
-    in_handshake, _, total = _tickets_for("immediate", *args, count=count)
+    _, idle, total = _tickets_for("immediate", *args, count=count)
     assert total == count
+    assert (idle > 0) == (count > 0)  # sent right after the handshake, as stock
 
 
 def _resume(
@@ -255,12 +262,12 @@ def test_issue_tickets_errors(
         with pytest.raises(TypeError):
             tlsctl.issue_tickets(bad)  # type: ignore[arg-type]
     if not tlsctl.info().native_tickets:
-        with pytest.raises(tlsctl.UnsupportedError, match="OpenSSL 3.0"):
+        with pytest.raises(tlsctl.UnsupportedError, match=r"OpenSSL 3\.0"):
             tlsctl.issue_tickets(p.server)
 
     p12 = pair_factory(server_ctx(maximum_version=ssl.TLSVersion.TLSv1_2), client_ctx())
     p12.handshake()
-    with pytest.raises(tlsctl.ConnectionStateError, match="TLS 1.3"):
+    with pytest.raises(tlsctl.ConnectionStateError, match=r"TLS 1\.3"):
         tlsctl.issue_tickets(p12.server)
 
 
@@ -269,8 +276,14 @@ def test_patch_rejects_bad_input_and_leaves_context_untouched(
 ) -> None:
     ctx = server_ctx()
     before = (ctx.num_tickets, ctx.sslsocket_class, ctx.sslobject_class)
-    for bad in (None, object(), "ctx", mock.Mock(spec=ssl.SSLContext), mock.MagicMock()):
-        with pytest.raises(TypeError, match="ssl.SSLContext"):
+    for bad in (
+        None,
+        object(),
+        "ctx",
+        mock.Mock(spec=ssl.SSLContext),
+        mock.MagicMock(),
+    ):
+        with pytest.raises(TypeError, match=r"ssl\.SSLContext"):
             tlsctl.patch(bad)  # type: ignore[arg-type]
     cases: list[tuple[dict[str, Any], type[Exception], str]] = [
         ({"tickets": "later"}, ValueError, "one of"),
@@ -291,7 +304,7 @@ def test_patch_rejects_bad_input_and_leaves_context_untouched(
 
 def test_patch_refuses_pyopenssl_context() -> None:
     SSL = pytest.importorskip("OpenSSL.SSL", reason="pyOpenSSL not installed")
-    with pytest.raises(TypeError, match="OpenSSL.SSL.Context"):
+    with pytest.raises(TypeError, match=r"OpenSSL\.SSL\.Context"):
         tlsctl.patch(SSL.Context(SSL.TLS_SERVER_METHOD))  # type: ignore[arg-type]
 
 

@@ -10,9 +10,9 @@ import ssl
 from typing import Callable
 
 import pytest
-from conftest import needs_defer
 
 import tlsctl
+from conftest import needs_defer
 from tlsctl import scenarios
 
 pytestmark = [
@@ -48,7 +48,10 @@ def test_write_before_read_with_client_cert_completes(
         client_ctx(with_client_cert=True),
         timeout=2.0,
     )
-    print(f"\n[evidence] stock: server {stock.server_outcome}, client {stock.client_outcome}")
+    print(
+        f"\n[evidence] stock: server {stock.server_outcome}, "
+        f"client {stock.client_outcome}"
+    )
     patched = scenarios.write_before_read(
         tlsctl.patch(server_ctx(require_client_cert=True)),
         client_ctx(with_client_cert=True),

@@ -7,6 +7,7 @@ and counts the NewSessionTicket messages that came with it.
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
 import ssl
@@ -16,9 +17,9 @@ import time
 from typing import Any, Callable
 
 import pytest
-from conftest import needs_defer
 
 import tlsctl
+from conftest import needs_defer
 from tlsctl.scenarios import TicketCounter
 
 pytestmark = [
@@ -53,15 +54,14 @@ def _nb_call(sock: ssl.SSLSocket, fn: Callable[[], Any]) -> Any:
 
 
 def _send_all(conn: ssl.SSLSocket, method: str, data: bytes) -> None:
-    if method == "send":
+    if method in ("send", "write"):
+        write = getattr(conn, method)
         view = memoryview(data)
         while view:
-            n = _nb_call(conn, lambda: conn.send(view)) if conn.gettimeout() == 0 else conn.send(view)
-            view = view[n:]
-    elif method == "write":
-        view = memoryview(data)
-        while view:
-            n = _nb_call(conn, lambda: conn.write(view)) if conn.gettimeout() == 0 else conn.write(view)
+            if conn.gettimeout() == 0:
+                n = _nb_call(conn, functools.partial(write, view))
+            else:
+                n = write(view)
             view = view[n:]
     elif method == "sendall":
         conn.sendall(data)
@@ -106,8 +106,11 @@ class _OneShotServer:
 
 
 def _client_exchange(
-    address: Any, client: ssl.SSLContext, server_read: threading.Event,
-    checked: threading.Event, expect: bytes,
+    address: Any,
+    client: ssl.SSLContext,
+    server_read: threading.Event,
+    checked: threading.Event,
+    expect: bytes,
 ) -> tuple[bool, int]:
     """Returns (server sent bytes before its first write?, tickets read)."""
     counter = TicketCounter(client)
@@ -150,8 +153,11 @@ def _read_line(conn: ssl.SSLSocket) -> bytes:
     + [("nonblocking", "send"), ("nonblocking", "write")],
 )
 def test_server_write_paths(
-    mode: str, method: str, patched: bool,
-    server_ctx: CtxFactory, client_ctx: CtxFactory,
+    mode: str,
+    method: str,
+    patched: bool,
+    server_ctx: CtxFactory,
+    client_ctx: CtxFactory,
 ) -> None:
     server = server_ctx()
     if patched:
@@ -161,14 +167,18 @@ def test_server_write_paths(
     def serve(raw: socket.socket) -> None:
         raw.settimeout(10)
         with server.wrap_socket(raw, server_side=True) as conn:
-            conn.settimeout({"blocking": None, "timeout": 10.0, "nonblocking": 0.0}[mode])
+            conn.settimeout(
+                {"blocking": None, "timeout": 10.0, "nonblocking": 0.0}[mode]
+            )
             assert _read_line(conn) == b"request\n"
             server_read.set()
             assert checked.wait(10)
             _send_all(conn, method, REPLY)
 
     srv = _OneShotServer(serve)
-    early, tickets = _client_exchange(srv.address, client_ctx(), server_read, checked, REPLY)
+    early, tickets = _client_exchange(
+        srv.address, client_ctx(), server_read, checked, REPLY
+    )
     srv.join()
     assert tickets == 2
     assert early is not patched  # stock sends tickets early; patched waits

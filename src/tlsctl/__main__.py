@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ssl
 import sys
-from typing import Optional
 
 import tlsctl
 from tlsctl import scenarios
@@ -20,8 +19,15 @@ def _doctor() -> int:
     info = tlsctl.info()
     print(f"tlsctl {tlsctl.__version__} on Python {sys.version.split()[0]}")
     for name in (
-        "bound", "reason", "openssl_version", "openssl_version_number",
-        "library", "via", "native_tickets", "stash", "mechanism",
+        "bound",
+        "reason",
+        "openssl_version",
+        "openssl_version_number",
+        "library",
+        "via",
+        "native_tickets",
+        "stash",
+        "mechanism",
     ):
         value = getattr(info, name)
         if name == "openssl_version_number":
@@ -51,8 +57,10 @@ def _doctor() -> int:
 
 def _demo(connections: int, size: int) -> int:
     info = tlsctl.info()
-    print(f"tlsctl demo: Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
-          f"mechanism={info.mechanism}")
+    print(
+        f"tlsctl demo: Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
+        f"mechanism={info.mechanism}"
+    )
     if not info.bound or info.mechanism is None:
         print(f"cannot patch here: {info.reason or 'no defer mechanism'}")
         return 1
@@ -60,22 +68,28 @@ def _demo(connections: int, size: int) -> int:
     certs = scenarios.make_certs()
     rows: list[tuple[str, ...]] = []
 
-    def server(patched: bool, **kw: bool) -> ssl.SSLContext:
-        ctx = scenarios.server_context(certs, **kw)
+    def server(patched: bool, require_client_cert: bool = False) -> ssl.SSLContext:
+        ctx = scenarios.server_context(certs, require_client_cert=require_client_cert)
         return tlsctl.patch(ctx) if patched else ctx
 
     failures = 0
     for label, patched in (("stock", False), ("patched", True)):
         up = scenarios.one_way_uploads(
-            server(patched), scenarios.client_context(certs),
-            connections=connections, size=size,
+            server(patched),
+            scenarios.client_context(certs),
+            connections=connections,
+            size=size,
         )
-        rows.append((
-            f"one-way upload {connections} x {size // 1024} KiB", label,
-            str(up.connections),
-            f"{up.bytes_lost} ({up.lost_connections} conns)",
-            "ok", "n/a (client never reads)",
-        ))
+        rows.append(
+            (
+                f"one-way upload {connections} x {size // 1024} KiB",
+                label,
+                str(up.connections),
+                f"{up.bytes_lost} ({up.lost_connections} conns)",
+                "ok",
+                "n/a (client never reads)",
+            )
+        )
         if patched and up.bytes_lost:
             failures += 1
     for label, patched in (("stock", False), ("patched", True)):
@@ -84,25 +98,48 @@ def _demo(connections: int, size: int) -> int:
             scenarios.client_context(certs, with_client_cert=True),
             timeout=3.0,
         )
-        rows.append((
-            "client cert, 512 KiB before read", label, "1",
-            str(512 * 1024 - dl.received), dl.server_outcome, str(dl.tickets),
-        ))
+        rows.append(
+            (
+                "client cert, 512 KiB before read",
+                label,
+                "1",
+                str(512 * 1024 - dl.received),
+                dl.server_outcome,
+                str(dl.tickets),
+            )
+        )
         if patched and not dl.completed:
             failures += 1
     for label, patched in (("stock", False), ("patched", True)):
-        rr = scenarios.request_response(server(patched), scenarios.client_context(certs))
-        rows.append((
-            "request/response, reconnect", label, str(rr.connections), "0",
-            f"ok, resumed {rr.resumed}/{rr.connections - 1}", str(rr.tickets),
-        ))
+        rr = scenarios.request_response(
+            server(patched), scenarios.client_context(certs)
+        )
+        rows.append(
+            (
+                "request/response, reconnect",
+                label,
+                str(rr.connections),
+                "0",
+                f"ok, resumed {rr.resumed}/{rr.connections - 1}",
+                str(rr.tickets),
+            )
+        )
     _table(
-        ("scenario", "server", "connections", "bytes lost", "handshake",
-         "tickets delivered"),
+        (
+            "scenario",
+            "server",
+            "connections",
+            "bytes lost",
+            "handshake",
+            "tickets delivered",
+        ),
         rows,
     )
-    print("patched: no data lost, no deadlock, resumption as stock"
-          if not failures else f"{failures} patched scenario(s) FAILED")
+    print(
+        "patched: no data lost, no deadlock, resumption as stock"
+        if not failures
+        else f"{failures} patched scenario(s) FAILED"
+    )
     return 1 if failures else 0
 
 
@@ -117,8 +154,10 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     print(line)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlsctl", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tlsctl", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="show the bugs and the fix side by side")
     demo.add_argument("--connections", type=int, default=200)

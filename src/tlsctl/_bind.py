@@ -21,11 +21,10 @@ succeeds, ``info()`` says why, and every call that needs OpenSSL raises
 
 from __future__ import annotations
 
+import _ssl
 import ssl
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import _ssl
+from typing import Any, cast
 
 from tlsctl._errors import BindingError, ConnectionStateError
 
@@ -33,20 +32,23 @@ try:
     from tlsctl._binding import ffi, lib
 except ImportError as exc:  # pragma: no cover - only a broken install
     ffi = lib = None
-    _IMPORT_ERROR: Optional[str] = f"compiled module tlsctl._binding missing: {exc}"
+    _IMPORT_ERROR: str | None = f"compiled module tlsctl._binding missing: {exc}"
 else:
     _IMPORT_ERROR = None
 
 __all__ = [
     "Info",
     "ctx_pointer",
+    "ffi",
     "info",
     "is_connection",
+    "lib",
     "openssl_errors",
     "ssl_pointer",
 ]
 
 _MIN_VERSION = 0x10101000  # OpenSSL 1.1.1
+_SSL_SOCKET_TYPE: Any = _ssl._SSLSocket  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,14 @@ class Info:
     """
 
     bound: bool
-    reason: Optional[str]
+    reason: str | None
     openssl_version: str
     openssl_version_number: int
-    library: Optional[str]
-    via: Optional[str]
+    library: str | None
+    via: str | None
     native_tickets: bool
     stash: bool
-    mechanism: Optional[str]
+    mechanism: str | None
 
 
 def _bind() -> Info:
@@ -102,7 +104,7 @@ def _bind() -> Info:
     if ssl.OPENSSL_VERSION_NUMBER < _MIN_VERSION:
         return failed(f"{ssl.OPENSSL_VERSION} is older than OpenSSL 1.1.1")
 
-    path: Optional[str] = getattr(_ssl, "__file__", None)
+    path: str | None = getattr(_ssl, "__file__", None)
     via = path if path else "global symbols"
     err = ffi.new("char[]", 1024)
     if lib.tlsctl_bind(path.encode() if path else ffi.NULL, err, len(err)) != 0:
@@ -137,7 +139,7 @@ def _bind() -> Info:
     )
 
 
-def _self_test() -> Optional[str]:
+def _self_test() -> str | None:
     """Check the object layouts on throwaway objects before trusting them.
 
     A context whose ``num_tickets`` was set through Python must read back the
@@ -156,7 +158,7 @@ def _self_test() -> Optional[str]:
     cptr = lib.tlsctl_ctx_of(id(client))
     if lib.tlsctl_ctx_method_kind(cptr) != lib.TLSCTL_KIND_CLIENT:
         return "client SSLContext has an unexpected method"
-    sslptr = lib.tlsctl_ssl_of(id(conn._sslobj))
+    sslptr = lib.tlsctl_ssl_of(id(conn._sslobj))  # type: ignore[attr-defined]
     if lib.SSL_get_SSL_CTX(sslptr) != cptr or lib.SSL_is_server(sslptr) != 0:
         return "_ssl._SSLSocket does not hold an SSL of its context"
     return None
@@ -180,7 +182,7 @@ def require_bound() -> None:
 
 def openssl_errors() -> tuple[str, ...]:
     """Drain this thread's OpenSSL error queue into text, oldest first."""
-    out = []
+    out: list[str] = []
     buf = ffi.new("char[]", 256)
     while True:
         code = lib.ERR_get_error()
@@ -235,12 +237,12 @@ def ssl_pointer(conn: object) -> Any:
             f"expected an ssl.SSLSocket or ssl.SSLObject, got "
             f"{type(conn).__module__}.{type(conn).__qualname__}"
         )
-    sslobj = conn._sslobj
+    sslobj: Any = cast(Any, conn)._sslobj
     if sslobj is None:
         raise ConnectionStateError(
             "the connection has no TLS state (closed, unwrapped or not connected)"
         )
-    if type(sslobj) is not _ssl._SSLSocket:
+    if type(sslobj) is not _SSL_SOCKET_TYPE:
         raise TypeError(
             f"conn._sslobj is {type(sslobj).__qualname__}, not _ssl._SSLSocket"
         )

@@ -73,7 +73,7 @@ from __future__ import annotations
 import ssl
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union, cast
 
 from tlsctl import _bind
 from tlsctl._errors import (
@@ -111,7 +111,7 @@ class _ConnState:
 
     __slots__ = ("extra", "first", "flushing", "issued", "policy", "ptr")
 
-    def __init__(self, policy: Optional[_Policy]) -> None:
+    def __init__(self, policy: _Policy | None) -> None:
         self.policy = policy
         self.first = policy is not None and policy.tickets == "defer"
         self.extra = 0  # tickets asked for with issue_tickets(), not yet queued
@@ -134,7 +134,7 @@ class ConnectionState:
             that OpenSSL sends by itself (``"immediate"``) are not counted.
     """
 
-    policy: Optional[str]
+    policy: str | None
     waiting_for_write: bool
     issued: int
 
@@ -177,7 +177,7 @@ def _disarm(conn: Connection) -> None:
 
 def _before_write(conn: Connection) -> None:
     state: _ConnState = conn.__dict__[_STATE_ATTR]
-    sslobj = conn._sslobj
+    sslobj = cast(Any, conn)._sslobj
     if sslobj is None:  # unwrapped or closed: stock behaviour from now on
         _disarm(conn)
         return
@@ -245,7 +245,8 @@ def _make_factory(base: type, policy: _Policy) -> type:
 
 def _user_class(cls: type) -> type:
     """The class the user set, looking through a factory of ours."""
-    return cls.__dict__.get("_tlsctl_base", cls)
+    base: type = cls.__dict__.get("_tlsctl_base", cls)
+    return base
 
 
 def _check_count(count: object, name: str = "count") -> int:
@@ -260,7 +261,7 @@ def patch(
     ctx: ssl.SSLContext,
     *,
     tickets: str = "defer",
-    count: Optional[int] = None,
+    count: int | None = None,
     renew_on_resume: bool = True,
 ) -> ssl.SSLContext:
     """Set the TLS 1.3 session ticket policy of a server ``ssl.SSLContext``.
@@ -319,9 +320,7 @@ def patch(
     original = ctx.__dict__.get(_ORIGINAL_ATTR)
     if original is None:
         original = int(lib.SSL_CTX_get_num_tickets(ptr))
-    policy = _Policy(
-        tickets, original if count is None else count, renew_on_resume
-    )
+    policy = _Policy(tickets, original if count is None else count, renew_on_resume)
     num = policy.count if tickets == "immediate" else 0
     if lib.SSL_CTX_set_num_tickets(ptr, num) != 1:
         raise OpenSSLError("SSL_CTX_set_num_tickets failed", _bind.openssl_errors())
@@ -392,7 +391,7 @@ def connection_state(conn: Connection) -> ConnectionState:
         raise TypeError(
             f"expected an ssl.SSLSocket or ssl.SSLObject, got {type(conn).__name__}"
         )
-    state: Optional[_ConnState] = conn.__dict__.get(_STATE_ATTR)
+    state: _ConnState | None = conn.__dict__.get(_STATE_ATTR)
     if state is None:
         return ConnectionState(policy=None, waiting_for_write=False, issued=0)
     armed = isinstance(conn.__dict__.get("write"), _WriteHook)

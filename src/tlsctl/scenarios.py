@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 __all__ = [
     "Certs",
@@ -61,7 +61,7 @@ def server_context(
     certs: Certs,
     *,
     require_client_cert: bool = False,
-    maximum_version: Optional[ssl.TLSVersion] = None,
+    maximum_version: ssl.TLSVersion | None = None,
 ) -> ssl.SSLContext:
     """A fresh ``PROTOCOL_TLS_SERVER`` context with the server certificate."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -78,7 +78,7 @@ def client_context(
     certs: Certs,
     *,
     with_client_cert: bool = False,
-    maximum_version: Optional[ssl.TLSVersion] = None,
+    maximum_version: ssl.TLSVersion | None = None,
 ) -> ssl.SSLContext:
     """A fresh ``PROTOCOL_TLS_CLIENT`` context trusting the throwaway CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -103,8 +103,13 @@ class TicketCounter:
         ctx._msg_callback = self  # type: ignore[attr-defined]
 
     def __call__(
-        self, conn: Any, direction: str, version: Any, content_type: Any,
-        msg_type: Any, data: bytes,
+        self,
+        conn: Any,
+        direction: str,
+        version: Any,
+        content_type: Any,
+        msg_type: Any,
+        data: bytes,
     ) -> None:
         if (
             direction == "read"
@@ -124,11 +129,11 @@ class _Server:
         n: int,
         handle: Callable[[socket.socket], Any],
         *,
-        bufsize: Optional[int] = None,
+        bufsize: int | None = None,
         accept_timeout: float = 30.0,
     ) -> None:
         self.results: list[Any] = []
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self._n = n
         self._handle = handle
         self._listener = socket.socket()
@@ -283,8 +288,9 @@ def write_before_read(
         raw.settimeout(timeout)
         got = 0
         try:
-            conn = server_ctx.wrap_socket(raw, server_side=True,
-                                          do_handshake_on_connect=False)
+            conn = server_ctx.wrap_socket(
+                raw, server_side=True, do_handshake_on_connect=False
+            )
             try:
                 conn.do_handshake()
             except (socket.timeout, TimeoutError):
@@ -382,7 +388,7 @@ def request_clients(
     ``TicketCounter`` on ``client_ctx``)."""
     counter = TicketCounter(client_ctx)
     resumed = ok = 0
-    session: Optional[ssl.SSLSession] = None
+    session: ssl.SSLSession | None = None
     for i in range(connections):
         with socket.create_connection(address, timeout=timeout) as raw:
             with client_ctx.wrap_socket(
@@ -397,6 +403,6 @@ def request_clients(
                         break
                     reply += chunk
                 ok += reply == b"reply to " + request
-                resumed += c.session_reused
+                resumed += bool(c.session_reused)
                 session = c.session
     return ResumptionResult(connections, resumed, counter.count, ok)

@@ -1,0 +1,155 @@
+"""tlsctl._bind: binding to the interpreter's own OpenSSL, and refusing
+everything it cannot prove."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import tlsctl
+
+
+def _mapped_libssl() -> set[str]:
+    """Real paths of every libssl mapped into this process (Linux)."""
+    with open("/proc/self/maps") as maps:
+        return {
+            os.path.realpath(line.split()[-1])
+            for line in maps
+            if "/libssl" in line.split()[-1]
+        }
+
+
+def test_bound_to_the_interpreters_own_libssl() -> None:
+    info = tlsctl.info()
+    print(f"\n[bind] {info}")
+    assert info.bound, info.reason
+    assert info.reason is None
+    assert info.openssl_version == ssl.OPENSSL_VERSION
+    assert info.openssl_version_number == ssl.OPENSSL_VERSION_NUMBER
+    assert info.via is not None
+    if sys.platform.startswith("linux"):
+        mapped = _mapped_libssl()
+        if mapped:  # _ssl links libssl dynamically
+            assert info.library is not None
+            assert os.path.realpath(info.library) in mapped
+            assert len(mapped) == 1, f"more than one libssl mapped: {mapped}"
+    assert info.mechanism in ("native", "stash")
+    assert info.native_tickets == (ssl.OPENSSL_VERSION_NUMBER >= 0x30000000)
+    if info.native_tickets:
+        assert info.mechanism == "native"
+
+
+def _run(prelude: str, body: str = "") -> dict[str, object]:
+    """Import tlsctl in a fresh interpreter after ``prelude`` and report."""
+    code = (
+        textwrap.dedent(prelude)
+        + textwrap.dedent(
+            """
+        import json, ssl, tlsctl
+        info = tlsctl.info()
+        out = {"bound": info.bound, "reason": info.reason, "via": info.via,
+               "mechanism": info.mechanism}
+        try:
+            tlsctl.patch(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tickets="suppress")
+            out["patch"] = "ok"
+        except tlsctl.TlsctlError as exc:
+            out["patch"] = type(exc).__name__ + ": " + str(exc)
+        """
+        )
+        + textwrap.dedent(body)
+        + "\nprint(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def test_unreachable_ssl_module_fails_cleanly() -> None:
+    out = _run("import _ssl\n_ssl.__file__ = '/nonexistent/_ssl.so'\n")
+    assert out["bound"] is False
+    assert "dlopen(/nonexistent/_ssl.so" in str(out["reason"])
+    assert str(out["patch"]).startswith("BindingError: tlsctl is not bound")
+
+
+def test_hidden_symbols_fail_cleanly() -> None:
+    """_ssl without a file (built in) and OpenSSL's symbols not global, as
+    in python-build-standalone (uv) builds: nothing is reachable."""
+    out = _run("import _ssl\ndel _ssl.__file__\n")
+    assert out["bound"] is False
+    assert "not reachable from the process's global symbols" in str(out["reason"])
+    assert str(out["patch"]).startswith("BindingError")
+
+
+def test_global_symbols_are_used_when_ssl_is_built_in() -> None:
+    """With OpenSSL loaded RTLD_GLOBAL and no _ssl file, binding goes
+    through the global namespace and still proves the instance."""
+    out = _run(
+        "import os, sys\n"
+        "sys.setdlopenflags(os.RTLD_NOW | os.RTLD_GLOBAL)\n"
+        "import _ssl\ndel _ssl.__file__\n"
+    )
+    assert out["bound"] is True, out["reason"]
+    assert out["via"] == "global symbols"
+    assert out["patch"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("prelude", "reason"),
+    [
+        (
+            "import ssl\nssl.OPENSSL_VERSION_NUMBER += 0x100000\n",
+            "not the interpreter's OpenSSL instance",
+        ),
+        ("import ssl\nssl.OPENSSL_VERSION = 'LibreSSL 3.9.2'\n", "is not OpenSSL"),
+        (
+            "import ssl\nssl.OPENSSL_VERSION_NUMBER = 0x1010007F\n",
+            "older than OpenSSL 1.1.1",
+        ),
+    ],
+    ids=["version-mismatch", "libressl", "too-old"],
+)
+def test_unprovable_library_is_refused(prelude: str, reason: str) -> None:
+    out = _run(prelude)
+    assert out["bound"] is False
+    assert reason in str(out["reason"])
+    assert str(out["patch"]).startswith("BindingError")
+
+
+def test_doctor_reports_unbound_reason() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import _ssl, sys; _ssl.__file__ = '/nonexistent/_ssl.so'\n"
+            "from tlsctl.__main__ import main; sys.exit(main(['doctor']))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "dlopen(/nonexistent/_ssl.so" in proc.stdout
+    assert "patch() will raise BindingError" in proc.stdout
+
+
+def test_exception_hierarchy_and_openssl_text() -> None:
+    for exc in (
+        tlsctl.BindingError,
+        tlsctl.UnsupportedError,
+        tlsctl.ConnectionStateError,
+        tlsctl.OpenSSLError,
+    ):
+        assert issubclass(exc, tlsctl.TlsctlError)
+    err = tlsctl.OpenSSLError("call failed", ("error:0A000126:SSL routines::x",))
+    assert str(err) == "call failed (OpenSSL: error:0A000126:SSL routines::x)"
+    assert err.openssl_errors == ("error:0A000126:SSL routines::x",)
+    assert str(tlsctl.TlsctlError("plain")) == "plain"

@@ -1,0 +1,90 @@
+"""The cffi build (src/_tlsctl_build.py) and the compiled module."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import tlsctl._binding
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "_tlsctl_build", ROOT / "src" / "_tlsctl_build.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _header_macros() -> dict[str, str]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to read the OpenSSL headers")
+    proc = subprocess.run(
+        [cc, "-E", "-dM", "-include", "openssl/ssl.h", "-x", "c", "/dev/null"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip("OpenSSL development headers are not installed")
+    macros = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"#define (\w+) (.+)$", line)
+        if m:
+            macros[m.group(1)] = m.group(2).strip()
+    return macros
+
+
+def test_declared_constants_match_the_real_headers() -> None:
+    build = _build_module()
+    macros = _header_macros()
+    for name, value in build.OPENSSL_CONSTANTS.items():
+        assert name in macros, f"{name} not in the headers"
+        assert int(macros[name].strip("()"), 0) == value, name
+        assert getattr(tlsctl._binding.lib, name) == value
+
+
+def test_c_source_has_no_openssl_include_and_binds_every_function() -> None:
+    build = _build_module()
+    source = build.c_source()
+    assert "#include <openssl" not in source
+    for name, _, _, required in build.OPENSSL_FUNCTIONS:
+        assert f"(*p_{name})" in source
+        assert f'{{"{name}", (void **)&p_{name}, {int(required)}}}' in source
+    optional = [n for n, _, _, req in build.OPENSSL_FUNCTIONS if not req]
+    assert optional == ["SSL_new_session_ticket"]
+
+
+def test_compiled_module_links_no_openssl_and_uses_the_stable_abi() -> None:
+    path = Path(tlsctl._binding.__file__)
+    if not sysconfig.get_config_var("Py_GIL_DISABLED"):
+        assert path.name.endswith(".abi3.so"), path.name
+    if not sys.platform.startswith("linux") or shutil.which("readelf") is None:
+        pytest.skip("needs readelf on Linux to list DT_NEEDED")
+    dynamic = subprocess.run(
+        ["readelf", "-d", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+    assert needed, dynamic
+    assert not [lib for lib in needed if "ssl" in lib or "crypto" in lib], needed
+
+
+def test_optional_symbols_are_capability_flags() -> None:
+    """Optional symbols are capability flags: tlsctl_has_symbol reports them
+    and unknown names are never 'present'."""
+    lib = tlsctl._binding.lib
+    assert lib.tlsctl_has_symbol(b"SSL_CTX_set_num_tickets") == 1
+    assert lib.tlsctl_has_symbol(b"no_such_function") == 0
+    expected = 1 if tlsctl.info().native_tickets else 0
+    assert lib.tlsctl_has_symbol(b"SSL_new_session_ticket") == expected

@@ -1,0 +1,51 @@
+"""python -m tlsctl {doctor,demo} and pydoc, as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import tlsctl
+
+pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_doctor() -> None:
+    proc = _run("-m", "tlsctl", "doctor")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"openssl_version          {tlsctl.info().openssl_version}" in proc.stdout
+    assert "-> OK" in proc.stdout
+
+
+@pytest.mark.skipif(tlsctl.info().mechanism is None, reason="needs a defer mechanism")
+def test_demo_small() -> None:
+    proc = _run("-m", "tlsctl", "demo", "--connections", "20")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    patched = [line for line in lines if " patched " in line]
+    assert len(patched) == 3
+    assert "0 (0 conns)" in patched[0]
+    assert "completed" in patched[1]
+    assert "patched: no data lost, no deadlock, resumption as stock" in proc.stdout
+
+
+def test_pydoc_reads_well() -> None:
+    proc = _run("-m", "pydoc", "tlsctl")
+    assert proc.returncode == 0
+    for name in (
+        "patch(ctx",
+        "issue_tickets(conn",
+        "connection_state(conn",
+        "info()",
+        "class TlsctlError",
+        "class ConnectionState",
+    ):
+        assert name in proc.stdout, name

@@ -1,0 +1,35 @@
+"""Static checks of the Python layer: mypy --strict and ruff."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_mypy_strict() -> None:
+    proc = _run("mypy", "--strict", "src/tlsctl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff() -> None:
+    proc = _run("ruff", "check", "src", "tests", "ci", "bench")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_py_typed_ships() -> None:
+    import tlsctl
+
+    assert (Path(tlsctl.__file__).parent / "py.typed").exists()
