@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _ssl
 import gc
 import ssl
 import weakref
@@ -53,6 +54,12 @@ def test_defer_sends_nothing_until_first_write_then_tickets_first(
     assert p.client_read() == b"response"
     state = tlsctl.connection_state(p.server)
     assert state == tlsctl.ConnectionState("defer", False, 2)
+    # After the first write the connection is exactly as stock: its own
+    # class, the real _ssl object, no extra attributes (zero write overhead).
+    stock = pair_factory(server_ctx(), client_ctx())
+    assert type(p.server) is ssl.SSLObject
+    assert type(p.server._sslobj) is _ssl._SSLSocket
+    assert sorted(vars(p.server)) == sorted(vars(stock.server))
     # Later writes carry no ticket.
     p.server.write(b"more")
     assert len(split_records(p.s_out.read())) == 1
@@ -384,7 +391,7 @@ def test_client_role_on_patched_generic_context_is_stock(
     server = tlsctl.patch(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     certs.server.configure_cert(server)
     p = pair_factory(server, generic)
-    assert "write" not in p.client.__dict__
+    assert type(p.client._sslobj) is _ssl._SSLSocket  # never armed
     assert tlsctl.connection_state(p.client) == tlsctl.ConnectionState(None, False, 0)
     p.handshake()
     p.client.write(b"c")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import _ssl
 import ssl
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from tlsctl._errors import BindingError, ConnectionStateError
 
@@ -37,6 +37,7 @@ else:
     _IMPORT_ERROR = None
 
 __all__ = [
+    "SSL_SOCKET_TYPE",
     "Info",
     "ctx_pointer",
     "ffi",
@@ -44,11 +45,11 @@ __all__ = [
     "is_connection",
     "lib",
     "openssl_errors",
-    "ssl_pointer",
+    "sslobj_pointer",
 ]
 
 _MIN_VERSION = 0x10101000  # OpenSSL 1.1.1
-_SSL_SOCKET_TYPE: Any = _ssl._SSLSocket  # type: ignore[attr-defined]
+SSL_SOCKET_TYPE: Any = _ssl._SSLSocket  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -225,24 +226,19 @@ def is_connection(conn: object) -> bool:
     return issubclass(type(conn), (ssl.SSLSocket, ssl.SSLObject))
 
 
-def ssl_pointer(conn: object) -> Any:
-    """Return the ``SSL *`` of an ``ssl.SSLSocket`` / ``ssl.SSLObject``.
+def sslobj_pointer(sslobj: Any) -> Any:
+    """Return the ``SSL *`` of a connection's ``_ssl._SSLSocket``.
 
-    Raises ``TypeError`` for other objects, ``ConnectionStateError`` when the
-    connection has no TLS state (closed, unwrapped, or never connected), and
-    ``BindingError`` when it is not proven to belong to the bound OpenSSL.
+    Raises ``ConnectionStateError`` when there is none (closed, unwrapped,
+    never connected), ``TypeError`` when it is not exactly
+    ``_ssl._SSLSocket``, and ``BindingError`` when its ``SSL`` is not proven
+    to belong to its (proven) context.
     """
-    if not is_connection(conn):
-        raise TypeError(
-            f"expected an ssl.SSLSocket or ssl.SSLObject, got "
-            f"{type(conn).__module__}.{type(conn).__qualname__}"
-        )
-    sslobj: Any = cast(Any, conn)._sslobj
     if sslobj is None:
         raise ConnectionStateError(
             "the connection has no TLS state (closed, unwrapped or not connected)"
         )
-    if type(sslobj) is not _SSL_SOCKET_TYPE:
+    if type(sslobj) is not SSL_SOCKET_TYPE:
         raise TypeError(
             f"conn._sslobj is {type(sslobj).__qualname__}, not _ssl._SSLSocket"
         )
