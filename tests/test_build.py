@@ -88,3 +88,51 @@ def test_optional_symbols_are_capability_flags() -> None:
     assert lib.tlsctl_has_symbol(b"no_such_function") == 0
     expected = 1 if tlsctl.info().native_tickets else 0
     assert lib.tlsctl_has_symbol(b"SSL_new_session_ticket") == expected
+
+
+def test_compiled_module_passes_abi3audit() -> None:
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        pytest.skip("free-threaded builds do not use the stable ABI")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "abi3audit",
+            "--strict",
+            "--assume-minimum-abi3",
+            "3.9",
+            tlsctl._binding.__file__,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if "No module named abi3audit" in proc.stderr:
+        pytest.skip("abi3audit not installed (it is in the test extra)")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cibuildwheel_configuration_is_valid() -> None:
+    """Docker is not needed to let cibuildwheel parse and validate the
+    configuration: unknown keys are errors there."""
+    if sys.version_info < (3, 11):
+        pytest.skip("cibuildwheel needs Python >= 3.11 to run")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cibuildwheel",
+            "--print-build-identifiers",
+            "--platform",
+            "linux",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "cp39-manylinux_x86_64",
+        "cp39-manylinux_aarch64",
+        "cp39-musllinux_x86_64",
+        "cp39-musllinux_aarch64",
+    ]

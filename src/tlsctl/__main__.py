@@ -41,16 +41,22 @@ def _doctor() -> int:
     except ImportError:
         print("live check skipped: install tlsctl[demo] (trustme) to run it")
         return 0
+    policy = "defer" if info.mechanism else "immediate"
+    if info.mechanism is None:
+        print(
+            "tickets='defer' is unavailable here (no SSL_new_session_ticket); "
+            "the live check uses tickets='immediate'"
+        )
     certs = scenarios.make_certs(client_sans=1)
-    server = tlsctl.patch(scenarios.server_context(certs))
+    server = tlsctl.patch(scenarios.server_context(certs), tickets=policy)
     result = scenarios.request_response(
         server, scenarios.client_context(certs), connections=2
     )
     ok = result.replies_ok == 2 and result.resumed == 1 and result.tickets > 0
     print(
-        f"live patched handshake: replies {result.replies_ok}/2, "
-        f"tickets delivered {result.tickets}, resumed {result.resumed}/1 "
-        f"-> {'OK' if ok else 'FAILED'}"
+        f"live patched handshake (tickets={policy!r}): replies "
+        f"{result.replies_ok}/2, tickets delivered {result.tickets}, resumed "
+        f"{result.resumed}/1 -> {'OK' if ok else 'FAILED'}"
     )
     return 0 if ok else 1
 
@@ -147,10 +153,11 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
     print(line)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print(line)
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    for cells in (header, None, *rows):
+        if cells is None:
+            print(line)
+        else:
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
     print(line)
 
 
