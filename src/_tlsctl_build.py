@@ -38,6 +38,13 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "SSL_TICKET_RETURN_IGNORE_RENEW": 2,
     "SSL_TICKET_RETURN_USE": 3,
     "SSL_TICKET_RETURN_USE_RENEW": 4,
+    "BIO_TYPE_FILTER": 0x0200,
+    "BIO_FLAGS_RWS": 0x07,
+    "BIO_FLAGS_SHOULD_RETRY": 0x08,
+    "SSL_CB_ACCEPT_LOOP": 0x2001,
+    "SSL_CB_ACCEPT_EXIT": 0x2002,
+    "TLS_ST_OK": 1,
+    "TLS_ST_SR_FINISHED": 32,
 }
 
 # Functions resolved at run time: (name, C return type, C parameters,
@@ -65,6 +72,33 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
         "SSL_CTX *, tlsctl_gen_ticket_fn, tlsctl_dec_ticket_fn, void *",
         True,
     ),
+    # The stash (OpenSSL 1.1.1's stand-in for SSL_new_session_ticket).
+    ("SSL_get_state", "int", "const SSL *", True),
+    ("SSL_get_wbio", "BIO *", "const SSL *", True),
+    ("SSL_set0_wbio", "void", "SSL *, BIO *", True),
+    ("SSL_set_info_callback", "void", "SSL *, tlsctl_info_fn", True),
+    ("SSL_get_info_callback", "tlsctl_info_fn", "const SSL *", True),
+    ("SSL_CTX_get_info_callback", "tlsctl_info_fn", "SSL_CTX *", True),
+    ("BIO_get_new_index", "int", "void", True),
+    ("BIO_meth_new", "BIO_METHOD *", "int, const char *", True),
+    ("BIO_meth_set_write", "int", "BIO_METHOD *, tlsctl_bio_write_fn", True),
+    ("BIO_meth_set_read", "int", "BIO_METHOD *, tlsctl_bio_read_fn", True),
+    ("BIO_meth_set_ctrl", "int", "BIO_METHOD *, tlsctl_bio_ctrl_fn", True),
+    ("BIO_meth_set_create", "int", "BIO_METHOD *, tlsctl_bio_life_fn", True),
+    ("BIO_meth_set_destroy", "int", "BIO_METHOD *, tlsctl_bio_life_fn", True),
+    ("BIO_new", "BIO *", "const BIO_METHOD *", True),
+    ("BIO_up_ref", "int", "BIO *", True),
+    ("BIO_push", "BIO *", "BIO *, BIO *", True),
+    ("BIO_next", "BIO *", "BIO *", True),
+    ("BIO_method_type", "int", "const BIO *", True),
+    ("BIO_write", "int", "BIO *, const void *, int", True),
+    ("BIO_read", "int", "BIO *, void *, int", True),
+    ("BIO_ctrl", "long", "BIO *, int, long, void *", True),
+    ("BIO_set_data", "void", "BIO *, void *", True),
+    ("BIO_get_data", "void *", "BIO *", True),
+    ("BIO_set_init", "void", "BIO *, int", True),
+    ("BIO_clear_flags", "void", "BIO *, int", True),
+    ("BIO_copy_next_retry", "void", "BIO *", True),
     ("ERR_get_error", "unsigned long", "void", True),
     ("ERR_error_string_n", "void", "unsigned long, char *, size_t", True),
     ("ERR_clear_error", "void", "void", True),
@@ -111,6 +145,38 @@ C_HEADER_COMMENT = r"""
  * 6. tlsctl_queue_tickets: one C call per connection for the hot decision
  *    "is this a finished TLS 1.3 server handshake, was it resumed, queue N
  *    tickets", so the first application write pays a single crossing.
+ *
+ * 7. The stash (OpenSSL 1.1.1 has no SSL_new_session_ticket).  OpenSSL makes
+ *    and writes its tickets as usual; a filter BIO holds the bytes back:
+ *
+ *    - tlsctl_stash_install(), called by the Python factory for each new
+ *      server connection BEFORE its handshake (the factory defers
+ *      SSLSocket._create's implicit handshake for this), puts the "tlsctl
+ *      stash" filter in front of the write BIO (socket BIO or MemoryBIO) and
+ *      makes tlsctl_info_cb the connection's info callback (_ssl sets none).
+ *      During handshakes OpenSSL pushes its buffering BIO (bbio) on top:
+ *      bbio -> stash -> transport.  We take an extra reference on the
+ *      transport BIO because SSL_set0_wbio frees the SSL's reference to the
+ *      old wbio; the chain now owns that reference.  Per connection, not per
+ *      context, so re-patching never changes a live connection.
+ *    - SSL_CB_ACCEPT_LOOP in state TLS_ST_SR_FINISHED of a TLS 1.3
+ *      connection: the client's Finished has been read and the state machine
+ *      is about to write the tickets.  The filter starts CAPTURING: every
+ *      write is appended to a heap buffer and reported as fully written, so
+ *      holding tickets can never block the handshake (no deadlock).
+ *    - SSL_CB_ACCEPT_EXIT in state TLS_ST_OK (the state machine returns
+ *      after writing and flushing the tickets): capturing stops.  Not
+ *      SSL_CB_HANDSHAKE_DONE, which OpenSSL 3.x reports at the client's
+ *      Finished, before the tickets (traced on 3.0.19).  A WANT_WRITE exit
+ *      mid-flight cannot happen while capturing: captured writes succeed.
+ *      The held bytes are whole TLS records, already encrypted and
+ *      sequence-numbered, so they must go out first and in order: the
+ *      next write of ANY record (application data, alert / close_notify,
+ *      KeyUpdate) first drains them, then writes its own.
+ *      A partial drain returns a retry, exactly like a slow socket, and
+ *      OpenSSL retries the same record later.  BIO_flush never releases.
+ *    - A connection freed without another write frees the held bytes
+ *      unsent.  TLS 1.2 and client connections never capture.
  */
 """
 
@@ -119,7 +185,14 @@ typedef struct ssl_st SSL;
 typedef struct ssl_ctx_st SSL_CTX;
 typedef struct ssl_method_st SSL_METHOD;
 typedef struct ssl_session_st SSL_SESSION;
+typedef struct bio_st BIO;
+typedef struct bio_method_st BIO_METHOD;
 typedef int (*tlsctl_gen_ticket_fn)(SSL *, void *);
+typedef void (*tlsctl_info_fn)(const SSL *, int, int);
+typedef int (*tlsctl_bio_write_fn)(BIO *, const char *, int);
+typedef int (*tlsctl_bio_read_fn)(BIO *, char *, int);
+typedef long (*tlsctl_bio_ctrl_fn)(BIO *, int, long, void *);
+typedef int (*tlsctl_bio_life_fn)(BIO *);
 typedef int (*tlsctl_dec_ticket_fn)(SSL *, SSL_SESSION *,
                                     const unsigned char *, size_t,
                                     int, void *);
@@ -158,6 +231,9 @@ int tlsctl_ctx_method_kind(const SSL_CTX *ctx);
 int tlsctl_set_renewal(SSL_CTX *ctx, int mode);
 int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed);
 int tlsctl_check_issue(SSL *ssl);
+int tlsctl_stash_install(SSL *ssl);
+int tlsctl_ctx_has_info_callback(SSL_CTX *ctx);
+int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records);
 """
 
 CDEF = CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + CDEF_CUSTOMIZATIONS
@@ -209,6 +285,7 @@ def _c_symbol_table() -> str:
 C_BODY = r"""
 #include <dlfcn.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
 
@@ -368,6 +445,204 @@ static int tlsctl_check_issue(SSL *ssl)
  * tickets queued (0 when the connection is not a TLS 1.3 server, which is
  * final), or TLSCTL_ERR_HANDSHAKE when the handshake has not finished yet
  * (the caller completes it and asks again), or another TLSCTL_ERR_*. */
+/* ---- the stash (see 7.) ------------------------------------------- */
+
+typedef struct {
+    int capturing;
+    unsigned char *held;
+    size_t held_len, held_off, held_cap;
+    size_t released_records;
+} tlsctl_stash;
+
+static BIO_METHOD *tlsctl_stash_method = NULL;
+static int tlsctl_stash_type = 0;
+
+static void tlsctl_stash_drop(tlsctl_stash *st)
+{
+    free(st->held);
+    st->held = NULL;
+    st->held_len = st->held_off = st->held_cap = 0;
+}
+
+static int tlsctl_stash_create(BIO *b)
+{
+    tlsctl_stash *st = calloc(1, sizeof(*st));
+    if (st == NULL)
+        return 0;
+    p_BIO_set_data(b, st);
+    p_BIO_set_init(b, 1);
+    return 1;
+}
+
+static int tlsctl_stash_destroy(BIO *b)
+{
+    tlsctl_stash *st = p_BIO_get_data(b);
+    if (st != NULL) {
+        tlsctl_stash_drop(st);
+        free(st);
+    }
+    p_BIO_set_data(b, NULL);
+    p_BIO_set_init(b, 0);
+    return 1;
+}
+
+static size_t tlsctl_count_records(const unsigned char *p, size_t len)
+{
+    size_t n = 0, off = 0;
+    while (off + 5 <= len) {
+        off += 5 + (((size_t)p[off + 3] << 8) | p[off + 4]);
+        n++;
+    }
+    return n;
+}
+
+static int tlsctl_stash_write(BIO *b, const char *data, int len)
+{
+    tlsctl_stash *st = p_BIO_get_data(b);
+    BIO *next = p_BIO_next(b);
+    int n;
+
+    p_BIO_clear_flags(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY);
+    if (st == NULL || next == NULL || len < 0)
+        return -1;
+    if (st->capturing) {
+        if (st->held_len + (size_t)len > st->held_cap) {
+            size_t cap = (st->held_len + (size_t)len) * 2;
+            unsigned char *grown = realloc(st->held, cap);
+            if (grown == NULL)
+                return -1;
+            st->held = grown;
+            st->held_cap = cap;
+        }
+        memcpy(st->held + st->held_len, data, (size_t)len);
+        st->held_len += (size_t)len;
+        return len;
+    }
+    if (st->held_off < st->held_len) {
+        if (st->held_off == 0)
+            st->released_records += tlsctl_count_records(st->held, st->held_len);
+        while (st->held_off < st->held_len) {
+            n = p_BIO_write(next, st->held + st->held_off,
+                            (int)(st->held_len - st->held_off));
+            if (n <= 0) {
+                p_BIO_copy_next_retry(b);
+                return n;
+            }
+            st->held_off += (size_t)n;
+        }
+        tlsctl_stash_drop(st);
+    }
+    n = p_BIO_write(next, data, len);
+    p_BIO_copy_next_retry(b);
+    return n;
+}
+
+static int tlsctl_stash_read(BIO *b, char *out, int len)
+{
+    BIO *next = p_BIO_next(b);
+    int n;
+    p_BIO_clear_flags(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY);
+    if (next == NULL)
+        return 0;
+    n = p_BIO_read(next, out, len);
+    p_BIO_copy_next_retry(b);
+    return n;
+}
+
+static long tlsctl_stash_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    BIO *next = p_BIO_next(b);
+    long ret;
+    if (next == NULL)
+        return 0;
+    ret = p_BIO_ctrl(next, cmd, num, ptr);
+    p_BIO_copy_next_retry(b);
+    return ret;
+}
+
+static tlsctl_stash *tlsctl_stash_of(const SSL *s)
+{
+    BIO *b = p_SSL_get_wbio(s);
+    if (b == NULL || p_BIO_method_type(b) != tlsctl_stash_type)
+        return NULL;
+    return p_BIO_get_data(b);
+}
+
+static void tlsctl_info_cb(const SSL *cs, int where, int ret)
+{
+    SSL *s = (SSL *)cs;
+    tlsctl_stash *st;
+    (void)ret;
+    if (!p_SSL_is_server(s))
+        return;
+    if (where == SSL_CB_ACCEPT_LOOP) {
+        if (p_SSL_get_state(s) == TLS_ST_SR_FINISHED
+                && p_SSL_version(s) == TLS1_3_VERSION
+                && (st = tlsctl_stash_of(s)) != NULL)
+            st->capturing = 1;
+    } else if (where == SSL_CB_ACCEPT_EXIT) {
+        /* Not SSL_CB_HANDSHAKE_DONE: OpenSSL 3.x reports that at the
+         * client's Finished, BEFORE writing the tickets (measured). */
+        if (p_SSL_get_state(s) == TLS_ST_OK && (st = tlsctl_stash_of(s)) != NULL)
+            st->capturing = 0;
+    }
+}
+
+static int tlsctl_stash_init(void)
+{
+    if (tlsctl_stash_method != NULL)
+        return 1;
+    tlsctl_stash_type = p_BIO_get_new_index() | BIO_TYPE_FILTER;
+    tlsctl_stash_method = p_BIO_meth_new(tlsctl_stash_type, "tlsctl stash");
+    if (tlsctl_stash_method == NULL)
+        return 0;
+    return p_BIO_meth_set_write(tlsctl_stash_method, tlsctl_stash_write)
+        && p_BIO_meth_set_read(tlsctl_stash_method, tlsctl_stash_read)
+        && p_BIO_meth_set_ctrl(tlsctl_stash_method, tlsctl_stash_ctrl)
+        && p_BIO_meth_set_create(tlsctl_stash_method, tlsctl_stash_create)
+        && p_BIO_meth_set_destroy(tlsctl_stash_method, tlsctl_stash_destroy);
+}
+
+/* Put the stash in front of a server SSL's write BIO and make
+ * tlsctl_info_cb its info callback.  Call before its handshake starts.
+ * Returns 1, 0 when it already has an info callback (ours or another's),
+ * or TLSCTL_ERR_OPENSSL. */
+static int tlsctl_stash_install(SSL *ssl)
+{
+    BIO *w, *f;
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if (p_SSL_get_info_callback(ssl) != NULL)
+        return 0;
+    if (!tlsctl_stash_init() || (w = p_SSL_get_wbio(ssl)) == NULL
+            || (f = p_BIO_new(tlsctl_stash_method)) == NULL)
+        return TLSCTL_ERR_OPENSSL;
+    /* SSL_set0_wbio frees the SSL's reference to w; the chain keeps ours. */
+    p_BIO_up_ref(w);
+    p_BIO_push(f, w);
+    p_SSL_set0_wbio(ssl, f);
+    p_SSL_set_info_callback(ssl, tlsctl_info_cb);
+    return 1;
+}
+
+/* A context-level info callback would be shadowed by the stash's
+ * per-connection one; patch() refuses such contexts instead. */
+static int tlsctl_ctx_has_info_callback(SSL_CTX *ctx)
+{
+    return tlsctl_bound && p_SSL_CTX_get_info_callback(ctx) != NULL;
+}
+
+/* 1 and the stash's state when ssl's write BIO is a stash, else 0. */
+static int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records)
+{
+    tlsctl_stash *st;
+    if (!tlsctl_bound || (st = tlsctl_stash_of(ssl)) == NULL)
+        return 0;
+    *held = st->held_len - st->held_off;
+    *released_records = st->released_records;
+    return 1;
+}
+
 static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed)
 {
     int rc, n, i;

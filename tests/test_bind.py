@@ -39,10 +39,10 @@ def test_bound_to_the_interpreters_own_libssl() -> None:
             assert info.library is not None
             assert os.path.realpath(info.library) in mapped
             assert len(mapped) == 1, f"more than one libssl mapped: {mapped}"
-    assert info.mechanism in ("native", "stash")
     assert info.native_tickets == (ssl.OPENSSL_VERSION_NUMBER >= 0x30000000)
-    if info.native_tickets:
-        assert info.mechanism == "native"
+    assert info.stash
+    forced = os.environ.get("TLSCTL_MECHANISM")
+    assert info.mechanism == (forced or ("native" if info.native_tickets else "stash"))
 
 
 def _run(prelude: str, body: str = "") -> dict[str, object]:
@@ -122,6 +122,12 @@ def test_unprovable_library_is_refused(prelude: str, reason: str) -> None:
     assert out["bound"] is False
     assert reason in str(out["reason"])
     assert str(out["patch"]).startswith("BindingError")
+
+
+def test_unknown_forced_mechanism_is_refused() -> None:
+    out = _run("import os\nos.environ['TLSCTL_MECHANISM'] = 'magic'\n")
+    assert out["bound"] is False
+    assert "TLSCTL_MECHANISM='magic' is not available" in str(out["reason"])
 
 
 def test_doctor_reports_unbound_reason() -> None:

@@ -22,6 +22,7 @@ succeeds, ``info()`` says why, and every call that needs OpenSSL raises
 from __future__ import annotations
 
 import _ssl
+import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,12 @@ class Info:
             object, or ``"global symbols"`` when ``_ssl`` is built in.
         native_tickets: ``SSL_new_session_ticket`` is available (OpenSSL 3.0+),
             so ``defer`` and ``issue_tickets`` work natively.
-        stash: the ticket stash fallback (OpenSSL 1.1.1) is available.
-        mechanism: ``"native"``, ``"stash"`` or ``None``: what ``defer`` uses.
+        stash: the ticket stash (the fallback for OpenSSL 1.1.1, which lacks
+            ``SSL_new_session_ticket``) is available.
+        mechanism: what ``defer`` uses: ``"native"`` (OpenSSL 3.0+),
+            ``"stash"`` (1.1.1), or ``None`` when nothing is bound.  The
+            environment variable ``TLSCTL_MECHANISM=stash`` forces the stash
+            on OpenSSL 3.x too (read once, at import; a testing aid).
     """
 
     bound: bool
@@ -127,6 +132,17 @@ def _bind() -> Info:
         return failed(f"layout self-test failed: {problem}", via=via, library=library)
 
     native = bool(lib.tlsctl_has_symbol(b"SSL_new_session_ticket"))
+    mechanism = "native" if native else "stash"
+    forced = os.environ.get("TLSCTL_MECHANISM")
+    if forced == "stash" or (forced == "native" and native):
+        mechanism = forced
+    elif forced:
+        choices = "'native' or 'stash'" if native else "'stash'"
+        return failed(
+            f"TLSCTL_MECHANISM={forced!r} is not available here (use {choices})",
+            via=via,
+            library=library,
+        )
     return Info(
         bound=True,
         reason=None,
@@ -135,8 +151,8 @@ def _bind() -> Info:
         library=library,
         via=via,
         native_tickets=native,
-        stash=False,
-        mechanism="native" if native else None,
+        stash=True,
+        mechanism=mechanism,
     )
 
 

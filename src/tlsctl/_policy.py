@@ -103,6 +103,7 @@ class _Policy:
     tickets: str
     count: int
     renew_on_resume: bool
+    stash: bool  # "defer" through the C stash instead of SSL_new_session_ticket
 
     @property
     def resumed_count(self) -> int:
@@ -117,7 +118,9 @@ class _ConnState:
 
     def __init__(self, policy: _Policy | None) -> None:
         self.policy = policy
-        self.first = policy is not None and policy.tickets == "defer"
+        self.first = (
+            policy is not None and policy.tickets == "defer" and not policy.stash
+        )
         self.extra = 0  # tickets asked for with issue_tickets(), not yet queued
         self.issued = 0  # tickets tlsctl queued so far
         self.flushing = False  # queued tickets not yet fully written
@@ -253,9 +256,49 @@ def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
     _disarm(conn, proxy)
 
 
+def _install_stash(conn: Connection) -> None:
+    rc = _bind.lib.tlsctl_stash_install(_bind.sslobj_pointer(_real_sslobj(conn)))
+    if rc != 1:
+        raise OpenSSLError(
+            "installing the ticket stash on a new connection failed",
+            _bind.openssl_errors(),
+        )
+
+
+def _create_stashed_socket(base: type, kwargs: dict[str, Any]) -> Any:
+    """SSLSocket._create for the stash: the stash must be in place before the
+    handshake, which _create would run itself, so hold that back, install
+    the stash, then do what _create does (ssl.py, 3.9 .. 3.14)."""
+    handshake = kwargs.get("do_handshake_on_connect", True)
+    conn = base._create(**dict(kwargs, do_handshake_on_connect=False))  # type: ignore[attr-defined]
+    conn.do_handshake_on_connect = handshake
+    if conn._sslobj is None:  # not connected yet: no SSL, nothing to hold
+        return conn
+    try:
+        _install_stash(conn)
+        if handshake:
+            if conn.gettimeout() == 0.0:
+                raise ValueError(
+                    "do_handshake_on_connect should not be specified for "
+                    "non-blocking sockets"
+                )
+            conn.do_handshake()
+    except (OSError, ValueError, OpenSSLError):
+        conn.close()
+        raise
+    return conn
+
+
 def _make_factory(base: type, policy: _Policy) -> type:
+    stash_socket = policy.stash and issubclass(base, ssl.SSLSocket)
+
     def _create(cls: type, *args: Any, **kwargs: Any) -> Any:
-        conn = base._create(*args, **kwargs)  # type: ignore[attr-defined]
+        if stash_socket and not args and kwargs.get("server_side"):
+            conn = _create_stashed_socket(base, kwargs)
+        else:
+            conn = base._create(*args, **kwargs)  # type: ignore[attr-defined]
+            if policy.stash and conn.server_side and conn._sslobj is not None:
+                _install_stash(conn)
         if conn.server_side and conn._sslobj is not None:
             state = _STATES[conn] = _ConnState(policy)
             if state.first:
@@ -326,8 +369,8 @@ def patch(
         ValueError: unknown policy, bad count, or a client-only context.
         BindingError: tlsctl could not bind, or ``ctx`` is not proven to
             belong to the bound OpenSSL; ``ctx`` is left untouched.
-        UnsupportedError: ``"defer"`` without native ticket issuing
-            (OpenSSL < 3.0).
+        UnsupportedError: the context already has an SSL info callback that
+            is not tlsctl's (only with the stash, on OpenSSL 1.1.1).
     """
     ptr, kind = _bind.ctx_pointer(ctx)
     if tickets not in POLICIES:
@@ -342,20 +385,23 @@ def patch(
             "tlsctl.patch() needs a context that can serve (PROTOCOL_TLS_SERVER "
             "or PROTOCOL_TLS); this one was made with PROTOCOL_TLS_CLIENT"
         )
-    info = _bind.info()
-    if tickets == "defer" and info.mechanism is None:
-        raise UnsupportedError(
-            f"tickets='defer' needs SSL_new_session_ticket (OpenSSL 3.0+); "
-            f"{info.openssl_version} lacks it"
-        )
+    stash = tickets == "defer" and _bind.info().mechanism == "stash"
 
     original = getattr(ctx, _ORIGINAL_ATTR, None)
     if original is None:
         original = int(lib.SSL_CTX_get_num_tickets(ptr))
-    policy = _Policy(tickets, original if count is None else count, renew_on_resume)
-    num = policy.count if tickets == "immediate" else 0
+    policy = _Policy(
+        tickets, original if count is None else count, renew_on_resume, stash
+    )
+    # The stash lets OpenSSL make its tickets and holds the bytes back.
+    num = policy.count if tickets == "immediate" or stash else 0
     if lib.SSL_CTX_set_num_tickets(ptr, num) != 1:
         raise OpenSSLError("SSL_CTX_set_num_tickets failed", _bind.openssl_errors())
+    if stash and lib.tlsctl_ctx_has_info_callback(ptr):
+        raise UnsupportedError(
+            "this context has an SSL info callback that is not tlsctl's; the "
+            "ticket stash would shadow it on every connection"
+        )
     mode = lib.TLSCTL_RENEW_STOCK if renew_on_resume else lib.TLSCTL_RENEW_NEVER
     if lib.tlsctl_set_renewal(ptr, mode) != 1:
         raise OpenSSLError(
@@ -430,9 +476,24 @@ def connection_state(conn: Connection) -> ConnectionState:
     state = _STATES.get(conn)
     if state is None:
         return ConnectionState(policy=None, waiting_for_write=False, issued=0)
+    if state.policy is not None and state.policy.stash:
+        held, released = _stash_state(conn)
+        return ConnectionState("defer", held > 0, released)
     armed = type(cast(Any, conn)._sslobj) is _FirstWriteProxy
     return ConnectionState(
         policy=state.policy.tickets if state.policy else None,
         waiting_for_write=armed,
         issued=state.issued,
     )
+
+
+def _stash_state(conn: Connection) -> tuple[int, int]:
+    """(bytes held back, ticket records released) of a stash connection."""
+    if cast(Any, conn)._sslobj is None:
+        return 0, 0
+    ptr = _bind.sslobj_pointer(_real_sslobj(conn))
+    held = _bind.ffi.new("size_t *")
+    released = _bind.ffi.new("size_t *")
+    if not _bind.lib.tlsctl_stash_state(ptr, held, released):
+        return 0, 0
+    return int(held[0]), int(released[0])

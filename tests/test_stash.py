@@ -1,0 +1,131 @@
+"""The ticket stash (the ``defer`` mechanism for OpenSSL 1.1.1).
+
+On OpenSSL 1.1.1 it is what ``patch()`` uses, and the whole suite exercises
+it.  On OpenSSL 3.x, ``TLSCTL_MECHANISM=stash`` forces it; the last test here
+reruns the behavioural suites that way, so one ``pytest`` run covers both
+mechanisms wherever both exist.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import tlsctl
+from conftest import BioPair, split_records
+from tlsctl.scenarios import TicketCounter
+
+ROOT = Path(__file__).resolve().parent.parent
+stash_only = pytest.mark.skipif(
+    tlsctl.info().mechanism != "stash",
+    reason="the stash is not the active mechanism (run with TLSCTL_MECHANISM=stash)",
+)
+CtxFactory = Callable[..., ssl.SSLContext]
+PairFactory = Callable[..., BioPair]
+
+
+@stash_only
+def test_stash_holds_whole_records_until_the_next_write(
+    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+) -> None:
+    client = client_ctx()
+    counter = TicketCounter(client)
+    p = pair_factory(tlsctl.patch(server_ctx()), client)
+    p.handshake()
+    state = tlsctl.connection_state(p.server)
+    assert p.s_out.pending == 0
+    assert state.waiting_for_write and state.issued == 0
+    p.client.write(b"ping")
+    p.client_to_server()
+    assert p.server.read(10) == b"ping"
+    assert p.s_out.pending == 0  # a read releases nothing
+    p.server.write(b"pong")
+    records = split_records(p.s_out.read())
+    assert len(records) == 3  # two held tickets, in order, then the data
+    for record in records:
+        p.c_in.write(record)
+    assert p.client_read() == b"pong"
+    assert counter.count == 2
+    assert tlsctl.connection_state(p.server) == tlsctl.ConnectionState(
+        "defer", False, 2
+    )
+
+
+@stash_only
+def test_stash_holds_nothing_on_tls12(
+    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+) -> None:
+    server = tlsctl.patch(server_ctx(maximum_version=ssl.TLSVersion.TLSv1_2))
+    p = pair_factory(server, client_ctx())
+    p.handshake()
+    assert tlsctl.connection_state(p.server).waiting_for_write is False
+
+
+@stash_only
+def test_stash_releases_before_close_notify(
+    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+) -> None:
+    client = client_ctx()
+    counter = TicketCounter(client)
+    p = pair_factory(tlsctl.patch(server_ctx()), client)
+    p.handshake()
+    with pytest.raises(ssl.SSLWantReadError):
+        p.server.unwrap()  # sends close_notify, waits for the client's
+    records = split_records(p.server_to_client())
+    assert len(records) == 3  # tickets first, then the alert
+    assert p.client.read(10) == b""  # close_notify, after both tickets
+    assert counter.count == 2
+
+
+@stash_only
+def test_issue_tickets_is_native_only(
+    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+) -> None:
+    p = pair_factory(tlsctl.patch(server_ctx()), client_ctx())
+    p.handshake()
+    if tlsctl.info().native_tickets:
+        tlsctl.issue_tickets(p.server)  # 3.x with the stash forced: native
+    else:
+        with pytest.raises(tlsctl.UnsupportedError, match=r"OpenSSL 3\.0"):
+            tlsctl.issue_tickets(p.server)
+
+
+def test_suites_pass_with_the_stash_forced() -> None:
+    """Rerun the behavioural suites with the stash on OpenSSL 3.x."""
+    if tlsctl.info().mechanism != "native":
+        pytest.skip("the stash is already the mechanism of this run")
+    env = dict(os.environ, TLSCTL_MECHANISM="stash")
+    suites = [
+        "test_policy.py",
+        "test_sockets.py",
+        "test_scenarios.py",
+        "test_asyncio.py",
+        "test_openssl_cli.py",
+        "test_stash.py",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *(str(ROOT / "tests" / s) for s in suites),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    print(f"\n[stash forced] {summary}")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary
