@@ -39,12 +39,11 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "SSL_TICKET_RETURN_USE": 3,
     "SSL_TICKET_RETURN_USE_RENEW": 4,
     "BIO_TYPE_FILTER": 0x0200,
+    "BIO_FLAGS_WRITE": 0x02,
     "BIO_FLAGS_RWS": 0x07,
     "BIO_FLAGS_SHOULD_RETRY": 0x08,
     "SSL_CB_ACCEPT_LOOP": 0x2001,
     "SSL_CB_ACCEPT_EXIT": 0x2002,
-    "TLS_ST_OK": 1,
-    "TLS_ST_SR_FINISHED": 32,
 }
 
 # Functions resolved at run time: (name, C return type, C parameters,
@@ -73,7 +72,7 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
         True,
     ),
     # The stash (OpenSSL 1.1.1's stand-in for SSL_new_session_ticket).
-    ("SSL_get_state", "int", "const SSL *", True),
+    ("SSL_state_string", "const char *", "const SSL *", True),
     ("SSL_get_wbio", "BIO *", "const SSL *", True),
     ("SSL_set0_wbio", "void", "SSL *, BIO *", True),
     ("SSL_set_info_callback", "void", "SSL *, tlsctl_info_fn", True),
@@ -98,6 +97,7 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     ("BIO_get_data", "void *", "BIO *", True),
     ("BIO_set_init", "void", "BIO *, int", True),
     ("BIO_clear_flags", "void", "BIO *, int", True),
+    ("BIO_set_flags", "void", "BIO *, int", True),
     ("BIO_copy_next_retry", "void", "BIO *", True),
     ("ERR_get_error", "unsigned long", "void", True),
     ("ERR_error_string_n", "void", "unsigned long, char *, size_t", True),
@@ -160,19 +160,23 @@ C_HEADER_COMMENT = r"""
  *      old wbio; the chain now owns that reference.  Per connection, not per
  *      context, so re-patching never changes a live connection.
  *    - SSL_CB_ACCEPT_LOOP in state TLS_ST_SR_FINISHED of a TLS 1.3
- *      connection: the client's Finished has been read and the state machine
- *      is about to write the tickets.  The filter starts CAPTURING: every
- *      write is appended to a heap buffer and reported as fully written, so
- *      holding tickets can never block the handshake (no deadlock).
- *    - SSL_CB_ACCEPT_EXIT in state TLS_ST_OK (the state machine returns
- *      after writing and flushing the tickets): capturing stops.  Not
+ *      connection (matched by SSL_state_string "TRFIN": the enum value
+ *      changed between releases): the client's Finished has been read
+ *      and the state machine is about to write the tickets.  The filter
+ *      starts CAPTURING: every write is appended to a heap buffer and
+ *      reported as fully written, so holding tickets can never block the
+ *      handshake (no deadlock).
+ *    - SSL_CB_ACCEPT_EXIT once the handshake is finished (the state machine
+ *      returns after writing and flushing the tickets): capturing stops.  Not
  *      SSL_CB_HANDSHAKE_DONE, which OpenSSL 3.x reports at the client's
  *      Finished, before the tickets (traced on 3.0.19).  A WANT_WRITE exit
  *      mid-flight cannot happen while capturing: captured writes succeed.
  *      The held bytes are whole TLS records, already encrypted and
  *      sequence-numbered, so they must go out first and in order: the
  *      next write of ANY record (application data, alert / close_notify,
- *      KeyUpdate) first drains them, then writes its own.
+ *      KeyUpdate) sends them and that record in ONE write, so a vanished
+ *      peer cannot reset the connection between them (OpenSSL 3.5 writes
+ *      an alert on an unexpected EOF; measured on Debian trixie).
  *      A partial drain returns a retry, exactly like a slow socket, and
  *      OpenSSL retries the same record later.  BIO_flush never releases.
  *    - A connection freed without another write frees the held bytes
@@ -518,19 +522,33 @@ static int tlsctl_stash_write(BIO *b, const char *data, int len)
         st->held_len += (size_t)len;
         return len;
     }
-    if (st->held_off < st->held_len) {
-        if (st->held_off == 0)
+    if (st->held_off < st->held_len && len > 0) {
+        /* Release: the held records and this one in ONE write, so a peer
+         * that is gone cannot reset the connection between them. */
+        size_t rem = st->held_len - st->held_off;
+        unsigned char *both;
+        if (rem + (size_t)len > 0x7fffffff)
+            return -1;
+        if ((both = malloc(rem + (size_t)len)) == NULL)
+            return -1;
+        memcpy(both, st->held + st->held_off, rem);
+        memcpy(both + rem, data, (size_t)len);
+        n = p_BIO_write(next, both, (int)(rem + (size_t)len));
+        free(both);
+        p_BIO_copy_next_retry(b);
+        if (n <= 0)
+            return n;
+        st->held_off += (size_t)n < rem ? (size_t)n : rem;
+        if (st->held_off == st->held_len) {
             st->released_records += tlsctl_count_records(st->held, st->held_len);
-        while (st->held_off < st->held_len) {
-            n = p_BIO_write(next, st->held + st->held_off,
-                            (int)(st->held_len - st->held_off));
-            if (n <= 0) {
-                p_BIO_copy_next_retry(b);
-                return n;
-            }
-            st->held_off += (size_t)n;
+            tlsctl_stash_drop(st);
         }
-        tlsctl_stash_drop(st);
+        if ((size_t)n <= rem) {  /* none of this record went out: retry it */
+            p_BIO_clear_flags(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY);
+            p_BIO_set_flags(b, BIO_FLAGS_WRITE | BIO_FLAGS_SHOULD_RETRY);
+            return -1;
+        }
+        return n - (int)rem;  /* this record: all or part, like any BIO */
     }
     n = p_BIO_write(next, data, len);
     p_BIO_copy_next_retry(b);
@@ -576,14 +594,16 @@ static void tlsctl_info_cb(const SSL *cs, int where, int ret)
     if (!p_SSL_is_server(s))
         return;
     if (where == SSL_CB_ACCEPT_LOOP) {
-        if (p_SSL_get_state(s) == TLS_ST_SR_FINISHED
-                && p_SSL_version(s) == TLS1_3_VERSION
+        /* "TRFIN" is TLS_ST_SR_FINISHED, whose enum VALUE differs between
+         * versions (32 in 1.1.1 and 3.0, 36 in 3.5); the string does not. */
+        if (p_SSL_version(s) == TLS1_3_VERSION
+                && strcmp(p_SSL_state_string(s), "TRFIN") == 0
                 && (st = tlsctl_stash_of(s)) != NULL)
             st->capturing = 1;
     } else if (where == SSL_CB_ACCEPT_EXIT) {
         /* Not SSL_CB_HANDSHAKE_DONE: OpenSSL 3.x reports that at the
-         * client's Finished, BEFORE writing the tickets (measured). */
-        if (p_SSL_get_state(s) == TLS_ST_OK && (st = tlsctl_stash_of(s)) != NULL)
+         * client's Finished, BEFORE writing the tickets (traced). */
+        if (p_SSL_is_init_finished(s) && (st = tlsctl_stash_of(s)) != NULL)
             st->capturing = 0;
     }
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -41,8 +42,12 @@ def _header_values(names: list[str], tmp_path: Path) -> dict[str, int]:
         + "    return 0;\n}\n"
     )
     exe = tmp_path / "consts"
+    # TLSCTL_OPENSSL_INCLUDE: headers unpacked beside a system that must
+    # build tlsctl without them (ci/matrix.sh).
+    extra = os.environ.get("TLSCTL_OPENSSL_INCLUDE", "")
+    includes = [f"-I{d}" for d in extra.split(os.pathsep) if d]
     proc = subprocess.run(
-        [cc, str(src), "-o", str(exe)], capture_output=True, text=True
+        [cc, *includes, str(src), "-o", str(exe)], capture_output=True, text=True
     )
     if proc.returncode != 0 and "openssl/ssl.h" in proc.stderr:
         pytest.skip("OpenSSL development headers are not installed")

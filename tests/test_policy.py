@@ -5,6 +5,7 @@ from __future__ import annotations
 import _ssl
 import gc
 import ssl
+import warnings
 import weakref
 from typing import Any, Callable
 from unittest import mock
@@ -317,7 +318,8 @@ def test_patch_refuses_pyopenssl_context() -> None:
 
 
 def test_patch_refuses_unproven_fixed_version_context() -> None:
-    with pytest.warns(DeprecationWarning):
+    with warnings.catch_warnings():  # deprecated since 3.10
+        warnings.simplefilter("ignore", DeprecationWarning)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLSv1_2)
     with pytest.raises(tlsctl.BindingError, match="left untouched"):
         tlsctl.patch(ctx, tickets="suppress")
