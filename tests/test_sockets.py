@@ -306,3 +306,41 @@ def test_large_tickets_small_buffers_first_write_retries(
     assert counter.count == 2
     if mode == "nonblocking":
         assert retries, "the buffers were large enough that no retry happened"
+
+
+def test_users_sslsocket_class_is_kept_on_sockets(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """A server socket class set before patch() is what accept() returns,
+    its overrides run, and tickets are still deferred (with the stash this
+    goes through the deferred-handshake path of the factory)."""
+    sent: list[bytes] = []
+
+    class AuditedSocket(ssl.SSLSocket):
+        def send(self, data: Any, flags: int = 0) -> int:
+            sent.append(bytes(data))
+            return super().send(data, flags)
+
+    server = server_ctx()
+    server.sslsocket_class = AuditedSocket
+    tlsctl.patch(server)
+    server_read, checked = threading.Event(), threading.Event()
+    kinds: list[type] = []
+
+    def serve(raw: socket.socket) -> None:
+        raw.settimeout(10)
+        with server.wrap_socket(raw, server_side=True) as conn:
+            kinds.append(type(conn))
+            assert _read_line(conn) == b"request\n"
+            server_read.set()
+            assert checked.wait(10)
+            conn.sendall(REPLY)
+
+    srv = _OneShotServer(serve)
+    early, tickets = _client_exchange(
+        srv.address, client_ctx(), server_read, checked, REPLY
+    )
+    srv.join()
+    assert kinds == [AuditedSocket]
+    assert b"".join(sent) == REPLY
+    assert not early and tickets == 2
