@@ -143,29 +143,6 @@ def test_immediate_count(
     assert (idle > 0) == (count > 0)  # sent right after the handshake, as stock
 
 
-def _resume(
-    server: ssl.SSLContext, client: ssl.SSLContext, pair_factory: PairFactory
-) -> tuple[bool, int]:
-    """Full handshake to get a session, then a resumed one.  Returns
-    (resumed?, tickets the client read on the resumed connection)."""
-    counter = TicketCounter(client)
-    first = pair_factory(server, client)
-    first.handshake()
-    first.server.write(b"x")
-    first.server_to_client()
-    assert first.client_read() == b"x"
-    session = first.client.session
-    assert session is not None and session.has_ticket
-    counter.count = 0
-    second = pair_factory(server, client, session=session)
-    second.handshake()
-    _exchange(second)
-    second.server.write(b"y")
-    second.server_to_client()
-    assert second.client_read() == b"y"
-    return second.client.session_reused, counter.count
-
-
 @pytest.mark.parametrize(
     ("policy", "renew"),
     [(None, True)] + [(p, r) for p in tlsctl.POLICIES for r in (True, False)],
