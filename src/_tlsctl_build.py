@@ -181,6 +181,10 @@ C_HEADER_COMMENT = r"""
  *      OpenSSL retries the same record later.  BIO_flush never releases.
  *    - A connection freed without another write frees the held bytes
  *      unsent.  TLS 1.2 and client connections never capture.
+ *    - tlsctl_stash_remove(), called from Python right after the first
+ *      application write returns (between OpenSSL calls, never from inside
+ *      a BIO or info callback), takes the filter out of the chain once it
+ *      holds nothing: from then on records go straight to the transport.
  */
 """
 
@@ -238,6 +242,7 @@ int tlsctl_check_issue(SSL *ssl);
 int tlsctl_stash_install(SSL *ssl);
 int tlsctl_ctx_has_info_callback(SSL_CTX *ctx);
 int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records);
+int tlsctl_stash_remove(SSL *ssl);
 """
 
 CDEF = CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + CDEF_CUSTOMIZATIONS
@@ -660,6 +665,31 @@ static int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records)
         return 0;
     *held = st->held_len - st->held_off;
     *released_records = st->released_records;
+    return 1;
+}
+
+/* Take the stash out of the write chain once it has nothing left to do
+ * (handshake finished, not capturing, nothing held): later records go
+ * straight to the transport, so the stash costs nothing per write after
+ * the first.  Call only between OpenSSL calls (never from a callback).
+ * Returns 1 when the stash is gone (or was never there), 0 when still
+ * needed. */
+static int tlsctl_stash_remove(SSL *ssl)
+{
+    BIO *f, *next;
+    tlsctl_stash *st;
+    if (!tlsctl_bound || (f = p_SSL_get_wbio(ssl)) == NULL
+            || p_BIO_method_type(f) != tlsctl_stash_type)
+        return 1;
+    st = p_BIO_get_data(f);
+    if (st == NULL || st->capturing || st->held_off < st->held_len
+            || !p_SSL_is_init_finished(ssl) || (next = p_BIO_next(f)) == NULL)
+        return 0;
+    /* SSL_set0_wbio frees the chain f -> next: our new reference keeps
+     * next alive as the SSL's own wbio. */
+    p_BIO_up_ref(next);
+    p_SSL_set0_wbio(ssl, next);
+    p_SSL_set_info_callback(ssl, NULL);
     return 1;
 }
 

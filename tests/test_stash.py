@@ -55,6 +55,13 @@ def test_stash_holds_whole_records_until_the_next_write(
     assert tlsctl.connection_state(p.server) == tlsctl.ConnectionState(
         "defer", False, 2
     )
+    # Its job done, the stash has left the write chain: later records go
+    # straight to the transport (no per-write cost), one record per write.
+    lib, ffi = tlsctl._bind.lib, tlsctl._bind.ffi
+    ptr = tlsctl._bind.sslobj_pointer(p.server._sslobj)
+    assert lib.tlsctl_stash_state(ptr, ffi.new("size_t *"), ffi.new("size_t *")) == 0
+    p.server.write(b"again")
+    assert len(split_records(p.s_out.read())) == 1
 
 
 @stash_only

@@ -118,9 +118,7 @@ class _ConnState:
 
     def __init__(self, policy: _Policy | None) -> None:
         self.policy = policy
-        self.first = (
-            policy is not None and policy.tickets == "defer" and not policy.stash
-        )
+        self.first = policy is not None and policy.tickets == "defer"
         self.extra = 0  # tickets asked for with issue_tickets(), not yet queued
         self.issued = 0  # tickets tlsctl queued so far
         self.flushing = False  # queued tickets not yet fully written
@@ -168,9 +166,15 @@ class _FirstWriteProxy:
 
     def write(self, data: Any) -> int:
         conn = self._conn()
-        if conn is not None:
+        state = self._state
+        stash = state.policy is not None and state.policy.stash
+        # With the stash, the write itself releases the held tickets (in C);
+        # only tickets asked for with issue_tickets() are queued here.
+        if conn is not None and (not stash or state.extra):
             _before_write(conn, self)
         result: int = self._real.write(data)
+        if stash and conn is not None:
+            _after_stash_write(conn, self)
         return result
 
     def __getattr__(self, name: str) -> Any:  # anything not delegated below
@@ -220,8 +224,7 @@ def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
         state.ptr = _bind.sslobj_pointer(sslobj)
     if not state.flushing:
         full = resumed = state.extra
-        if state.first:
-            assert state.policy is not None
+        if state.first and state.policy is not None and not state.policy.stash:
             full += state.policy.count
             resumed += state.policy.resumed_count
         lib = _bind.lib
@@ -240,7 +243,7 @@ def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
                 _bind.openssl_errors(),
             )
         state.issued += rc
-        state.first = False
+        state.first = state.first and state.policy is not None and state.policy.stash
         state.extra = 0
         state.flushing = rc > 0
     if state.flushing:
@@ -287,6 +290,17 @@ def _create_stashed_socket(base: type, kwargs: dict[str, Any]) -> Any:
         conn.close()
         raise
     return conn
+
+
+def _after_stash_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
+    state = proxy._state
+    if state.ptr is None:
+        state.ptr = _bind.sslobj_pointer(proxy._real)
+    _, released = _stash_state_of(state.ptr)
+    if _bind.lib.tlsctl_stash_remove(state.ptr):
+        state.issued += released
+        state.first = False
+        _disarm(conn, proxy)
 
 
 def _make_factory(base: type, policy: _Policy) -> type:
@@ -476,10 +490,11 @@ def connection_state(conn: Connection) -> ConnectionState:
     state = _STATES.get(conn)
     if state is None:
         return ConnectionState(policy=None, waiting_for_write=False, issued=0)
-    if state.policy is not None and state.policy.stash:
-        held, released = _stash_state(conn)
-        return ConnectionState("defer", held > 0, released)
     armed = type(cast(Any, conn)._sslobj) is _FirstWriteProxy
+    if state.policy is not None and state.policy.stash and armed:
+        ptr = _bind.sslobj_pointer(_real_sslobj(conn))
+        held, released = _stash_state_of(ptr)
+        return ConnectionState("defer", held > 0, released)
     return ConnectionState(
         policy=state.policy.tickets if state.policy else None,
         waiting_for_write=armed,
@@ -487,11 +502,8 @@ def connection_state(conn: Connection) -> ConnectionState:
     )
 
 
-def _stash_state(conn: Connection) -> tuple[int, int]:
+def _stash_state_of(ptr: Any) -> tuple[int, int]:
     """(bytes held back, ticket records released) of a stash connection."""
-    if cast(Any, conn)._sslobj is None:
-        return 0, 0
-    ptr = _bind.sslobj_pointer(_real_sslobj(conn))
     held = _bind.ffi.new("size_t *")
     released = _bind.ffi.new("size_t *")
     if not _bind.lib.tlsctl_stash_state(ptr, held, released):
