@@ -16,6 +16,7 @@ import pytest
 
 import tlsctl
 from tlsctl import scenarios
+from tlsctl.scenarios import TicketCounter
 
 TLS_VERSIONS = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
@@ -148,3 +149,26 @@ def split_records(data: bytes) -> list[bytes]:
 @pytest.fixture
 def pair_factory() -> Iterator[Callable[..., BioPair]]:
     yield bio_pair
+
+
+@pytest.fixture
+def counted_pair(
+    server_ctx: Callable[..., ssl.SSLContext],
+    client_ctx: Callable[..., ssl.SSLContext],
+) -> Callable[..., tuple[BioPair, TicketCounter]]:
+    """Make a handshaken memory-BIO pair and a counter of the tickets its
+    client reads.  The server context is ``server`` if given, else a fresh
+    one passed through ``tlsctl.patch(..., **patch_kw)``."""
+
+    def make(
+        server: ssl.SSLContext | None = None, **patch_kw: Any
+    ) -> tuple[BioPair, TicketCounter]:
+        client = client_ctx()
+        counter = TicketCounter(client)
+        if server is None:
+            server = tlsctl.patch(server_ctx(), **patch_kw)
+        pair = bio_pair(server, client)
+        pair.handshake()
+        return pair, counter
+
+    return make

@@ -19,6 +19,7 @@ from tlsctl.scenarios import TicketCounter
 pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
 
 PairFactory = Callable[..., BioPair]
+CountedPair = Callable[..., tuple[BioPair, TicketCounter]]
 CtxFactory = Callable[..., ssl.SSLContext]
 
 
@@ -32,12 +33,9 @@ def _exchange(p: BioPair) -> None:
 
 @needs_defer
 def test_defer_sends_nothing_until_first_write_then_tickets_first(
-    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+    server_ctx: CtxFactory, counted_pair: CountedPair
 ) -> None:
-    client = client_ctx()
-    counter = TicketCounter(client)
-    p = pair_factory(tlsctl.patch(server_ctx()), client)
-    p.handshake()
+    p, counter = counted_pair()
     assert p.server.version() == "TLSv1.3"
     assert p.s_out.pending == 0, "server wrote after its handshake"
     _exchange(p)
@@ -58,7 +56,7 @@ def test_defer_sends_nothing_until_first_write_then_tickets_first(
     # After the first write the connection is exactly as stock: its own
     # class, the real _ssl object, no extra attributes (zero write overhead;
     # the stash keeps a filter BIO in C, invisible here).
-    stock = pair_factory(server_ctx(), client_ctx())
+    stock, _ = counted_pair(server_ctx())
     assert type(p.server) is ssl.SSLObject
     assert type(p.server._sslobj) is _ssl._SSLSocket
     assert sorted(vars(p.server)) == sorted(vars(stock.server))
@@ -193,12 +191,9 @@ def test_resumption_and_renewal(
 
 @needs_native
 def test_issue_tickets_mid_connection_waits_for_next_write(
-    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+    server_ctx: CtxFactory, counted_pair: CountedPair
 ) -> None:
-    client = client_ctx()
-    counter = TicketCounter(client)
-    p = pair_factory(server_ctx(), client)  # unpatched: works on any server
-    p.handshake()
+    p, counter = counted_pair(server_ctx())  # unpatched: works on any server
     p.server_to_client()
     p.client_read()
     assert counter.count == 2
@@ -216,12 +211,9 @@ def test_issue_tickets_mid_connection_waits_for_next_write(
 
 @needs_native
 def test_issue_tickets_before_first_deferred_write_adds_up(
-    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+    counted_pair: CountedPair,
 ) -> None:
-    client = client_ctx()
-    counter = TicketCounter(client)
-    p = pair_factory(tlsctl.patch(server_ctx()), client)
-    p.handshake()
+    p, counter = counted_pair()
     tlsctl.issue_tickets(p.server)
     _exchange(p)
     assert p.s_out.pending == 0

@@ -28,16 +28,14 @@ stash_only = pytest.mark.skipif(
 )
 CtxFactory = Callable[..., ssl.SSLContext]
 PairFactory = Callable[..., BioPair]
+CountedPair = Callable[..., tuple[BioPair, TicketCounter]]
 
 
 @stash_only
 def test_stash_holds_whole_records_until_the_next_write(
-    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+    counted_pair: CountedPair,
 ) -> None:
-    client = client_ctx()
-    counter = TicketCounter(client)
-    p = pair_factory(tlsctl.patch(server_ctx()), client)
-    p.handshake()
+    p, counter = counted_pair()
     state = tlsctl.connection_state(p.server)
     assert p.s_out.pending == 0
     assert state.waiting_for_write and state.issued == 0
@@ -76,12 +74,9 @@ def test_stash_holds_nothing_on_tls12(
 
 @stash_only
 def test_stash_releases_before_close_notify(
-    server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
+    counted_pair: CountedPair,
 ) -> None:
-    client = client_ctx()
-    counter = TicketCounter(client)
-    p = pair_factory(tlsctl.patch(server_ctx()), client)
-    p.handshake()
+    p, counter = counted_pair()
     with pytest.raises(ssl.SSLWantReadError):
         p.server.unwrap()  # sends close_notify, waits for the client's
     records = split_records(p.server_to_client())
