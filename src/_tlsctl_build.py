@@ -44,6 +44,15 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "BIO_FLAGS_SHOULD_RETRY": 0x08,
     "SSL_CB_ACCEPT_LOOP": 0x2001,
     "SSL_CB_ACCEPT_EXIT": 0x2002,
+    "CRYPTO_EX_INDEX_SSL_CTX": 1,
+    "SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB": 72,
+    "EVP_MAX_IV_LENGTH": 16,
+}
+
+# OpenSSL 3.x only (<openssl/core.h>); checked when 3.x headers are installed.
+OPENSSL3_CONSTANTS: dict[str, int] = {
+    "OSSL_PARAM_UTF8_STRING": 4,
+    "OSSL_PARAM_OCTET_STRING": 5,
 }
 
 # Functions resolved at run time: (name, C return type, C parameters,
@@ -102,8 +111,66 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     ("ERR_get_error", "unsigned long", "void", True),
     ("ERR_error_string_n", "void", "unsigned long, char *, size_t", True),
     ("ERR_clear_error", "void", "void", True),
+    # Ticket callbacks and shared ticket keys (see 8.).
+    (
+        "CRYPTO_get_ex_new_index",
+        "int",
+        "int, long, void *, void *, tlsctl_ex_dup_fn, tlsctl_ex_free_fn",
+        True,
+    ),
+    ("SSL_CTX_set_ex_data", "int", "SSL_CTX *, int, void *", True),
+    ("SSL_CTX_get_ex_data", "void *", "const SSL_CTX *, int", True),
+    ("SSL_set_ex_data", "int", "SSL *, int, void *", True),
+    ("SSL_get_ex_data", "void *", "const SSL *, int", True),
+    ("SSL_get_session", "SSL_SESSION *", "const SSL *", True),
+    (
+        "SSL_SESSION_set1_ticket_appdata",
+        "int",
+        "SSL_SESSION *, const void *, size_t",
+        True,
+    ),
+    (
+        "SSL_SESSION_get0_ticket_appdata",
+        "int",
+        "SSL_SESSION *, void **, size_t *",
+        True,
+    ),
+    ("SSL_CTX_callback_ctrl", "long", "SSL_CTX *, int, tlsctl_void_fn", True),
+    ("RAND_bytes", "int", "unsigned char *, int", True),
+    ("OPENSSL_cleanse", "void", "void *, size_t", True),
+    ("EVP_aes_128_cbc", "const EVP_CIPHER *", "void", True),
+    ("EVP_aes_256_cbc", "const EVP_CIPHER *", "void", True),
+    ("EVP_sha256", "const EVP_MD *", "void", True),
+    (
+        "EVP_EncryptInit_ex",
+        "int",
+        "EVP_CIPHER_CTX *, const EVP_CIPHER *, ENGINE *, "
+        "const unsigned char *, const unsigned char *",
+        True,
+    ),
+    (
+        "EVP_DecryptInit_ex",
+        "int",
+        "EVP_CIPHER_CTX *, const EVP_CIPHER *, ENGINE *, "
+        "const unsigned char *, const unsigned char *",
+        True,
+    ),
+    # The legacy ticket key callback's HMAC (deprecated in 3.0, unused there).
+    (
+        "HMAC_Init_ex",
+        "int",
+        "HMAC_CTX *, const void *, int, const EVP_MD *, ENGINE *",
+        False,
+    ),
     # OpenSSL >= 3.0.0 only.
     ("SSL_new_session_ticket", "int", "SSL *", False),
+    (
+        "SSL_CTX_set_tlsext_ticket_key_evp_cb",
+        "int",
+        "SSL_CTX *, tlsctl_key_evp_fn",
+        False,
+    ),
+    ("EVP_MAC_CTX_set_params", "int", "EVP_MAC_CTX *, const OSSL_PARAM *", False),
 ]
 
 C_HEADER_COMMENT = r"""
@@ -138,9 +205,10 @@ C_HEADER_COMMENT = r"""
  *    flags; the wrappers refuse to call a NULL pointer.
  *
  * 5. tlsctl_dec_ticket_cb: the session-ticket decrypt callback behind
- *    renew_on_resume=False.  It maps OpenSSL's status to the same decision
- *    OpenSSL makes without a callback, except that a successfully decrypted
- *    ticket resumes WITHOUT a renewal ticket.
+ *    renew_on_resume=False and on_resume (see 8.).  Without a Python
+ *    callback it maps OpenSSL's status to the decision OpenSSL makes without
+ *    a callback; renew_on_resume=False then turns USE_RENEW into USE, so a
+ *    decrypted ticket resumes WITHOUT a renewal ticket.
  *
  * 6. tlsctl_queue_tickets: one C call per connection for the hot decision
  *    "is this a finished TLS 1.3 server handshake, was it resumed, queue N
@@ -185,6 +253,44 @@ C_HEADER_COMMENT = r"""
  *      application write returns (between OpenSSL calls, never from inside
  *      a BIO or info callback), takes the filter out of the chain once it
  *      holds nothing: from then on records go straight to the transport.
+ *
+ * 8. Per-context state, ticket callbacks and shared ticket keys.
+ *    - Each SSL_CTX we configure carries a tlsctl_ctx_ext in ex_data under
+ *      OUR OWN index (Python's _ssl owns SSL ex_data index 0, the app data;
+ *      we never read or write it).  The ex_data free function cleanses the
+ *      keys and frees the struct when OpenSSL frees the SSL_CTX, so its
+ *      lifetime is exactly the SSL_CTX's.
+ *    - Python callbacks: the ext holds a strong reference to a WEAK
+ *      reference to the Python-side holder of the user's callables, which
+ *      lives as an attribute of the ssl.SSLContext.  So the callables (and
+ *      whatever they capture) live exactly as long as the SSLContext, and a
+ *      cycle through them stays visible to Python's garbage collector.
+ *      OpenSSL calls us with the GIL released (_ssl releases it around
+ *      SSL_do_handshake / SSL_read / SSL_write); every touch of a Python
+ *      object takes it with PyGILState_Ensure, including from cffi-called
+ *      functions (cffi releases the GIL around them too).
+ *    - Each server connection made by a tlsctl factory on such a context
+ *      carries its Python record (tlsctl's per-connection state, which knows
+ *      the ssl.SSLSocket / ssl.SSLObject weakly) in SSL ex_data under our
+ *      own index, with a strong reference released by the ex_data free
+ *      function.  The single Python dispatcher is called with that record:
+ *      it calls the user's callable, and keeps any exception in the record
+ *      for the Python layer to re-raise after the OpenSSL call returns
+ *      (pyOpenSSL's pattern); here we only see a decision or a failure.
+ *      Python never unwinds through OpenSSL's stack frames.
+ *    - Shared ticket keys: the ticket key callback (EVP_MAC form on 3.x,
+ *      legacy HMAC_CTX form on 1.1.1) looks keys up in C, under a mutex (a
+ *      rotation may run in another thread while handshakes run without the
+ *      GIL): no Python call per handshake.  Key name 16 bytes; 80-byte keys
+ *      are AES-256-CBC + HMAC-SHA256 with a 32-byte secret, nginx's 48-byte
+ *      keys AES-128-CBC + HMAC-SHA256 with a 16-byte secret.  The first key
+ *      encrypts; a ticket under any listed key decrypts; decrypting with a
+ *      non-first key asks OpenSSL for a renewal (return 2), and on TLS 1.3
+ *      so does the first, as OpenSSL's built-in keys do.  An unknown name
+ *      returns 0: a full handshake.  Key copies on the stack and replaced or
+ *      freed key arrays are wiped with OPENSSL_cleanse.  The callback finds
+ *      the keys through SSL_get_SSL_CTX(s): a connection moved to another
+ *      context by an SNI callback uses that context's keys.
  */
 """
 
@@ -195,6 +301,24 @@ typedef struct ssl_method_st SSL_METHOD;
 typedef struct ssl_session_st SSL_SESSION;
 typedef struct bio_st BIO;
 typedef struct bio_method_st BIO_METHOD;
+typedef struct evp_cipher_st EVP_CIPHER;
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct evp_md_st EVP_MD;
+typedef struct evp_mac_ctx_st EVP_MAC_CTX;
+typedef struct hmac_ctx_st HMAC_CTX;
+typedef struct engine_st ENGINE;
+typedef struct ossl_param_st {
+    const char *key;
+    unsigned int data_type;
+    void *data;
+    size_t data_size;
+    size_t return_size;
+} OSSL_PARAM;
+typedef void (*tlsctl_void_fn)(void);
+typedef int (*tlsctl_ex_dup_fn)(void *, const void *, void *, int, long, void *);
+typedef void (*tlsctl_ex_free_fn)(void *, void *, void *, int, long, void *);
+typedef int (*tlsctl_key_evp_fn)(SSL *, unsigned char *, unsigned char *,
+                                 EVP_CIPHER_CTX *, EVP_MAC_CTX *, int);
 typedef int (*tlsctl_gen_ticket_fn)(SSL *, void *);
 typedef void (*tlsctl_info_fn)(const SSL *, int, int);
 typedef int (*tlsctl_bio_write_fn)(BIO *, const char *, int);
@@ -207,7 +331,10 @@ typedef int (*tlsctl_dec_ticket_fn)(SSL *, SSL_SESSION *,
 """
 
 CDEF_CONSTANTS = (
-    "".join(f"static const int {name};\n" for name in OPENSSL_CONSTANTS)
+    "".join(
+        f"static const int {name};\n"
+        for name in {**OPENSSL_CONSTANTS, **OPENSSL3_CONSTANTS}
+    )
     + """
 static const int TLSCTL_KIND_UNKNOWN;
 static const int TLSCTL_KIND_GENERIC;
@@ -221,6 +348,13 @@ static const int TLSCTL_ERR_CLIENT;
 static const int TLSCTL_ERR_NOT_TLS13;
 static const int TLSCTL_RENEW_STOCK;
 static const int TLSCTL_RENEW_NEVER;
+static const int TLSCTL_ERR_NO_KEYS;
+static const int TLSCTL_EVENT_ISSUE;
+static const int TLSCTL_EVENT_RESUME;
+static const int TLSCTL_KEYS_NONE;
+static const int TLSCTL_KEYS_LEGACY;
+static const int TLSCTL_KEYS_EVP;
+static const int TLSCTL_KEY_RECORD;
 """
 )
 
@@ -243,6 +377,15 @@ int tlsctl_stash_install(SSL *ssl);
 int tlsctl_ctx_has_info_callback(SSL_CTX *ctx);
 int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records);
 int tlsctl_stash_remove(SSL *ssl);
+int tlsctl_set_dispatcher(uintptr_t dispatch_object);
+int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref, int on_issue,
+                         int on_resume);
+int tlsctl_conn_register(SSL *ssl, uintptr_t record);
+int tlsctl_keys_mode(void);
+int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
+                           size_t n);
+size_t tlsctl_ticket_key_count(SSL_CTX *ctx);
+int tlsctl_guard_done(SSL *ssl);
 """
 
 CDEF = CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + CDEF_CUSTOMIZATIONS
@@ -250,7 +393,8 @@ CDEF = CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + CDEF_CUSTOMIZATIONS
 
 def _c_constants() -> str:
     return "".join(
-        f"#define {name} {value}\n" for name, value in OPENSSL_CONSTANTS.items()
+        f"#define {name} {value}\n"
+        for name, value in {**OPENSSL_CONSTANTS, **OPENSSL3_CONSTANTS}.items()
     )
 
 
@@ -293,6 +437,7 @@ def _c_symbol_table() -> str:
 
 C_BODY = r"""
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -406,33 +551,6 @@ static int tlsctl_ctx_method_kind(const SSL_CTX *ctx)
     return TLSCTL_KIND_UNKNOWN;
 }
 
-/* Same decisions as OpenSSL without a callback (ssl/t1_lib.c,
- * tls_decrypt_ticket), except that a decrypted ticket is never renewed. */
-static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
-                                const unsigned char *keyname, size_t keyname_len,
-                                int status, void *arg)
-{
-    (void)s; (void)ss; (void)keyname; (void)keyname_len; (void)arg;
-    switch (status) {
-    case SSL_TICKET_SUCCESS:
-    case SSL_TICKET_SUCCESS_RENEW:
-        return SSL_TICKET_RETURN_USE;
-    case SSL_TICKET_EMPTY:
-    case SSL_TICKET_NO_DECRYPT:
-        return SSL_TICKET_RETURN_IGNORE_RENEW;
-    default:
-        return SSL_TICKET_RETURN_IGNORE;
-    }
-}
-
-static int tlsctl_set_renewal(SSL_CTX *ctx, int mode)
-{
-    if (!tlsctl_bound)
-        return TLSCTL_ERR_NOT_BOUND;
-    if (mode == TLSCTL_RENEW_NEVER)
-        return p_SSL_CTX_set_session_ticket_cb(ctx, NULL, tlsctl_dec_ticket_cb, NULL);
-    return p_SSL_CTX_set_session_ticket_cb(ctx, NULL, NULL, NULL);
-}
 
 /* 0 when tickets may be issued on ssl now, else a TLSCTL_ERR_* code. */
 static int tlsctl_check_issue(SSL *ssl)
@@ -709,6 +827,496 @@ static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed)
             return TLSCTL_ERR_OPENSSL;
     return n;
 }
+
+/* ---- per-context state, ticket callbacks, shared keys (see 8.) ------- */
+
+#define TLSCTL_ERR_NO_KEYS (-7)
+#define TLSCTL_EVENT_ISSUE 1
+#define TLSCTL_EVENT_RESUME 2
+#define TLSCTL_KEYS_NONE 0
+#define TLSCTL_KEYS_LEGACY 1
+#define TLSCTL_KEYS_EVP 2
+#define TLSCTL_KEY_RECORD 81  /* size byte (48 or 80), name, hmac[32], aes[32] */
+#define TLSCTL_KEY_NAME_LEN 16  /* TLSEXT_KEYNAME_LENGTH (ssl_local.h) */
+
+typedef struct {
+    int size;  /* 48: AES-128 + 16-byte HMAC secret; 80: AES-256 + 32 */
+    unsigned char name[TLSCTL_KEY_NAME_LEN];
+    unsigned char hmac[32];
+    unsigned char aes[32];
+} tlsctl_key;
+
+typedef struct {
+    pthread_mutex_t lock;        /* guards keys / nkeys */
+    tlsctl_key *keys;
+    size_t nkeys;
+    int renew;                   /* TLSCTL_RENEW_* */
+    int on_issue, on_resume;     /* Python callables present (read w/o GIL) */
+    PyObject *holder_ref;        /* weakref to the Python holder; GIL */
+} tlsctl_ctx_ext;
+
+static int tlsctl_ctx_idx = -1;
+static int tlsctl_ssl_idx = -1;
+static PyObject *tlsctl_dispatch = NULL;
+static pthread_mutex_t tlsctl_ext_create_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void tlsctl_keys_free(tlsctl_key *keys, size_t n)
+{
+    if (keys != NULL) {
+        p_OPENSSL_cleanse(keys, n * sizeof(*keys));
+        free(keys);
+    }
+}
+
+static void tlsctl_decref(PyObject *obj)
+{
+    PyGILState_STATE g;
+    if (obj == NULL || !Py_IsInitialized())
+        return;
+    g = PyGILState_Ensure();
+    Py_DecRef(obj);
+    PyGILState_Release(g);
+}
+
+static void tlsctl_ctx_ext_free(void *parent, void *ptr, void *ad, int idx,
+                                long argl, void *argp)
+{
+    tlsctl_ctx_ext *ext = ptr;
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    if (ext == NULL)
+        return;
+    tlsctl_keys_free(ext->keys, ext->nkeys);
+    tlsctl_decref(ext->holder_ref);
+    pthread_mutex_destroy(&ext->lock);
+    free(ext);
+}
+
+static void tlsctl_ssl_rec_free(void *parent, void *ptr, void *ad, int idx,
+                                long argl, void *argp)
+{
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    tlsctl_decref(ptr);
+}
+
+/* SSL_dup copies ex_data pointers: give the copy its own reference.
+ * (from_d points at the slot in 1.1.1 and 3.x alike.) */
+static int tlsctl_ssl_rec_dup(void *to, const void *from, void *from_d,
+                              int idx, long argl, void *argp)
+{
+    PyObject *obj = *(PyObject **)from_d;
+    PyGILState_STATE g;
+    (void)to; (void)from; (void)idx; (void)argl; (void)argp;
+    if (obj != NULL) {
+        g = PyGILState_Ensure();
+        Py_IncRef(obj);
+        PyGILState_Release(g);
+    }
+    return 1;
+}
+
+static int tlsctl_ext_init(void)
+{
+    if (tlsctl_ctx_idx < 0)
+        tlsctl_ctx_idx = p_CRYPTO_get_ex_new_index(
+            CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, tlsctl_ctx_ext_free);
+    if (tlsctl_ssl_idx < 0)
+        tlsctl_ssl_idx = p_CRYPTO_get_ex_new_index(
+            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, tlsctl_ssl_rec_dup,
+            tlsctl_ssl_rec_free);
+    /* Index 0 of SSL is _ssl's app data; a fresh index is never 0 for SSL
+     * (OpenSSL reserves 0 for app data), but refuse to share it anyway. */
+    return tlsctl_ctx_idx > 0 && tlsctl_ssl_idx > 0;
+}
+
+static tlsctl_ctx_ext *tlsctl_ext_of(const SSL_CTX *ctx)
+{
+    if (ctx == NULL || tlsctl_ctx_idx <= 0)
+        return NULL;
+    return p_SSL_CTX_get_ex_data(ctx, tlsctl_ctx_idx);
+}
+
+static tlsctl_ctx_ext *tlsctl_ext_get_or_create(SSL_CTX *ctx)
+{
+    tlsctl_ctx_ext *ext;
+    pthread_mutex_lock(&tlsctl_ext_create_lock);
+    ext = tlsctl_ext_of(ctx);
+    if (ext == NULL && tlsctl_ext_init()
+            && (ext = calloc(1, sizeof(*ext))) != NULL) {
+        pthread_mutex_init(&ext->lock, NULL);
+        if (!p_SSL_CTX_set_ex_data(ctx, tlsctl_ctx_idx, ext)) {
+            pthread_mutex_destroy(&ext->lock);
+            free(ext);
+            ext = NULL;
+        }
+    }
+    pthread_mutex_unlock(&tlsctl_ext_create_lock);
+    return ext;
+}
+
+/* OpenSSL's own decision for a status when no callback is installed
+ * (ssl/t1_lib.c, tls_decrypt_ticket and its callers). */
+static int tlsctl_default_decision(int status)
+{
+    switch (status) {
+    case SSL_TICKET_SUCCESS:
+        return SSL_TICKET_RETURN_USE;
+    case SSL_TICKET_SUCCESS_RENEW:
+        return SSL_TICKET_RETURN_USE_RENEW;
+    case SSL_TICKET_EMPTY:
+    case SSL_TICKET_NO_DECRYPT:
+        return SSL_TICKET_RETURN_IGNORE_RENEW;
+    case SSL_TICKET_NONE:
+        return SSL_TICKET_RETURN_IGNORE;
+    default:
+        return SSL_TICKET_RETURN_ABORT;
+    }
+}
+
+/* Position of a ticket key name in the context's key list, or -1. */
+static int tlsctl_key_index(const SSL *s, const unsigned char *name, size_t len)
+{
+    tlsctl_ctx_ext *ext = tlsctl_ext_of(p_SSL_get_SSL_CTX(s));
+    int found = -1;
+    size_t i;
+    if (ext == NULL || name == NULL || len != TLSCTL_KEY_NAME_LEN)
+        return -1;
+    pthread_mutex_lock(&ext->lock);
+    for (i = 0; i < ext->nkeys && found < 0; i++)
+        if (memcmp(ext->keys[i].name, name, TLSCTL_KEY_NAME_LEN) == 0)
+            found = (int)i;
+    pthread_mutex_unlock(&ext->lock);
+    return found;
+}
+
+/* Call the Python dispatcher; returns a new reference or NULL (the error
+ * is reported as unraisable: the dispatcher itself never raises). */
+static PyObject *tlsctl_call_python(tlsctl_ctx_ext *ext, SSL *s, int event,
+                                    int status, PyObject *appdata,
+                                    PyObject *keyname, int key_index,
+                                    int fallback)
+{
+    PyObject *rec, *res;
+    if (tlsctl_dispatch == NULL || ext->holder_ref == NULL)
+        return NULL;
+    rec = tlsctl_ssl_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_ssl_idx) : NULL;
+    res = PyObject_CallFunction(tlsctl_dispatch, "iOOiOOii", event,
+                                ext->holder_ref, rec ? rec : Py_None, status,
+                                appdata ? appdata : Py_None,
+                                keyname ? keyname : Py_None, key_index,
+                                fallback);
+    if (res == NULL)
+        PyErr_WriteUnraisable(tlsctl_dispatch);
+    return res;
+}
+
+static int tlsctl_gen_ticket_cb(SSL *s, void *arg)
+{
+    tlsctl_ctx_ext *ext = arg;
+    PyGILState_STATE g;
+    PyObject *res;
+    int ok = 1;
+    if (ext == NULL || !ext->on_issue)
+        return 1;
+    g = PyGILState_Ensure();
+    if (ext->holder_ref != NULL) {  /* not removed meanwhile */
+        res = tlsctl_call_python(ext, s, TLSCTL_EVENT_ISSUE, -1, NULL, NULL, -1, 1);
+        ok = 0;  /* failure, or the dispatcher kept an exception */
+        if (res == Py_None) {
+            ok = 1;
+        } else if (res != NULL && PyBytes_Check(res)) {
+            char *data;
+            Py_ssize_t len;
+            SSL_SESSION *sess = p_SSL_get_session(s);
+            if (sess != NULL && PyBytes_AsStringAndSize(res, &data, &len) == 0)
+                ok = p_SSL_SESSION_set1_ticket_appdata(sess, data, (size_t)len);
+            PyErr_Clear();
+        }
+        Py_XDECREF(res);
+    }
+    PyGILState_Release(g);
+    return ok;
+}
+
+static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
+                                const unsigned char *keyname, size_t keyname_len,
+                                int status, void *arg)
+{
+    tlsctl_ctx_ext *ext = arg;
+    int decision = tlsctl_default_decision(status);
+    if (ext == NULL)
+        return decision;
+    if (ext->on_resume && status != SSL_TICKET_NONE && status != SSL_TICKET_EMPTY) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        PyObject *appdata = NULL, *name = NULL, *res;
+        void *data = NULL;
+        size_t len = 0;
+        if (ss != NULL && p_SSL_SESSION_get0_ticket_appdata(ss, &data, &len) == 1)
+            appdata = PyBytes_FromStringAndSize(data ? data : "", (Py_ssize_t)len);
+        if (keyname != NULL)
+            name = PyBytes_FromStringAndSize((const char *)keyname,
+                                             (Py_ssize_t)keyname_len);
+        if (ext->holder_ref == NULL) {  /* removed meanwhile */
+            res = PyLong_FromLong(decision);
+        } else if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(NULL);
+            res = NULL;
+        } else {
+            res = tlsctl_call_python(
+                ext, s, TLSCTL_EVENT_RESUME, status, appdata, name,
+                tlsctl_key_index(s, keyname, keyname_len), decision);
+        }
+        if (res != NULL) {
+            long v = PyLong_AsLong(res);
+            if (v >= SSL_TICKET_RETURN_ABORT && v <= SSL_TICKET_RETURN_USE_RENEW)
+                decision = (int)v;
+            else
+                decision = SSL_TICKET_RETURN_ABORT;
+            PyErr_Clear();
+        } else {
+            decision = SSL_TICKET_RETURN_ABORT;
+        }
+        Py_XDECREF(res);
+        Py_XDECREF(appdata);
+        Py_XDECREF(name);
+        PyGILState_Release(g);
+    }
+    if (ext->renew == TLSCTL_RENEW_NEVER && decision == SSL_TICKET_RETURN_USE_RENEW)
+        decision = SSL_TICKET_RETURN_USE;
+    return decision;
+}
+
+static int tlsctl_install_ticket_cb(SSL_CTX *ctx, tlsctl_ctx_ext *ext)
+{
+    int needed = ext->renew == TLSCTL_RENEW_NEVER || ext->on_issue || ext->on_resume;
+    if (!needed)
+        return p_SSL_CTX_set_session_ticket_cb(ctx, NULL, NULL, NULL);
+    return p_SSL_CTX_set_session_ticket_cb(
+        ctx, ext->on_issue ? tlsctl_gen_ticket_cb : NULL, tlsctl_dec_ticket_cb, ext);
+}
+
+static int tlsctl_set_renewal(SSL_CTX *ctx, int mode)
+{
+    tlsctl_ctx_ext *ext;
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL)
+        return TLSCTL_ERR_OPENSSL;
+    ext->renew = mode;
+    return tlsctl_install_ticket_cb(ctx, ext);
+}
+
+/* The Python function every callback goes through; kept for the life of
+ * the process. */
+static int tlsctl_set_dispatcher(uintptr_t obj)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_IncRef((PyObject *)obj);
+    Py_XDECREF(tlsctl_dispatch);
+    tlsctl_dispatch = (PyObject *)obj;
+    PyGILState_Release(g);
+    return 1;
+}
+
+/* holder_ref: id() of a weakref to the Python holder, or 0 to remove. */
+static int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref,
+                                int on_issue, int on_resume)
+{
+    tlsctl_ctx_ext *ext;
+    PyGILState_STATE g;
+    PyObject *old;
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL)
+        return TLSCTL_ERR_OPENSSL;
+    g = PyGILState_Ensure();
+    old = ext->holder_ref;
+    if (holder_ref != 0)
+        Py_IncRef((PyObject *)holder_ref);
+    ext->holder_ref = holder_ref != 0 ? (PyObject *)holder_ref : NULL;
+    ext->on_issue = holder_ref != 0 && on_issue;
+    ext->on_resume = holder_ref != 0 && on_resume;
+    Py_XDECREF(old);
+    PyGILState_Release(g);
+    return tlsctl_install_ticket_cb(ctx, ext);
+}
+
+/* Attach tlsctl's per-connection record (strong reference) to ssl. */
+static int tlsctl_conn_register(SSL *ssl, uintptr_t record)
+{
+    PyGILState_STATE g;
+    PyObject *old;
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if (!tlsctl_ext_init())
+        return TLSCTL_ERR_OPENSSL;
+    g = PyGILState_Ensure();
+    old = p_SSL_get_ex_data(ssl, tlsctl_ssl_idx);
+    Py_IncRef((PyObject *)record);
+    if (!p_SSL_set_ex_data(ssl, tlsctl_ssl_idx, (void *)record)) {
+        Py_DecRef((PyObject *)record);
+        PyGILState_Release(g);
+        return TLSCTL_ERR_OPENSSL;
+    }
+    Py_XDECREF(old);
+    PyGILState_Release(g);
+    return 1;
+}
+
+/* 1 once nothing can call back into Python on ssl any more: a finished
+ * TLS 1.3 handshake (TLS 1.2 may renegotiate). */
+static int tlsctl_guard_done(SSL *ssl)
+{
+    return tlsctl_bound && p_SSL_is_init_finished(ssl)
+        && p_SSL_version(ssl) == TLS1_3_VERSION;
+}
+
+static int tlsctl_keys_mode(void)
+{
+    if (!tlsctl_bound)
+        return TLSCTL_KEYS_NONE;
+    if (p_SSL_CTX_set_tlsext_ticket_key_evp_cb != NULL
+            && p_EVP_MAC_CTX_set_params != NULL)
+        return TLSCTL_KEYS_EVP;
+    if (p_HMAC_Init_ex != NULL)
+        return TLSCTL_KEYS_LEGACY;
+    return TLSCTL_KEYS_NONE;
+}
+
+/* Copy the key for this operation out from under the lock.  Returns 1,
+ * 0 (decrypt: unknown key name) or -1. */
+static int tlsctl_key_pick(SSL *s, const unsigned char *name, int enc,
+                           tlsctl_key *out, size_t *index)
+{
+    tlsctl_ctx_ext *ext = tlsctl_ext_of(p_SSL_get_SSL_CTX(s));
+    int rc = enc ? -1 : 0;
+    size_t i;
+    if (ext == NULL)
+        return rc;
+    pthread_mutex_lock(&ext->lock);
+    for (i = 0; i < ext->nkeys; i++) {
+        if (enc || memcmp(ext->keys[i].name, name, TLSCTL_KEY_NAME_LEN) == 0) {
+            memcpy(out, &ext->keys[i], sizeof(*out));
+            *index = i;
+            rc = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&ext->lock);
+    return rc;
+}
+
+static int tlsctl_key_cb(SSL *s, unsigned char *name, unsigned char *iv,
+                         EVP_CIPHER_CTX *cctx, void *hctx, int enc, int evp)
+{
+    tlsctl_key k;
+    size_t index = 0;
+    int rc, hlen;
+    const EVP_CIPHER *cipher;
+
+    rc = tlsctl_key_pick(s, name, enc, &k, &index);
+    if (rc <= 0)
+        return rc;
+    cipher = k.size == 48 ? p_EVP_aes_128_cbc() : p_EVP_aes_256_cbc();
+    hlen = k.size == 48 ? 16 : 32;
+    if (enc) {
+        memcpy(name, k.name, TLSCTL_KEY_NAME_LEN);
+        if (p_RAND_bytes(iv, 16) != 1
+                || p_EVP_EncryptInit_ex(cctx, cipher, NULL, k.aes, iv) != 1)
+            rc = -1;
+    } else if (p_EVP_DecryptInit_ex(cctx, cipher, NULL, k.aes, iv) != 1) {
+        rc = -1;
+    }
+    if (rc == 1) {
+        if (evp) {
+            OSSL_PARAM params[3];
+            memset(params, 0, sizeof(params));
+            params[0].key = "digest";
+            params[0].data_type = OSSL_PARAM_UTF8_STRING;
+            params[0].data = (void *)"SHA256";
+            params[0].data_size = 6;
+            params[0].return_size = (size_t)-1;  /* OSSL_PARAM_UNMODIFIED */
+            params[1].key = "key";
+            params[1].data_type = OSSL_PARAM_OCTET_STRING;
+            params[1].data = k.hmac;
+            params[1].data_size = (size_t)hlen;
+            params[1].return_size = (size_t)-1;
+            if (p_EVP_MAC_CTX_set_params((EVP_MAC_CTX *)hctx, params) != 1)
+                rc = -1;
+        } else if (p_HMAC_Init_ex((HMAC_CTX *)hctx, k.hmac, hlen, p_EVP_sha256(),
+                                  NULL) != 1) {
+            rc = -1;
+        }
+    }
+    if (rc == 1 && !enc && (index != 0 || p_SSL_version(s) == TLS1_3_VERSION))
+        rc = 2;  /* renew: under the first key; TLS 1.3 as built-in keys do */
+    p_OPENSSL_cleanse(&k, sizeof(k));
+    return rc;
+}
+
+static int tlsctl_key_evp_cb(SSL *s, unsigned char *name, unsigned char *iv,
+                             EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *hctx, int enc)
+{
+    return tlsctl_key_cb(s, name, iv, cctx, hctx, enc, 1);
+}
+
+static int tlsctl_key_legacy_cb(SSL *s, unsigned char *name, unsigned char *iv,
+                                EVP_CIPHER_CTX *cctx, HMAC_CTX *hctx, int enc)
+{
+    return tlsctl_key_cb(s, name, iv, cctx, hctx, enc, 0);
+}
+
+/* records: n keys of TLSCTL_KEY_RECORD bytes (size byte 48 or 80, name,
+ * hmac[32], aes[32], unused bytes zero).  Replaces the key list; the old
+ * one is wiped.  n == 0 is refused (the Python layer never passes it). */
+static int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
+                                  size_t n)
+{
+    tlsctl_ctx_ext *ext;
+    tlsctl_key *keys, *old;
+    size_t i, old_n;
+    int mode = tlsctl_keys_mode();
+    long ok;
+
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if (mode == TLSCTL_KEYS_NONE)
+        return TLSCTL_ERR_NO_KEYS;
+    if (n == 0 || (ext = tlsctl_ext_get_or_create(ctx)) == NULL
+            || (keys = calloc(n, sizeof(*keys))) == NULL)
+        return TLSCTL_ERR_OPENSSL;
+    for (i = 0; i < n; i++) {
+        const unsigned char *r = records + i * TLSCTL_KEY_RECORD;
+        keys[i].size = r[0];
+        memcpy(keys[i].name, r + 1, TLSCTL_KEY_NAME_LEN);
+        memcpy(keys[i].hmac, r + 1 + TLSCTL_KEY_NAME_LEN, 32);
+        memcpy(keys[i].aes, r + 1 + TLSCTL_KEY_NAME_LEN + 32, 32);
+    }
+    pthread_mutex_lock(&ext->lock);
+    old = ext->keys;
+    old_n = ext->nkeys;
+    ext->keys = keys;
+    ext->nkeys = n;
+    pthread_mutex_unlock(&ext->lock);
+    tlsctl_keys_free(old, old_n);
+    if (mode == TLSCTL_KEYS_EVP)
+        ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, tlsctl_key_evp_cb);
+    else
+        ok = p_SSL_CTX_callback_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB,
+                                     (tlsctl_void_fn)tlsctl_key_legacy_cb);
+    return ok == 1 ? 1 : TLSCTL_ERR_OPENSSL;
+}
+
+static size_t tlsctl_ticket_key_count(SSL_CTX *ctx)
+{
+    tlsctl_ctx_ext *ext = tlsctl_ext_of(ctx);
+    size_t n;
+    if (ext == NULL)
+        return 0;
+    pthread_mutex_lock(&ext->lock);
+    n = ext->nkeys;
+    pthread_mutex_unlock(&ext->lock);
+    return n;
+}
 """
 
 
@@ -725,9 +1333,10 @@ def c_source() -> str:
 
 
 def _libraries() -> list[str]:
-    # glibc < 2.34 keeps dlopen/dlsym/dladdr in libdl; musl and newer glibc
-    # accept -ldl as an empty stub.  macOS has them in libSystem.
-    return ["dl"] if sys.platform.startswith("linux") else []
+    # glibc < 2.34 keeps dlopen/dlsym/dladdr in libdl and pthread_mutex_* in
+    # libpthread; musl and newer glibc accept both as empty stubs.  macOS
+    # has them in libSystem.
+    return ["dl", "pthread"] if sys.platform.startswith("linux") else []
 
 
 def _limited_api() -> bool:

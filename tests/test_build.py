@@ -28,18 +28,25 @@ def _build_module() -> ModuleType:
     return module
 
 
-def _header_values(names: list[str], tmp_path: Path) -> dict[str, int]:
+def _header_values(
+    names: list[str], tmp_path: Path, *, openssl3: bool = False
+) -> dict[str, int]:
     """Compile and run a C program printing each name from the real OpenSSL
-    headers (macros, expressions and enum members alike)."""
+    headers (macros, expressions and enum members alike).  With
+    ``openssl3``, names only 3.x headers have: skips on 1.1.1 headers."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler to read the OpenSSL headers")
     src = tmp_path / "consts.c"
+    body = "".join(f'    printf("{n} %ld\\n", (long)({n}));\n' for n in names)
+    if openssl3:
+        body = f"#if OPENSSL_VERSION_NUMBER >= 0x30000000L\n{body}#endif\n"
     src.write_text(
-        "#include <stdio.h>\n#include <openssl/ssl.h>\n#include <openssl/bio.h>\n"
-        "int main(void) {\n"
-        + "".join(f'    printf("{n} %ld\\n", (long)({n}));\n' for n in names)
-        + "    return 0;\n}\n"
+        "#include <stdio.h>\n#include <stddef.h>\n#include <openssl/ssl.h>\n"
+        "#include <openssl/bio.h>\n"
+        + ("#if OPENSSL_VERSION_NUMBER >= 0x30000000L\n"
+           "#include <openssl/core.h>\n#endif\n" if openssl3 else "")
+        + "int main(void) {\n" + body + "    return 0;\n}\n"
     )
     exe = tmp_path / "consts"
     # TLSCTL_OPENSSL_INCLUDE: headers unpacked beside a system that must
@@ -53,7 +60,8 @@ def _header_values(names: list[str], tmp_path: Path) -> dict[str, int]:
         pytest.skip("OpenSSL development headers are not installed")
     assert proc.returncode == 0, proc.stderr
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
-    return {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+    lines = out.stdout.splitlines()
+    return {k: int(v) for k, v in (line.rsplit(maxsplit=1) for line in lines)}
 
 
 def test_declared_constants_match_the_real_headers(tmp_path: Path) -> None:
@@ -64,6 +72,35 @@ def test_declared_constants_match_the_real_headers(tmp_path: Path) -> None:
         assert getattr(tlsctl._binding.lib, name) == value
 
 
+def test_openssl3_constants_and_param_layout_match_the_real_headers(
+    tmp_path: Path,
+) -> None:
+    """OSSL_PARAM (declared by hand for the EVP ticket key callback) and its
+    type codes, against 3.x headers."""
+    build = _build_module()
+    layout = [
+        "sizeof(OSSL_PARAM)",
+        "offsetof(OSSL_PARAM, data_type)",
+        "offsetof(OSSL_PARAM, data)",
+        "offsetof(OSSL_PARAM, data_size)",
+        "offsetof(OSSL_PARAM, return_size)",
+    ]
+    real = _header_values(
+        [*build.OPENSSL3_CONSTANTS, *layout], tmp_path, openssl3=True
+    )
+    if not real:
+        pytest.skip("the installed OpenSSL headers are 1.1.1 (no OSSL_PARAM)")
+    for name, value in build.OPENSSL3_CONSTANTS.items():
+        assert real[name] == value, name
+        assert getattr(tlsctl._binding.lib, name) == value
+    ffi = tlsctl._binding.ffi
+    assert real["sizeof(OSSL_PARAM)"] == ffi.sizeof("OSSL_PARAM")
+    for field in ("data_type", "data", "data_size", "return_size"):
+        assert real[f"offsetof(OSSL_PARAM, {field})"] == ffi.offsetof(
+            "OSSL_PARAM", field
+        ), field
+
+
 def test_c_source_has_no_openssl_include_and_binds_every_function() -> None:
     build = _build_module()
     source = build.c_source()
@@ -72,7 +109,12 @@ def test_c_source_has_no_openssl_include_and_binds_every_function() -> None:
         assert f"(*p_{name})" in source
         assert f'{{"{name}", (void **)&p_{name}, {int(required)}}}' in source
     optional = [n for n, _, _, req in build.OPENSSL_FUNCTIONS if not req]
-    assert optional == ["SSL_new_session_ticket"]
+    assert optional == [
+        "HMAC_Init_ex",
+        "SSL_new_session_ticket",
+        "SSL_CTX_set_tlsext_ticket_key_evp_cb",
+        "EVP_MAC_CTX_set_params",
+    ]
 
 
 def test_compiled_module_links_no_openssl_and_uses_the_stable_abi() -> None:

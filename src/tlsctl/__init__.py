@@ -14,7 +14,11 @@ resumption::
     tlsctl.patch(ctx)              # tickets="defer" is the default
 
 Public API: ``patch``, ``issue_tickets``, ``connection_state``, ``info``,
-``ConnectionState``, ``Info`` and the exceptions rooted at ``TlsctlError``.
+``ConnectionState``, ``Info``; session ticket callbacks
+(``set_ticket_callbacks``, ``TicketDecision``, ``TicketStatus``,
+``ResumeStatus``) and shared ticket keys for multi-process and
+multi-machine servers (``set_ticket_keys``, ``TicketKey``); the exceptions
+rooted at ``TlsctlError``.
 ``python -m tlsctl doctor`` shows what was bound; ``python -m tlsctl demo``
 shows the bugs and the fix side by side.
 """
@@ -34,6 +38,14 @@ from tlsctl._policy import (
     issue_tickets,
     patch,
 )
+from tlsctl._tickets import (
+    ResumeStatus,
+    TicketDecision,
+    TicketKey,
+    TicketStatus,
+    set_ticket_callbacks,
+    set_ticket_keys,
+)
 
 __version__ = "0.1.0"
 
@@ -44,6 +56,10 @@ __all__ = [
     "ConnectionStateError",
     "Info",
     "OpenSSLError",
+    "ResumeStatus",
+    "TicketDecision",
+    "TicketKey",
+    "TicketStatus",
     "TlsctlError",
     "UnsupportedError",
     "__version__",
@@ -51,4 +67,6 @@ __all__ = [
     "info",
     "issue_tickets",
     "patch",
+    "set_ticket_callbacks",
+    "set_ticket_keys",
 ]

@@ -79,7 +79,7 @@ from __future__ import annotations
 import ssl
 import weakref
 from dataclasses import dataclass
-from typing import Any, Union, cast
+from typing import Any, Callable, Union, cast
 
 from tlsctl import _bind
 from tlsctl._errors import (
@@ -96,6 +96,8 @@ POLICIES = ("defer", "suppress", "immediate")
 _MAX_COUNT = 2**31 - 1  # tlsctl_queue_tickets takes C ints
 
 _ORIGINAL_ATTR = "_tlsctl_original_num_tickets"
+_POLICY_ATTR = "_tlsctl_policy"  # the _Policy patch() set on a context
+_CALLBACKS_ATTR = "_tlsctl_callbacks"  # the holder set_ticket_callbacks() set
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,25 @@ class _Policy:
 
 
 class _ConnState:
-    """Per-connection bookkeeping (kept in ``_STATES``, keyed weakly)."""
+    """Per-connection bookkeeping (kept in ``_STATES``, keyed weakly).
 
-    __slots__ = ("extra", "first", "flushing", "issued", "policy", "ptr")
+    On a context with ticket callbacks it is also the record the C shim
+    keeps in the connection's SSL ex_data: the dispatcher finds the
+    connection through ``conn`` and leaves a callback's exception in
+    ``exc`` for the proxy to re-raise once the OpenSSL call has returned.
+    """
+
+    __slots__ = (
+        "conn",
+        "exc",
+        "extra",
+        "first",
+        "flushing",
+        "guard",
+        "issued",
+        "policy",
+        "ptr",
+    )
 
     def __init__(self, policy: _Policy | None) -> None:
         self.policy = policy
@@ -123,6 +141,17 @@ class _ConnState:
         self.issued = 0  # tickets tlsctl queued so far
         self.flushing = False  # queued tickets not yet fully written
         self.ptr: Any = None  # validated SSL *, cached after the first proof
+        self.guard = False  # Python ticket callbacks may run on this connection
+        self.conn: Callable[[], Connection | None] = lambda: None
+        self.exc: BaseException | None = None  # kept from a callback
+
+    def pending(self) -> bool:
+        """Tickets are still to be queued or written by the proxy."""
+        return self.first or self.extra > 0 or self.flushing
+
+    def take_exc(self) -> BaseException | None:
+        exc, self.exc = self.exc, None
+        return exc
 
 
 @dataclass(frozen=True)
@@ -148,12 +177,15 @@ _STATES: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary(
 
 
 class _FirstWriteProxy:
-    """Stands in for a connection's ``_sslobj`` until its tickets are out.
+    """Stands in for a connection's ``_sslobj`` until its tickets are out
+    and, on a context with ticket callbacks, until no callback can run.
 
     Holds the connection weakly (no reference cycle, so a socket still
     closes on ``del``).  Every public attribute of ``_ssl._SSLSocket`` is
     forwarded by a class-level property (see ``_delegate``), so a lookup
-    never takes the slow failed-lookup path into ``__getattr__``.
+    never takes the slow failed-lookup path into ``__getattr__``.  The calls
+    that can run OpenSSL's handshake (and so a ticket callback) re-raise an
+    exception a callback left in the connection's state.
     """
 
     __slots__ = ("_conn", "_real", "_state")
@@ -168,20 +200,69 @@ class _FirstWriteProxy:
         conn = self._conn()
         state = self._state
         stash = state.policy is not None and state.policy.stash
-        # With the stash, the write itself releases the held tickets (in C);
-        # only tickets asked for with issue_tickets() are queued here.
-        if conn is not None and (not stash or state.extra):
-            _before_write(conn, self)
-        result: int = self._real.write(data)
+        try:
+            # With the stash, the write itself releases the held tickets (in
+            # C); only tickets asked for with issue_tickets() are queued here.
+            if conn is not None and state.pending() and (not stash or state.extra):
+                _before_write(conn, self)
+            result: int = self._real.write(data)
+        except BaseException:
+            _reraise_callback_error(state)
+            raise
         if stash and conn is not None:
-            _after_stash_write(conn, self)
+            _after_stash_write(self)
+        _settle(self)
         return result
+
+    def do_handshake(self) -> None:
+        try:
+            self._real.do_handshake()
+        except BaseException:
+            _reraise_callback_error(self._state)
+            raise
+        _settle(self)
+
+    def read(self, *args: Any) -> Any:
+        try:
+            data = self._real.read(*args)
+        except BaseException:
+            _reraise_callback_error(self._state)
+            raise
+        _settle(self)
+        return data
 
     def __getattr__(self, name: str) -> Any:  # anything not delegated below
         return getattr(self._real, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._real, name, value)
+
+
+def _reraise_callback_error(state: _ConnState) -> None:
+    """Raise the exception a ticket callback left, if any (called inside an
+    ``except`` block, so the ``SSLError`` becomes its ``__context__``)."""
+    exc = state.take_exc()
+    if exc is not None:
+        raise exc
+
+
+def _settle(proxy: _FirstWriteProxy) -> None:
+    """After a successful call: raise a callback's exception that OpenSSL
+    did not turn into a failure, and step aside once nothing is left to do."""
+    state = proxy._state
+    exc = state.take_exc()
+    if exc is not None:
+        raise exc
+    if state.pending():
+        return
+    if state.guard:
+        if state.ptr is None:
+            state.ptr = _bind.sslobj_pointer(proxy._real)
+        if not _bind.lib.tlsctl_guard_done(state.ptr):
+            return  # handshake unfinished, or TLS 1.2 (may renegotiate)
+    conn = proxy._conn()
+    if conn is not None:
+        _disarm(conn, proxy)
 
 
 def _delegate(name: str) -> property:
@@ -195,7 +276,7 @@ def _delegate(name: str) -> property:
 
 
 for _name in dir(_bind.SSL_SOCKET_TYPE):
-    if not _name.startswith("_") and _name != "write":
+    if not _name.startswith("_") and _name not in ("write", "do_handshake", "read"):
         setattr(_FirstWriteProxy, _name, _delegate(_name))
 del _name
 
@@ -218,6 +299,8 @@ def _disarm(conn: Connection, proxy: _FirstWriteProxy) -> None:
 
 
 def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
+    """Queue the tickets due now and write them ahead of the caller's data.
+    Leaves the proxy in place; ``_settle`` removes it afterwards."""
     state = proxy._state
     sslobj = proxy._real
     if state.ptr is None:
@@ -256,7 +339,6 @@ def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
         # raises SSLWantWriteError from the caller's write, which retries.
         sslobj.do_handshake()
         state.flushing = False
-    _disarm(conn, proxy)
 
 
 def _install_stash(conn: Connection) -> None:
@@ -268,17 +350,20 @@ def _install_stash(conn: Connection) -> None:
         )
 
 
-def _create_stashed_socket(base: type, kwargs: dict[str, Any]) -> Any:
-    """SSLSocket._create for the stash: the stash must be in place before the
-    handshake, which _create would run itself, so hold that back, install
-    the stash, then do what _create does (ssl.py, 3.9 .. 3.14)."""
+def _create_socket_prepared(
+    base: type, kwargs: dict[str, Any], prepare: Callable[[Any], None]
+) -> Any:
+    """SSLSocket._create when a server connection must be prepared before its
+    handshake (stash installed, callback record attached), which _create
+    would run itself: hold that back, prepare, then do what _create does
+    (ssl.py, 3.9 .. 3.14)."""
     handshake = kwargs.get("do_handshake_on_connect", True)
     conn = base._create(**dict(kwargs, do_handshake_on_connect=False))  # type: ignore[attr-defined]
     conn.do_handshake_on_connect = handshake
-    if conn._sslobj is None:  # not connected yet: no SSL, nothing to hold
+    if conn._sslobj is None:  # not connected yet: no SSL, nothing to prepare
         return conn
     try:
-        _install_stash(conn)
+        prepare(conn)
         if handshake:
             if conn.gettimeout() == 0.0:
                 raise ValueError(
@@ -286,13 +371,13 @@ def _create_stashed_socket(base: type, kwargs: dict[str, Any]) -> Any:
                     "non-blocking sockets"
                 )
             conn.do_handshake()
-    except (OSError, ValueError, OpenSSLError):
-        conn.close()
+    except BaseException:  # stock closes on OSError/ValueError; a callback
+        conn.close()  # may raise anything, and the socket must not leak
         raise
     return conn
 
 
-def _after_stash_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
+def _after_stash_write(proxy: _FirstWriteProxy) -> None:
     state = proxy._state
     if state.ptr is None:
         state.ptr = _bind.sslobj_pointer(proxy._real)
@@ -300,36 +385,70 @@ def _after_stash_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
     if _bind.lib.tlsctl_stash_remove(state.ptr):
         state.issued += released
         state.first = False
-        _disarm(conn, proxy)
 
 
-def _make_factory(base: type, policy: _Policy) -> type:
-    stash_socket = policy.stash and issubclass(base, ssl.SSLSocket)
+def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
+    """Set up a new server-side connection (before its handshake when the
+    stash or callbacks need that)."""
+    if policy is not None and policy.stash:
+        _install_stash(conn)
+    state = _STATES[conn] = _ConnState(policy)
+    if callbacks:
+        state.guard = True
+        state.conn = weakref.ref(conn)
+        state.ptr = _bind.sslobj_pointer(_real_sslobj(conn))
+        if _bind.lib.tlsctl_conn_register(state.ptr, id(state)) != 1:
+            raise OpenSSLError(
+                "attaching tlsctl's record to a new connection failed",
+                _bind.openssl_errors(),
+            )
+    if state.first or state.guard:
+        _arm(conn, state)
+
+
+def _make_factory(base: type, policy: _Policy | None, callbacks: bool) -> type:
+    early = callbacks or (policy is not None and policy.stash)
+    early_socket = early and issubclass(base, ssl.SSLSocket)
+
+    def prepare(conn: Connection) -> None:
+        _prepare(conn, policy, callbacks)
 
     def _create(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if stash_socket and not args and kwargs.get("server_side"):
-            conn = _create_stashed_socket(base, kwargs)
-        else:
-            conn = base._create(*args, **kwargs)  # type: ignore[attr-defined]
-            if policy.stash and conn.server_side and conn._sslobj is not None:
-                _install_stash(conn)
+        if early_socket and not args and kwargs.get("server_side"):
+            return _create_socket_prepared(base, kwargs, prepare)
+        conn = base._create(*args, **kwargs)  # type: ignore[attr-defined]
         if conn.server_side and conn._sslobj is not None:
-            state = _STATES[conn] = _ConnState(policy)
-            if state.first:
-                _arm(conn, state)
+            prepare(conn)
         return conn
 
+    what = [f"tickets={policy.tickets!r}"] if policy else []
+    what += ["ticket callbacks"] if callbacks else []
     return type(
         base.__name__,
         (base,),
         {
             "__module__": base.__module__,
             "__doc__": f"tlsctl factory creating {base.__qualname__} "
-            f"connections with tickets={policy.tickets!r}",
+            f"connections with {' and '.join(what)}",
             "_create": classmethod(_create),
             "_tlsctl_base": base,
         },
     )
+
+
+def install_factories(ctx: ssl.SSLContext) -> None:
+    """(Re)build ``ctx``'s connection classes from its tlsctl settings: the
+    policy ``patch()`` set and whether ``set_ticket_callbacks()`` set
+    callbacks.  With neither, the user's own classes are put back."""
+    policy: _Policy | None = getattr(ctx, _POLICY_ATTR, None)
+    callbacks = getattr(ctx, _CALLBACKS_ATTR, None) is not None
+    socket_class = _user_class(ctx.sslsocket_class)
+    object_class = _user_class(ctx.sslobject_class)
+    if policy is not None or callbacks:
+        socket_class = _make_factory(socket_class, policy, callbacks)
+        object_class = _make_factory(object_class, policy, callbacks)
+    ctx.sslsocket_class = socket_class
+    ctx.sslobject_class = object_class
 
 
 def _user_class(cls: type) -> type:
@@ -422,9 +541,9 @@ def patch(
             "SSL_CTX_set_session_ticket_cb failed", _bind.openssl_errors()
         )
 
-    ctx.sslsocket_class = _make_factory(_user_class(ctx.sslsocket_class), policy)
-    ctx.sslobject_class = _make_factory(_user_class(ctx.sslobject_class), policy)
+    setattr(ctx, _POLICY_ATTR, policy)
     setattr(ctx, _ORIGINAL_ATTR, original)
+    install_factories(ctx)
     return ctx
 
 

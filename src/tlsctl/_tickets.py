@@ -1,0 +1,412 @@
+"""Session ticket callbacks and shared ticket keys.
+
+Theory of operation
+===================
+
+Callbacks (``set_ticket_callbacks``)
+    OpenSSL's ``SSL_CTX_set_session_ticket_cb`` calls one C function when a
+    ticket is made and one when a client presents a ticket.  The C shim
+    forwards both to ``_dispatch`` below with tlsctl's record of the
+    connection (kept in the ``SSL``'s ex_data under tlsctl's own index, never
+    Python's index 0).  ``_dispatch`` finds the ``ssl.SSLSocket`` /
+    ``ssl.SSLObject``, calls the user's callable and returns a plain decision
+    to C.  It never lets an exception unwind into OpenSSL: it keeps the
+    first one in the record and tells OpenSSL to fail, and the connection's
+    ``_sslobj`` proxy (see ``_policy``) re-raises it as soon as the OpenSSL
+    call that ran the callback (``do_handshake``, ``read``, ``write``)
+    returns, with its original traceback.
+
+    The callables live in a holder stored as an attribute of the
+    ``ssl.SSLContext``; C keeps only a weak reference to the holder.  So they
+    live exactly as long as the context (a connection keeps its context
+    alive), reference cycles through them stay collectable, and replacing
+    them drops the old ones at once.
+
+Shared keys (``set_ticket_keys``)
+    Entirely in C (the ticket key callback): no Python runs per handshake.
+    Key bytes cross into C once per call and are wiped there when replaced
+    or freed.  ``TicketKey`` never shows its bytes in ``repr`` or in an
+    exception message; ``TicketKey.id`` is a fingerprint safe to log.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import ssl
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from tlsctl import _bind, _policy
+from tlsctl._errors import OpenSSLError, UnsupportedError
+
+__all__ = [
+    "ResumeStatus",
+    "TicketDecision",
+    "TicketKey",
+    "TicketStatus",
+    "set_ticket_callbacks",
+    "set_ticket_keys",
+]
+
+Connection = Union[ssl.SSLSocket, ssl.SSLObject]
+OnIssue = Callable[[Connection], Optional[bytes]]
+
+
+class TicketStatus(enum.IntEnum):
+    """What OpenSSL made of a ticket a client presented (``SSL_TICKET_*``)."""
+
+    FATAL_ERR_MALLOC = 0
+    FATAL_ERR_OTHER = 1
+    NONE = 2
+    EMPTY = 3
+    NO_DECRYPT = 4  #: not ours, a key no longer listed, or tampered with
+    SUCCESS = 5  #: decrypted
+    SUCCESS_RENEW = 6  #: decrypted, and OpenSSL would send a fresh ticket
+
+
+class TicketDecision(enum.IntEnum):
+    """What ``on_resume`` tells OpenSSL to do (``SSL_TICKET_RETURN_*``)."""
+
+    ABORT = 0  #: fail the handshake
+    IGNORE = 1  #: full handshake, and no new ticket (measured, 1.2 and 1.3)
+    IGNORE_RENEW = 2  #: full handshake with new tickets, as for a stale ticket
+    USE = 3  #: resume without sending a new ticket
+    USE_RENEW = 4  #: resume and send a new ticket
+
+
+OnResume = Callable[[Connection, Optional[bytes], "ResumeStatus"], TicketDecision]
+
+_MAX_APPDATA = 16384  # sealed into every ticket; tickets are at most 64 KiB
+_KEY_SIZES = (48, 80)
+
+
+def _fingerprint(name: bytes) -> str:
+    return hashlib.sha256(b"tlsctl ticket key name\0" + name).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ResumeStatus:
+    """The ``status`` argument of ``on_resume``.
+
+    Attributes:
+        code: OpenSSL's status (``TicketStatus``).
+        key_id: fingerprint of the ticket's key name (``TicketKey.id`` of the
+            key it names), or ``None`` when the ticket was too short to have
+            one.
+        key_index: position of that key in the list given to
+            ``set_ticket_keys``, or ``None`` (no shared keys, or not listed).
+    """
+
+    code: TicketStatus
+    key_id: str | None
+    key_index: int | None
+    key_name: bytes | None = field(default=None, repr=False)
+
+    @property
+    def decrypted(self) -> bool:
+        """The ticket decrypted: ``USE`` / ``USE_RENEW`` may resume it."""
+        return self.code in (TicketStatus.SUCCESS, TicketStatus.SUCCESS_RENEW)
+
+    @property
+    def renew(self) -> bool:
+        """OpenSSL would resume it and send a fresh ticket (its default)."""
+        return self.code == TicketStatus.SUCCESS_RENEW
+
+
+class TicketKey:
+    """One session ticket key: a 16-byte name, an HMAC secret and an AES key.
+
+    ``TicketKey(data)`` takes nginx's ``ssl_session_ticket_key`` file
+    formats: 80 bytes (name, 32-byte HMAC-SHA256 secret, 32-byte AES-256-CBC
+    key) or 48 bytes (name, 16-byte AES-128-CBC key, 16-byte HMAC secret).
+    ``TicketKey.generate()`` makes a fresh 80-byte key and
+    ``TicketKey.from_file()`` reads a key file, so nginx-style rotation
+    tooling (``openssl rand 80 > key``) can feed tlsctl.  The bytes never
+    appear in ``repr()``; ``id`` is a fingerprint of the name, safe to log.
+    """
+
+    __slots__ = ("__weakref__", "_data", "id")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a ticket key is bytes, not {type(data).__name__}")
+        raw = bytes(data)
+        if len(raw) not in _KEY_SIZES:
+            raise ValueError(
+                f"a ticket key is 80 bytes (or nginx's 48-byte format), "
+                f"got {len(raw)} bytes"
+            )
+        self._data = raw
+        self.id: str = _fingerprint(raw[:16])
+
+    @classmethod
+    def generate(cls) -> TicketKey:
+        """A fresh random 80-byte key (``os.urandom``)."""
+        return cls(os.urandom(80))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> TicketKey:
+        """Read an nginx ``ssl_session_ticket_key`` file (48 or 80 bytes)."""
+        data = Path(path).read_bytes()
+        if len(data) not in _KEY_SIZES:
+            raise ValueError(
+                f"{os.fspath(path)!r}: a ticket key file holds 80 or 48 bytes, "
+                f"this one {len(data)}"
+            )
+        return cls(data)
+
+    @property
+    def size(self) -> int:
+        """48 or 80."""
+        return len(self._data)
+
+    def export(self) -> bytes:
+        """The key in nginx's file format (what ``from_file`` reads)."""
+        return self._data
+
+    def _record(self) -> bytes:
+        """The C shim's layout: size byte, name, hmac[32], aes[32]."""
+        d = self._data
+        if len(d) == 80:
+            name, hmac, aes = d[:16], d[16:48], d[48:80]
+        else:
+            name, aes, hmac = d[:16], d[16:32], d[32:48]
+        return bytes([len(d)]) + name + hmac.ljust(32, b"\0") + aes.ljust(32, b"\0")
+
+    def __repr__(self) -> str:
+        return f"<TicketKey id={self.id} size={self.size}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("TicketKey is not picklable; use export() deliberately")
+
+
+def set_ticket_keys(
+    ctx: ssl.SSLContext, keys: Sequence[TicketKey | bytes]
+) -> ssl.SSLContext:
+    """Encrypt and decrypt session tickets with keys shared across processes.
+
+    Give every server process (and machine) the same keys and a ticket
+    issued by one resumes on any of them, as with nginx's
+    ``ssl_session_ticket_key``.  The first key encrypts new tickets; every
+    key decrypts.  A ticket under a later key resumes and is renewed under
+    the first; a ticket under a key no longer listed gets a full handshake.
+    Calling it again replaces the list (rotation): put the new key first and
+    keep the previous one second for as long as its tickets should resume.
+
+    Works on TLS 1.2 and 1.3, OpenSSL 1.1.1 and 3.x; the key lookup runs in
+    C for every handshake.  Without this call the context keeps OpenSSL's
+    own per-context random keys.  Returns ``ctx``.
+
+    Raises:
+        TypeError: ``ctx`` is not an ``ssl.SSLContext``, or a key is neither
+            a ``TicketKey`` nor bytes.
+        ValueError: no keys, a key of the wrong size, two keys with the same
+            name, or a client-only context.
+        UnsupportedError: the bound OpenSSL offers no ticket key callback.
+        BindingError: tlsctl is not bound, or ``ctx`` is not proven to
+            belong to the bound OpenSSL.
+    """
+    ptr, kind = _bind.ctx_pointer(ctx)
+    if isinstance(keys, (bytes, bytearray, memoryview, TicketKey, str)):
+        raise TypeError("keys must be a sequence of TicketKey (or bytes) objects")
+    parsed = [k if isinstance(k, TicketKey) else TicketKey(k) for k in keys]
+    if not parsed:
+        raise ValueError("set_ticket_keys() needs at least one key")
+    ids = [k.id for k in parsed]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two ticket keys have the same name")
+    lib = _bind.lib
+    if kind == lib.TLSCTL_KIND_CLIENT:
+        raise ValueError("ticket keys need a server context, not PROTOCOL_TLS_CLIENT")
+    if lib.tlsctl_keys_mode() == lib.TLSCTL_KEYS_NONE:
+        raise UnsupportedError(
+            f"{_bind.info().openssl_version} offers no session ticket key callback"
+        )
+    blob = bytearray(b"".join(k._record() for k in parsed))
+    try:
+        rc = lib.tlsctl_set_ticket_keys(ptr, _bind.ffi.from_buffer(blob), len(parsed))
+    finally:
+        blob[:] = bytes(len(blob))  # the copy we made; C keeps its own
+    if rc != 1:
+        raise OpenSSLError(
+            "installing the ticket key callback failed", _bind.openssl_errors()
+        )
+    return ctx
+
+
+class _Callbacks:
+    """The user's callables for one context (an attribute of the context;
+    C holds only a weak reference to it)."""
+
+    __slots__ = ("__weakref__", "on_issue", "on_resume")
+
+    def __init__(self, on_issue: OnIssue | None, on_resume: OnResume | None) -> None:
+        self.on_issue = on_issue
+        self.on_resume = on_resume
+
+
+def set_ticket_callbacks(
+    ctx: ssl.SSLContext,
+    *,
+    on_issue: OnIssue | None = None,
+    on_resume: OnResume | None = None,
+) -> ssl.SSLContext:
+    """Run Python code when the server issues a ticket or a client presents one.
+
+    ``on_issue(conn) -> bytes | None`` runs as each ticket is made; bytes it
+    returns are sealed into that ticket (``SSL_SESSION_set1_ticket_appdata``,
+    at most 16 KiB) and come back to ``on_resume`` when the client presents
+    it.  ``None`` adds nothing (a renewal ticket then carries the appdata of
+    the session it renews, as OpenSSL does).
+
+    ``on_resume(conn, appdata, status) -> TicketDecision`` runs when a client
+    presents a ticket.  ``appdata`` is what ``on_issue`` sealed (``b""`` if
+    nothing), or ``None`` when the ticket did not decrypt; ``status`` is a
+    ``ResumeStatus``.  Return ``TicketDecision.USE_RENEW`` (resume and send a
+    fresh ticket), ``USE`` (resume, no new ticket), ``IGNORE_RENEW`` (full
+    handshake with new tickets), ``IGNORE`` (full handshake, no new ticket)
+    or ``ABORT`` (fail the handshake).  ``USE``
+    is only valid for a ticket that decrypted.
+
+    ``conn`` is the server's ``ssl.SSLSocket`` / ``ssl.SSLObject``.  An
+    exception raised by a callback fails the handshake (or the ticket) and is
+    re-raised, traceback intact, from the call that ran it: ``do_handshake``,
+    ``recv``/``read``, ``send``/``write`` or ``wrap_socket`` itself.
+
+    Callbacks apply to server connections created after this call; they
+    work with every ``patch()`` policy (with ``renew_on_resume=False`` a
+    ``USE_RENEW`` resumes without a new ticket).  They stay alive exactly as
+    long as the context.  Calling again replaces both; calling with neither
+    removes them.  Returns ``ctx``.
+
+    Raises:
+        TypeError: ``ctx`` is not an ``ssl.SSLContext``, or a callback is not
+            callable.
+        ValueError: a client-only context.
+        BindingError: tlsctl is not bound, or ``ctx`` is not proven to
+            belong to the bound OpenSSL.
+    """
+    ptr, kind = _bind.ctx_pointer(ctx)
+    for name, fn in (("on_issue", on_issue), ("on_resume", on_resume)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, not {type(fn).__name__}")
+    lib = _bind.lib
+    if kind == lib.TLSCTL_KIND_CLIENT:
+        raise ValueError(
+            "ticket callbacks need a server context, not PROTOCOL_TLS_CLIENT"
+        )
+    if on_issue is None and on_resume is None:
+        rc = lib.tlsctl_set_callbacks(ptr, 0, 0, 0)
+        if hasattr(ctx, _policy._CALLBACKS_ATTR):
+            delattr(ctx, _policy._CALLBACKS_ATTR)
+    else:
+        holder = _Callbacks(on_issue, on_resume)
+        ref = weakref.ref(holder)
+        rc = lib.tlsctl_set_callbacks(
+            ptr, id(ref), on_issue is not None, on_resume is not None
+        )
+        if rc == 1:
+            setattr(ctx, _policy._CALLBACKS_ATTR, holder)
+    if rc != 1:
+        raise OpenSSLError(
+            "SSL_CTX_set_session_ticket_cb failed", _bind.openssl_errors()
+        )
+    _policy.install_factories(ctx)
+    return ctx
+
+
+def _dispatch(
+    event: int,
+    holder_ref: weakref.ref[_Callbacks],
+    record: _policy._ConnState | None,
+    status: int,
+    appdata: bytes | None,
+    key_name: bytes | None,
+    key_index: int,
+    fallback: int,
+) -> object:
+    """Called from C for every ticket callback (GIL held).  Never raises:
+    an exception is kept in ``record`` and OpenSSL is told to fail."""
+    issue = event == _bind.lib.TLSCTL_EVENT_ISSUE
+    holder = holder_ref()
+    conn = record.conn() if record is not None else None
+    if holder is None or record is None or conn is None:
+        # The context's callbacks are gone, or the connection was made
+        # before set_ticket_callbacks() (no record): OpenSSL's own choice.
+        return None if issue else fallback
+    try:
+        if issue:
+            return _issue(holder, conn)
+        return _resume(holder, conn, status, appdata, key_name, key_index)
+    except BaseException as exc:  # re-raised by the proxy, never lost
+        if record.exc is None:
+            record.exc = exc
+        return False if issue else int(TicketDecision.ABORT)
+
+
+def _issue(holder: _Callbacks, conn: Connection) -> bytes | None:
+    if holder.on_issue is None:
+        return None
+    data = holder.on_issue(conn)
+    if data is None:
+        return None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"on_issue must return bytes or None, not {type(data).__name__}"
+        )
+    data = bytes(data)
+    if len(data) > _MAX_APPDATA:
+        raise ValueError(
+            f"on_issue returned {len(data)} bytes; ticket appdata is limited "
+            f"to {_MAX_APPDATA} (it is sealed into every ticket)"
+        )
+    return data
+
+
+def _resume(
+    holder: _Callbacks,
+    conn: Connection,
+    status: int,
+    appdata: bytes | None,
+    key_name: bytes | None,
+    key_index: int,
+) -> int:
+    code = TicketStatus(status)
+    if holder.on_resume is None:  # pragma: no cover - C only calls with one
+        raise AssertionError("on_resume dispatched without a callback")
+    info = ResumeStatus(
+        code=code,
+        key_id=_fingerprint(key_name) if key_name and len(key_name) == 16 else None,
+        key_index=key_index if key_index >= 0 else None,
+        key_name=key_name,
+    )
+    decision = holder.on_resume(conn, appdata, info)
+    if isinstance(decision, bool) or not isinstance(decision, int):
+        raise TypeError(
+            f"on_resume must return a tlsctl.TicketDecision, not "
+            f"{type(decision).__name__}"
+        )
+    try:
+        decision = TicketDecision(decision)
+    except ValueError:
+        raise ValueError(
+            f"on_resume returned {decision}, not a tlsctl.TicketDecision"
+        ) from None
+    if (
+        decision in (TicketDecision.USE, TicketDecision.USE_RENEW)
+        and not info.decrypted
+    ):
+        raise ValueError(
+            f"on_resume returned {decision.name} for a ticket that did not "
+            f"decrypt (status {code.name}); return IGNORE_RENEW or ABORT"
+        )
+    return int(decision)
+
+
+if _bind.info().bound:
+    _bind.lib.tlsctl_set_dispatcher(id(_dispatch))

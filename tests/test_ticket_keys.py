@@ -1,0 +1,254 @@
+"""tlsctl.set_ticket_keys / TicketKey: shared keys, rotation, a fleet."""
+
+from __future__ import annotations
+
+import pickle
+import ssl
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import tlsctl
+from conftest import BioPair, bio_pair
+from tlsctl import ResumeStatus, TicketDecision, TicketKey, scenarios
+from tlsctl.scenarios import TicketCounter
+
+CtxFactory = Callable[..., ssl.SSLContext]
+TLS13 = ssl.TLSVersion.TLSv1_3
+
+# Fixed key material, so the tests can look for it in reprs and messages.
+KEY80 = bytes(range(80))
+KEY48 = bytes(range(100, 148))
+
+
+def _exchange(pair: BioPair, data: bytes) -> None:
+    pair.server.write(data)
+    pair.server_to_client()
+    assert pair.client_read() == data
+
+
+def _connect(
+    server: ssl.SSLContext,
+    client: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+) -> BioPair:
+    pair = bio_pair(server, client, session=session)
+    pair.handshake()
+    _exchange(pair, b"x")
+    return pair
+
+
+def _keyed(
+    server_ctx: CtxFactory, version: ssl.TLSVersion, keys: list[Any]
+) -> ssl.SSLContext:
+    return tlsctl.set_ticket_keys(server_ctx(maximum_version=version), keys)
+
+
+def _no_key_bytes(text: str, key: bytes) -> None:
+    for window in (key[i : i + 8] for i in range(0, len(key) - 8, 4)):
+        assert window.hex() not in text
+        assert repr(window)[2:-1] not in text
+
+
+# --- TicketKey ------------------------------------------------------------
+
+
+def test_ticket_key_formats_and_repr_without_key_bytes(tmp_path: Path) -> None:
+    for raw in (KEY80, KEY48):
+        key = TicketKey(raw)
+        assert key.size == len(raw)
+        assert key.export() == raw
+        _no_key_bytes(repr(key), raw)
+        _no_key_bytes(str(key), raw)
+        path = tmp_path / f"key{len(raw)}"
+        path.write_bytes(raw)  # nginx's ssl_session_ticket_key file
+        assert TicketKey.from_file(path).id == key.id
+    assert TicketKey(KEY80).id != TicketKey(KEY48).id
+    fresh = {TicketKey.generate().id for _ in range(8)}
+    assert len(fresh) == 8
+    assert TicketKey.generate().size == 80
+    with pytest.raises(TypeError, match="not picklable"):
+        pickle.dumps(TicketKey(KEY80))
+
+
+@pytest.mark.parametrize("size", [0, 16, 47, 49, 79, 81, 96])
+def test_ticket_key_wrong_size(size: int, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="80 bytes"):
+        TicketKey(bytes(size))
+    path = tmp_path / "bad"
+    path.write_bytes(bytes(size))
+    with pytest.raises(ValueError, match="80 or 48 bytes"):
+        TicketKey.from_file(path)
+
+
+def test_ticket_key_wrong_type() -> None:
+    with pytest.raises(TypeError, match="bytes"):
+        TicketKey("x" * 80)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        TicketKey(80)  # type: ignore[arg-type]
+
+
+def test_set_ticket_keys_bad_inputs(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    ctx = server_ctx()
+    with pytest.raises(TypeError, match="sequence"):
+        tlsctl.set_ticket_keys(ctx, KEY80)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        tlsctl.set_ticket_keys(ctx, [80])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="at least one"):
+        tlsctl.set_ticket_keys(ctx, [])
+    with pytest.raises(ValueError, match="same name") as info:
+        tlsctl.set_ticket_keys(ctx, [KEY80, KEY80[:16] + bytes(64)])
+    _no_key_bytes(str(info.value), KEY80)
+    with pytest.raises(ValueError, match="80 bytes") as info:
+        tlsctl.set_ticket_keys(ctx, [KEY80[:50]])
+    _no_key_bytes(str(info.value), KEY80)
+    with pytest.raises(ValueError, match="server context"):
+        tlsctl.set_ticket_keys(client_ctx(), [KEY80])
+    with pytest.raises(TypeError, match=r"ssl\.SSLContext"):
+        tlsctl.set_ticket_keys(object(), [KEY80])  # type: ignore[arg-type]
+
+
+# --- behaviour on real handshakes -----------------------------------------
+
+
+@pytest.mark.parametrize("raw", [KEY80, KEY48], ids=["80-byte", "48-byte"])
+def test_contexts_sharing_keys_resume_each_others_tickets(
+    raw: bytes,
+    tls_version: ssl.TLSVersion,
+    server_ctx: CtxFactory,
+    client_ctx: CtxFactory,
+) -> None:
+    a = _keyed(server_ctx, tls_version, [TicketKey(raw)])
+    b = _keyed(server_ctx, tls_version, [raw])
+    client = client_ctx()
+    counter = TicketCounter(client)
+    session = _connect(a, client).client.session
+    assert session is not None and session.has_ticket
+    assert set(counter.key_names) == {raw[:16]}  # tickets name our key
+    assert _connect(b, client, session).client.session_reused
+    # Stock contexts each have their own random keys: no cross resumption.
+    stock_session = _connect(server_ctx(), client).client.session
+    assert not _connect(server_ctx(), client, stock_session).client.session_reused
+
+
+def test_ticket_counts_match_stock(
+    tls_version: ssl.TLSVersion, server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """With the first key, a resumed TLS 1.3 handshake gets one renewal
+    ticket and TLS 1.2 none, exactly as with OpenSSL's built-in keys."""
+    counts = []
+    for keyed in (False, True):
+        server = server_ctx(maximum_version=tls_version)
+        if keyed:
+            tlsctl.set_ticket_keys(server, [TicketKey.generate()])
+        client = client_ctx()
+        counter = TicketCounter(client)
+        session = _connect(server, client).client.session
+        full = counter.count
+        counter.count = 0
+        assert _connect(server, client, session).client.session_reused
+        counts.append((full, counter.count))
+    assert counts[0] == counts[1]
+    assert counts[1] == ((2, 1) if tls_version == TLS13 else (1, 0))
+
+
+def test_rotation(
+    tls_version: ssl.TLSVersion, server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    old, new = TicketKey.generate(), TicketKey.generate()
+    server = _keyed(server_ctx, tls_version, [old])
+    statuses: list[ResumeStatus] = []
+
+    def on_resume(conn: Any, appdata: bytes | None, status: ResumeStatus) -> Any:
+        statuses.append(status)
+        if status.decrypted:
+            return TicketDecision.USE_RENEW
+        return TicketDecision.IGNORE_RENEW
+
+    tlsctl.set_ticket_callbacks(server, on_resume=on_resume)
+    client = client_ctx()
+    counter = TicketCounter(client)
+    old_session = _connect(server, client).client.session
+    assert old_session is not None
+
+    tlsctl.set_ticket_keys(server, [new, old])  # rotate: new first, old kept
+    counter.key_names.clear()
+    pair = _connect(server, client, old_session)
+    assert pair.client.session_reused
+    assert statuses[-1].key_id == old.id and statuses[-1].key_index == 1
+    # ... and it came back renewed under the new key
+    assert counter.key_names == [new.export()[:16]]
+    renewed = pair.client.session
+    assert renewed is not None
+
+    tlsctl.set_ticket_keys(server, [new])  # drop the old key
+    assert _connect(server, client, renewed).client.session_reused
+    assert statuses[-1].key_id == new.id and statuses[-1].key_index == 0
+    assert not _connect(server, client, old_session).client.session_reused
+    assert statuses[-1].key_index is None and not statuses[-1].decrypted
+
+
+@pytest.mark.parametrize("policy", ["defer", "suppress", "immediate"])
+def test_keys_compose_with_policies(
+    policy: str, server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    key = TicketKey.generate()
+    issuer = tlsctl.set_ticket_keys(server_ctx(), [key])
+    client = client_ctx()
+    session = _connect(issuer, client).client.session
+    server = tlsctl.patch(tlsctl.set_ticket_keys(server_ctx(), [key]), tickets=policy)
+    assert _connect(server, client, session).client.session_reused
+
+
+def test_fleet_of_processes_resumes_everywhere() -> None:
+    """4 worker processes share one port with SO_REUSEPORT, each with its
+    own SSLContext.  With shared keys every reconnect resumes, whichever
+    worker answers; with OpenSSL's per-context keys most miss."""
+    certs = scenarios.make_certs(client_sans=1)
+    shared = scenarios.fleet_resumption(certs, keys=[TicketKey.generate()])
+    stock = scenarios.fleet_resumption(certs, keys=None)
+    print(
+        f"\nfleet of {shared.workers}, {shared.reconnects} reconnects: "
+        f"shared keys resumed {shared.resumed}/{shared.reconnects} "
+        f"(served by {dict(sorted(shared.served_by.items()))}); "
+        f"stock resumed {stock.resumed}/{stock.reconnects}, "
+        f"missed {stock.missed} ({stock.missed / stock.reconnects:.0%})"
+    )
+    assert len(shared.served_by) > 1  # the kernel really spread them
+    assert shared.resumed == shared.reconnects == 40
+
+
+def test_rotation_while_other_threads_handshake(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """Keys are swapped under a mutex: handshakes running without the GIL in
+    other threads always see a whole key list (both keys stay listed, so
+    every one of them resumes)."""
+    k1, k2 = TicketKey.generate(), TicketKey.generate()
+    server = _keyed(server_ctx, TLS13, [k1, k2])
+    client = client_ctx()
+    session = _connect(server, client).client.session
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(40):
+            reused = _connect(server, client, session).client.session_reused
+            with lock:
+                results.append(reused)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    rotations = 0
+    while any(t.is_alive() for t in threads):
+        tlsctl.set_ticket_keys(server, [k2, k1] if rotations % 2 else [k1, k2])
+        rotations += 1
+    for t in threads:
+        t.join()
+    assert rotations > 10
+    assert results == [True] * 120
