@@ -25,7 +25,12 @@ noise:
   handshake; patched: 2 sent with that write);
 * 1 KiB writes/s: ``conn.write(1 KiB)`` on established connections whose
   first write is done, output drained;
-* bulk MB/s: the same with 64 KiB writes.
+* bulk MB/s: the same with 64 KiB writes;
+* resumed handshakes/s: TLS 1.3 resumption from a saved session, then the
+  first byte (the server decrypts the ticket and sends one renewal ticket).
+  Here "patched" is a context given shared keys with
+  ``tlsctl.set_ticket_keys`` (the key lookup runs in C) and "stock" one with
+  OpenSSL's built-in keys.
 
 This is a measuring tool, not a test: nothing here asserts timings.
 """
@@ -45,7 +50,12 @@ from typing import Callable
 import tlsctl
 from tlsctl import scenarios
 
-TARGETS = {"full handshakes/s": 0.98, "1 KiB writes/s": 0.98, "bulk MB/s": 0.99}
+TARGETS = {
+    "full handshakes/s": 0.98,
+    "1 KiB writes/s": 0.98,
+    "bulk MB/s": 0.99,
+    "resumed handshakes/s": 0.98,
+}
 BULK = 64 * 1024
 CONNECTIONS = 16
 
@@ -53,13 +63,18 @@ CONNECTIONS = 16
 class Pair:
     """A server and a client SSLObject over memory BIOs."""
 
-    def __init__(self, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        server_ctx: ssl.SSLContext,
+        client_ctx: ssl.SSLContext,
+        session: ssl.SSLSession | None = None,
+    ) -> None:
         self.s_in, self.s_out, self.c_in, self.c_out = (
             ssl.MemoryBIO() for _ in range(4)
         )
         self.server = server_ctx.wrap_bio(self.s_in, self.s_out, server_side=True)
         self.client = client_ctx.wrap_bio(
-            self.c_in, self.c_out, server_hostname="localhost"
+            self.c_in, self.c_out, server_hostname="localhost", session=session
         )
 
     def handshake_and_first_byte(self) -> Pair:
@@ -86,6 +101,25 @@ def handshakes(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
     for _ in range(n):
         Pair(server, client).handshake_and_first_byte()
     return n / (time.perf_counter() - start)
+
+
+def session_of(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLSession:
+    session = Pair(server, client).handshake_and_first_byte().client.session
+    if session is None or not session.has_ticket:
+        raise RuntimeError("no ticket to resume with")
+    return session
+
+
+def resumed_handshakes(
+    server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession, n: int
+) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        pair = Pair(server, client, session).handshake_and_first_byte()
+    elapsed = time.perf_counter() - start
+    if not pair.client.session_reused:
+        raise RuntimeError("the benchmark's handshakes did not resume")
+    return n / elapsed
 
 
 def writes(pairs: list[Pair], size: int, n: int) -> float:
@@ -125,16 +159,22 @@ def _rounds(
     )
 
 
-def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext, ssl.SSLContext]:
+def _contexts() -> tuple[
+    ssl.SSLContext, ssl.SSLContext, ssl.SSLContext, ssl.SSLContext
+]:
+    """client, stock server, patched server, server with shared keys."""
     certs = scenarios.make_certs(client_sans=1)
     client = scenarios.client_context(certs)
     stock = scenarios.server_context(certs)
     patched = tlsctl.patch(scenarios.server_context(certs))
-    return client, stock, patched
+    keyed = tlsctl.set_ticket_keys(
+        scenarios.server_context(certs), [tlsctl.TicketKey.generate()]
+    )
+    return client, stock, patched, keyed
 
 
 def wall_clock(rounds: int) -> dict[str, tuple[float, float, float, float]]:
-    client, stock_ctx, patched_ctx = _contexts()
+    client, stock_ctx, patched_ctx, keyed_ctx = _contexts()
     stock_pairs = [
         Pair(stock_ctx, client).handshake_and_first_byte() for _ in range(CONNECTIONS)
     ]
@@ -159,18 +199,33 @@ def wall_clock(rounds: int) -> dict[str, tuple[float, float, float, float]]:
         rounds,
     )
     results["bulk MB/s"] = (s * BULK / 1e6, p * BULK / 1e6, r, spread)
+    stock_session = session_of(stock_ctx, client)
+    keyed_session = session_of(keyed_ctx, client)
+    results["resumed handshakes/s"] = _rounds(
+        lambda: resumed_handshakes(stock_ctx, client, stock_session, 60),
+        lambda: resumed_handshakes(keyed_ctx, client, keyed_session, 60),
+        rounds,
+    )
     return results
 
 
 # ------------------------------------------------------------ instructions
 
-_WORK = {"full handshakes/s": 20, "1 KiB writes/s": 2000, "bulk MB/s": 64}
+_WORK = {
+    "full handshakes/s": 20,
+    "1 KiB writes/s": 2000,
+    "bulk MB/s": 64,
+    "resumed handshakes/s": 20,
+}
 
 
 def _worker(metric: str, side: str, n: int) -> None:
-    client, stock_ctx, patched_ctx = _contexts()
+    client, stock_ctx, patched_ctx, keyed_ctx = _contexts()
     ctx = stock_ctx if side == "stock" else patched_ctx
-    if metric == "full handshakes/s":
+    if metric == "resumed handshakes/s":
+        ctx = stock_ctx if side == "stock" else keyed_ctx
+        resumed_handshakes(ctx, client, session_of(ctx, client), n)
+    elif metric == "full handshakes/s":
         handshakes(ctx, client, n)
     else:
         pairs = [Pair(ctx, client).handshake_and_first_byte() for _ in range(4)]

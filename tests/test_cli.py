@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,5 +49,26 @@ def test_pydoc_reads_well() -> None:
         "info()",
         "class TlsctlError",
         "class ConnectionState",
+        "set_ticket_callbacks(ctx",
+        "set_ticket_keys(ctx",
+        "class TicketKey",
+        "class TicketDecision",
+        "class ResumeStatus",
     ):
         assert name in proc.stdout, name
+
+
+def test_ticket_key_writes_a_private_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "ticket.key"
+    proc = _run("-m", "tlsctl", "ticket-key", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = tlsctl.TicketKey.from_file(path)
+    assert key.size == 80
+    assert key.id in proc.stdout and path.read_bytes().hex() not in proc.stdout
+    again = _run("-m", "tlsctl", "ticket-key", str(path))
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert tlsctl.TicketKey.from_file(path).id == key.id  # not overwritten
+    forced = _run("-m", "tlsctl", "ticket-key", "--force", str(path))
+    assert forced.returncode == 0
+    assert tlsctl.TicketKey.from_file(path).id != key.id

@@ -1,13 +1,16 @@
-"""Command line: ``python -m tlsctl {demo,doctor}``.
+"""Command line: ``python -m tlsctl {demo,doctor,ticket-key}``.
 
 ``demo`` runs the bug scenarios on 127.0.0.1 with a stock and a patched
 server context side by side and prints a table.  ``doctor`` prints what was
-bound and runs one live patched handshake.
+bound and runs one live patched handshake.  ``ticket-key FILE`` writes a
+fresh 80-byte session ticket key file (nginx's format, mode 0600) for
+``tlsctl.TicketKey.from_file``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 
@@ -161,6 +164,20 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     print(line)
 
 
+def _ticket_key(path: str, force: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        print(f"{path} exists; pass --force to replace it", file=sys.stderr)
+        return 1
+    key = tlsctl.TicketKey.generate()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.export())
+    print(f"wrote {key!r} to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tlsctl", description=__doc__.split("\n")[0]
@@ -170,9 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--connections", type=int, default=200)
     demo.add_argument("--size", type=int, default=256 * 1024, help="upload bytes")
     sub.add_parser("doctor", help="print what was bound and run a live handshake")
+    key = sub.add_parser(
+        "ticket-key", help="write a fresh 80-byte session ticket key file"
+    )
+    key.add_argument("file")
+    key.add_argument("--force", action="store_true", help="replace FILE")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args.connections, args.size)
+    if args.command == "ticket-key":
+        return _ticket_key(args.file, args.force)
     return _doctor()
 
 
