@@ -49,8 +49,8 @@ def test_pydoc_reads_well() -> None:
         "info()",
         "class TlsctlError",
         "class ConnectionState",
-        "set_ticket_callbacks(ctx",
-        "set_ticket_keys(ctx",
+        "set_ticket_callbacks(",  # 3.13 wraps long signatures
+        "set_ticket_keys(",
         "class TicketKey",
         "class TicketDecision",
         "class ResumeStatus",

@@ -113,6 +113,10 @@ class _Policy:
         return min(self.count, 1) if self.renew_on_resume else 0
 
 
+def _no_connection() -> None:
+    return None
+
+
 class _ConnState:
     """Per-connection bookkeeping (kept in ``_STATES``, keyed weakly).
 
@@ -142,7 +146,7 @@ class _ConnState:
         self.flushing = False  # queued tickets not yet fully written
         self.ptr: Any = None  # validated SSL *, cached after the first proof
         self.guard = False  # Python ticket callbacks may run on this connection
-        self.conn: Callable[[], Connection | None] = lambda: None
+        self.conn: Callable[[], Connection | None] = _no_connection
         self.exc: BaseException | None = None  # kept from a callback
 
     def pending(self) -> bool:
@@ -250,10 +254,11 @@ def _settle(proxy: _FirstWriteProxy) -> None:
     """After a successful call: raise a callback's exception that OpenSSL
     did not turn into a failure, and step aside once nothing is left to do."""
     state = proxy._state
-    exc = state.take_exc()
+    exc = state.exc
     if exc is not None:
+        state.exc = None
         raise exc
-    if state.pending():
+    if state.first or state.extra or state.flushing:
         return
     if state.guard:
         if state.ptr is None:
