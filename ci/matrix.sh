@@ -45,10 +45,35 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Real peers the tests drive (tests/test_http_server.py, test_openssl_cli.py):
+# installed from Debian's archive in every system, also into cached chroots.
+PEERS=(curl openssl)
+
+ensure_peers() {  # ensure_peers [DIR]: install PEERS in a chroot or the host
+    local dir=${1:-} missing=() p
+    for p in "${PEERS[@]}"; do
+        if [ -n "$dir" ]; then
+            enter "$dir" /bin/sh -c "command -v $p" >/dev/null || missing+=("$p")
+        else
+            command -v "$p" >/dev/null || missing+=("$p")
+        fi
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    log "${dir:-host}: installing ${missing[*]}"
+    if [ -n "$dir" ]; then
+        enter "$dir" /bin/sh -ec "apt-get update -q >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${missing[*]} >/dev/null"
+    else
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+    fi
+}
+
 make_chroot() {  # make_chroot SUITE
     local suite=$1 dir="$CACHE/$1"
     if [ -f "$dir/.tlsctl-ready" ]; then
         log "$suite: reusing $dir"
+        ensure_peers "$dir"
         return
     fi
     log "$suite: debootstrap into $dir"
@@ -57,7 +82,7 @@ make_chroot() {  # make_chroot SUITE
         apt-get update -q && apt-get install -y -q debootstrap
     }
     debootstrap --variant=minbase \
-        --include=python3,python3-dev,python3-venv,gcc,libc6-dev,binutils,openssl \
+        --include=python3,python3-dev,python3-venv,gcc,libc6-dev,binutils,openssl,curl \
         "$suite" "$dir" "$MIRROR"
     # The OpenSSL headers, unpacked aside (NOT installed): tlsctl must build
     # without them, and tests/test_build.py compares its constants with them.
@@ -65,6 +90,7 @@ make_chroot() {  # make_chroot SUITE
         apt-get update -q >/dev/null
         cd /tmp && apt-get download -q libssl-dev >/dev/null
         dpkg -x /tmp/libssl-dev_*.deb /opt/openssl-headers && rm /tmp/libssl-dev_*.deb'
+    ensure_peers "$dir"
     touch "$dir/.tlsctl-ready"
 }
 
@@ -187,6 +213,7 @@ for suite in bullseye trixie; do
     run_suite "$suite" enter "$CACHE/$suite" /bin/sh -c \
         "$(suite_script /opt/test-venv /src "/out/$NAME" /wheels)"
 done
+ensure_peers
 HOST_SRC=$(mktemp -d /tmp/tlsctl-host-src.XXXXXX)
 copy_source "$HOST_SRC"
 run_suite host /bin/sh -c "$(suite_script "$HOST_SRC/.venv" "$HOST_SRC" "$WHEEL" "")"
