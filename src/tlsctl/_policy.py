@@ -118,7 +118,8 @@ def _no_connection() -> None:
 
 
 class _ConnState:
-    """Per-connection bookkeeping (kept in ``_STATES``, keyed weakly).
+    """Per-connection bookkeeping: in the connection's ``_FirstWriteProxy``
+    while it is armed, else in ``_STATES`` (keyed weakly); see ``_state_of``.
 
     On a context with ticket callbacks it is also the record the C shim
     keeps in the connection's SSL ex_data: the dispatcher finds the
@@ -180,28 +181,38 @@ class ConnectionState:
 _STATES: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary()
 
 
+def _state_of(conn: Connection) -> _ConnState | None:
+    sslobj = cast(Any, conn)._sslobj
+    if type(sslobj) is _FirstWriteProxy:
+        state: _ConnState = sslobj._state
+        return state
+    return _STATES.get(conn)
+
+
 class _FirstWriteProxy:
     """Stands in for a connection's ``_sslobj`` until its tickets are out
     and, on a context with ticket callbacks, until no callback can run.
 
-    Holds the connection weakly (no reference cycle, so a socket still
-    closes on ``del``).  Every public attribute of ``_ssl._SSLSocket`` is
-    forwarded by a class-level property (see ``_delegate``), so a lookup
+    Reaches the connection through the weak reference in its state (no
+    reference cycle, so a socket still closes on ``del``).  While armed it
+    is where the state lives; ``_STATES`` gets it on disarming, so an idle
+    connection costs tlsctl one state and one proxy (152 bytes on 3.11).
+    Every public attribute of ``_ssl._SSLSocket`` is forwarded by a
+    class-level property (see ``_delegate``), so a lookup
     never takes the slow failed-lookup path into ``__getattr__``.  The calls
     that can run OpenSSL's handshake (and so a ticket callback) re-raise an
     exception a callback left in the connection's state.
     """
 
-    __slots__ = ("_conn", "_real", "_state")
+    __slots__ = ("_real", "_state")
 
-    def __init__(self, conn: Connection, real: Any, state: _ConnState) -> None:
+    def __init__(self, real: Any, state: _ConnState) -> None:
         setattr_ = object.__setattr__
-        setattr_(self, "_conn", weakref.ref(conn))
         setattr_(self, "_real", real)
         setattr_(self, "_state", state)
 
     def write(self, data: Any) -> int:
-        conn = self._conn()
+        conn = self._state.conn()
         state = self._state
         stash = state.policy is not None and state.policy.stash
         try:
@@ -265,7 +276,7 @@ def _settle(proxy: _FirstWriteProxy) -> None:
             state.ptr = _bind.sslobj_pointer(proxy._real)
         if not _bind.lib.tlsctl_guard_done(state.ptr):
             return  # handshake unfinished, or TLS 1.2 (may renegotiate)
-    conn = proxy._conn()
+    conn = state.conn()
     if conn is not None:
         _disarm(conn, proxy)
 
@@ -293,14 +304,19 @@ def _real_sslobj(conn: Connection) -> Any:
 
 def _arm(conn: Connection, state: _ConnState) -> None:
     any_conn = cast(Any, conn)
+    if state.conn() is not conn:
+        state.conn = weakref.ref(conn)
     if type(any_conn._sslobj) is not _FirstWriteProxy:
-        any_conn._sslobj = _FirstWriteProxy(conn, any_conn._sslobj, state)
+        any_conn._sslobj = _FirstWriteProxy(any_conn._sslobj, state)
 
 
 def _disarm(conn: Connection, proxy: _FirstWriteProxy) -> None:
     any_conn = cast(Any, conn)
     if any_conn._sslobj is proxy:  # not closed or unwrapped meanwhile
         any_conn._sslobj = proxy._real
+    _STATES[conn] = proxy._state
+    if not proxy._state.guard:  # the dispatcher no longer needs it
+        proxy._state.conn = _no_connection
 
 
 def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
@@ -397,10 +413,10 @@ def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
     stash or callbacks need that)."""
     if policy is not None and policy.stash:
         _install_stash(conn)
-    state = _STATES[conn] = _ConnState(policy)
+    state = _ConnState(policy)
     if callbacks:
         state.guard = True
-        state.conn = weakref.ref(conn)
+        state.conn = weakref.ref(conn)  # for the dispatcher
         state.ptr = _bind.sslobj_pointer(_real_sslobj(conn))
         if _bind.lib.tlsctl_conn_register(state.ptr, id(state)) != 1:
             raise OpenSSLError(
@@ -409,6 +425,8 @@ def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
             )
     if state.first or state.guard:
         _arm(conn, state)
+    else:
+        _STATES[conn] = state
 
 
 def _make_factory(base: type, policy: _Policy | None, callbacks: bool) -> type:
@@ -597,7 +615,7 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
             f"issue_tickets() needs SSL_new_session_ticket (OpenSSL 3.0+); "
             f"{_bind.info().openssl_version} lacks it"
         )
-    state = _STATES.get(conn)
+    state = _state_of(conn)
     if state is None:
         state = _STATES[conn] = _ConnState(None)
     state.ptr = ptr
@@ -611,7 +629,7 @@ def connection_state(conn: Connection) -> ConnectionState:
         raise TypeError(
             f"expected an ssl.SSLSocket or ssl.SSLObject, got {type(conn).__name__}"
         )
-    state = _STATES.get(conn)
+    state = _state_of(conn)
     if state is None:
         return ConnectionState(policy=None, waiting_for_write=False, issued=0)
     armed = type(cast(Any, conn)._sslobj) is _FirstWriteProxy
