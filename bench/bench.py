@@ -3,6 +3,11 @@
     python bench/bench.py                  # wall clock, 41 rounds per metric
     python bench/bench.py --quick          # wall clock, 9 rounds per metric
     python bench/bench.py --instructions   # also callgrind instruction counts
+    python bench/bench.py --scaling        # also one-way loss vs size / delay
+
+It prints a table with a progress bar while it runs and writes PNG charts
+(``--plot-dir``, default ``bench/``; needs matplotlib: ``pip install
+'.[bench]'``): ``ratios.png`` and, with ``--scaling``, ``scaling.png``.
 
 Wall clock: each metric runs stock and patched back to back in many short
 rounds (alternating which goes first) and reports the median of the
@@ -27,10 +32,21 @@ noise:
   first write is done, output drained;
 * bulk MB/s: the same with 64 KiB writes;
 * resumed handshakes/s: TLS 1.3 resumption from a saved session, then the
-  first byte (the server decrypts the ticket and sends one renewal ticket).
-  Here "patched" is a context given shared keys with
-  ``tlsctl.set_ticket_keys`` (the key lookup runs in C) and "stock" one with
-  OpenSSL's built-in keys.
+  first byte (the server decrypts the ticket and sends one renewal ticket);
+* resumed handshakes/s, shared keys: the same, where "patched" is a context
+  given shared keys with ``tlsctl.set_ticket_keys`` (the key lookup runs in
+  C) and "stock" one with OpenSSL's built-in keys;
+* RSS per 1,000 idle connections: resident memory of 1,000 server
+  connections after their handshakes (memory-BIO pairs, clients included
+  on both sides, so the difference is the server's), measured in fresh
+  processes, alternating, median of 5 each.  The ratio is stock/patched so
+  that, as for the rates, above 1 is better; the target is an absolute
+  +256 bytes per connection.
+
+Scaling (``--scaling``, real sockets on 127.0.0.1, 20 connections a point):
+the share of one-way uploads (the client uploads and closes without
+reading) that lost data, stock vs patched, against the upload size
+(4 KiB .. 4 MiB) and against the server's read delay after the handshake.
 
 This is a measuring tool, not a test: nothing here asserts timings.
 """
@@ -38,6 +54,7 @@ This is a measuring tool, not a test: nothing here asserts timings.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import ssl
@@ -52,10 +69,14 @@ from tlsctl import scenarios
 
 TARGETS = {
     "full handshakes/s": 0.98,
+    "resumed handshakes/s": 0.98,
+    "resumed handshakes/s, shared keys": 0.98,
     "1 KiB writes/s": 0.98,
     "bulk MB/s": 0.99,
-    "resumed handshakes/s": 0.98,
 }
+RSS_METRIC = "RSS per 1,000 idle conns"
+RSS_TARGET_BYTES = 256  # per connection
+IDLE = 1000
 BULK = 64 * 1024
 CONNECTIONS = 16
 
@@ -77,7 +98,7 @@ class Pair:
             self.c_in, self.c_out, server_hostname="localhost", session=session
         )
 
-    def handshake_and_first_byte(self) -> Pair:
+    def handshake_only(self) -> Pair:
         for _ in range(4):
             try:
                 self.client.do_handshake()
@@ -89,6 +110,10 @@ class Pair:
             except ssl.SSLWantReadError:
                 pass
             self.c_in.write(self.s_out.read())
+        return self
+
+    def handshake_and_first_byte(self) -> Pair:
+        self.handshake_only()
         self.server.write(b"!")
         self.c_in.write(self.s_out.read())
         if self.client.read(10) != b"!":
@@ -135,8 +160,34 @@ def writes(pairs: list[Pair], size: int, n: int) -> float:
     return per_pair * len(pairs) / (time.perf_counter() - start)
 
 
+class Progress:
+    """A one-line progress bar on stderr (silent when stderr is not a TTY
+    unless forced), so a long run shows it is alive."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.done // self.total
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] "
+            f"{self.done}/{self.total} {label[:40]:40}"
+        )
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
 def _rounds(
-    run_stock: Callable[[], float], run_patched: Callable[[], float], rounds: int
+    run_stock: Callable[[], float],
+    run_patched: Callable[[], float],
+    rounds: int,
+    progress: Progress,
+    label: str,
 ) -> tuple[float, float, float, float]:
     """(median stock rate, median patched rate, median per-round ratio,
     half the interquartile range of the ratios), after a discarded warm-up."""
@@ -150,6 +201,7 @@ def _rounds(
         stock.append(s)
         patched.append(p)
         ratios.append(p / s)
+        progress.step(label)
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     return (
         statistics.median(stock),
@@ -173,7 +225,10 @@ def _contexts() -> tuple[
     return client, stock, patched, keyed
 
 
-def wall_clock(rounds: int) -> dict[str, tuple[float, float, float, float]]:
+Result = tuple[float, float, float, float]
+
+
+def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
     client, stock_ctx, patched_ctx, keyed_ctx = _contexts()
     stock_pairs = [
         Pair(stock_ctx, client).handshake_and_first_byte() for _ in range(CONNECTIONS)
@@ -181,49 +236,205 @@ def wall_clock(rounds: int) -> dict[str, tuple[float, float, float, float]]:
     patched_pairs = [
         Pair(patched_ctx, client).handshake_and_first_byte() for _ in range(CONNECTIONS)
     ]
-    results = {
-        "full handshakes/s": _rounds(
-            lambda: handshakes(stock_ctx, client, 60),
-            lambda: handshakes(patched_ctx, client, 60),
-            rounds,
-        ),
-        "1 KiB writes/s": _rounds(
-            lambda: writes(stock_pairs, 1024, 10000),
-            lambda: writes(patched_pairs, 1024, 10000),
-            rounds,
-        ),
+    sessions = {
+        ctx: session_of(ctx, client) for ctx in (stock_ctx, patched_ctx, keyed_ctx)
     }
+
+    def resumed(ctx: ssl.SSLContext) -> Callable[[], float]:
+        return lambda: resumed_handshakes(ctx, client, sessions[ctx], 60)
+
+    results: dict[str, Result] = {}
+    results["full handshakes/s"] = _rounds(
+        lambda: handshakes(stock_ctx, client, 60),
+        lambda: handshakes(patched_ctx, client, 60),
+        rounds,
+        progress,
+        "full handshakes/s",
+    )
+    results["resumed handshakes/s"] = _rounds(
+        resumed(stock_ctx), resumed(patched_ctx), rounds, progress, "resumed"
+    )
+    results["resumed handshakes/s, shared keys"] = _rounds(
+        resumed(stock_ctx), resumed(keyed_ctx), rounds, progress, "shared keys"
+    )
+    results["1 KiB writes/s"] = _rounds(
+        lambda: writes(stock_pairs, 1024, 10000),
+        lambda: writes(patched_pairs, 1024, 10000),
+        rounds,
+        progress,
+        "1 KiB writes/s",
+    )
     s, p, r, spread = _rounds(
         lambda: writes(stock_pairs, BULK, 256),
         lambda: writes(patched_pairs, BULK, 256),
         rounds,
+        progress,
+        "bulk MB/s",
     )
     results["bulk MB/s"] = (s * BULK / 1e6, p * BULK / 1e6, r, spread)
-    stock_session = session_of(stock_ctx, client)
-    keyed_session = session_of(keyed_ctx, client)
-    results["resumed handshakes/s"] = _rounds(
-        lambda: resumed_handshakes(stock_ctx, client, stock_session, 60),
-        lambda: resumed_handshakes(keyed_ctx, client, keyed_session, 60),
-        rounds,
-    )
     return results
+
+
+# ------------------------------------------------------------ memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_worker(side: str, n: int) -> None:
+    """Print the RSS growth of ``n`` idle server connections (and their
+    clients) after their handshakes, in this fresh process."""
+    client, stock_ctx, patched_ctx, _ = _contexts()
+    ctx = stock_ctx if side == "stock" else patched_ctx
+    warm = [Pair(ctx, client).handshake_and_first_byte() for _ in range(20)]
+    gc.collect()
+    before = _rss_bytes()
+    idle = []
+    for _ in range(n):
+        pair = Pair(ctx, client)
+        pair.handshake_only()
+        idle.append(pair)
+    gc.collect()
+    print(_rss_bytes() - before)
+    del warm, idle
+
+
+def rss(progress: Progress, repeats: int = 5) -> tuple[float, float]:
+    """Median RSS growth (bytes) of IDLE idle connections: (stock, patched)."""
+    grown: dict[str, list[int]] = {"stock": [], "patched": []}
+    for i in range(repeats):
+        for side in ("stock", "patched") if i % 2 == 0 else ("patched", "stock"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-worker", side, str(IDLE)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            grown[side].append(int(out.split()[-1]))
+        progress.step(RSS_METRIC)
+    return statistics.median(grown["stock"]), statistics.median(grown["patched"])
+
+
+# ------------------------------------------------------------ scaling
+
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
+DELAYS = [0.0, 0.002, 0.01, 0.05]
+SCALING_CONNECTIONS = 20
+
+
+def scaling(
+    progress: Progress,
+) -> dict[str, list[tuple[float, float, float]]]:
+    """{"size": [(size, stock loss share, patched loss share)], "delay": ...}"""
+    certs = scenarios.make_certs(client_sans=1)
+    client = scenarios.client_context(certs)
+    stock = scenarios.server_context(certs)
+    patched = tlsctl.patch(scenarios.server_context(certs))
+
+    def loss(ctx: ssl.SSLContext, size: int, delay: float) -> float:
+        r = scenarios.one_way_uploads(
+            ctx,
+            client,
+            connections=SCALING_CONNECTIONS,
+            size=size,
+            read_delay=delay,
+        )
+        return r.lost_connections / r.connections
+
+    out: dict[str, list[tuple[float, float, float]]] = {"size": [], "delay": []}
+    for size in SIZES:
+        out["size"].append((size, loss(stock, size, 0.0), loss(patched, size, 0.0)))
+        progress.step(f"scaling: {size >> 10} KiB")
+    for delay in DELAYS:
+        out["delay"].append(
+            (delay, loss(stock, 256 << 10, delay), loss(patched, 256 << 10, delay))
+        )
+        progress.step(f"scaling: read delay {delay * 1000:g} ms")
+    return out
+
+
+# ------------------------------------------------------------ charts
+
+
+def plot_ratios(
+    results: dict[str, Result], rss_ratio: float, path: str, title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*results, RSS_METRIC]
+    ratios = [results[n][2] for n in results] + [rss_ratio]
+    errors = [results[n][3] for n in results] + [0.0]
+    targets = [TARGETS[n] for n in results] + [None]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = [
+        "tab:green" if t is None or r >= t else "tab:orange"
+        for r, t in zip(ratios, targets)
+    ]
+    ax.barh(names, ratios, xerr=errors, color=colors)
+    for i, t in enumerate(targets):
+        if t is not None:
+            ax.plot([t, t], [i - 0.4, i + 0.4], color="black", linewidth=2)
+    ax.axvline(1.0, color="grey", linestyle=":")
+    ax.set_xlim(0.85, 1.1)
+    ax.invert_yaxis()
+    ax.set_xlabel("patched / stock (above 1 is better; black bar = target)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(
+    data: dict[str, list[tuple[float, float, float]]], path: str, title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = [x / 1024 for x, _, _ in data["size"]]
+    left.plot(sizes, [100 * s for _, s, _ in data["size"]], "o-", label="stock")
+    left.plot(sizes, [100 * p for _, _, p in data["size"]], "s-", label="patched")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("upload size (KiB), server reads at once")
+    left.set_ylabel("uploads that lost data (%)")
+    left.set_ylim(-5, 105)
+    left.legend()
+    delays = [1000 * x for x, _, _ in data["delay"]]
+    right.plot(delays, [100 * s for _, s, _ in data["delay"]], "o-", label="stock")
+    right.plot(delays, [100 * p for _, _, p in data["delay"]], "s-", label="patched")
+    right.set_xlabel("server read delay after the handshake (ms), 256 KiB uploads")
+    right.set_ylim(-5, 105)
+    right.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------ instructions
 
 _WORK = {
     "full handshakes/s": 20,
+    "resumed handshakes/s": 20,
+    "resumed handshakes/s, shared keys": 20,
     "1 KiB writes/s": 2000,
     "bulk MB/s": 64,
-    "resumed handshakes/s": 20,
 }
 
 
 def _worker(metric: str, side: str, n: int) -> None:
     client, stock_ctx, patched_ctx, keyed_ctx = _contexts()
     ctx = stock_ctx if side == "stock" else patched_ctx
-    if metric == "resumed handshakes/s":
+    if metric == "resumed handshakes/s, shared keys":
         ctx = stock_ctx if side == "stock" else keyed_ctx
+    if metric.startswith("resumed"):
         resumed_handshakes(ctx, client, session_of(ctx, client), n)
     elif metric == "full handshakes/s":
         handshakes(ctx, client, n)
@@ -257,7 +468,7 @@ def _instructions(metric: str, side: str, n: int) -> int:
     raise RuntimeError(f"no callgrind total in: {proc.stderr[-500:]}")
 
 
-def instruction_ratios() -> dict[str, tuple[float, float, float]]:
+def instruction_ratios(progress: Progress) -> dict[str, tuple[float, float, float]]:
     """Instructions per operation (stock, patched) and patched/stock cost
     expressed as a rate ratio (stock instructions / patched instructions)."""
     out = {}
@@ -272,7 +483,7 @@ def instruction_ratios() -> dict[str, tuple[float, float, float]]:
             per_op["patched"],
             per_op["stock"] / per_op["patched"],
         )
-        print(f"  callgrind {metric}: done", flush=True)
+        progress.step(f"callgrind {metric}")
     return out
 
 
@@ -284,55 +495,115 @@ def main() -> int:
         action="store_true",
         help="also count instructions with callgrind",
     )
+    parser.add_argument(
+        "--scaling", action="store_true", help="also one-way loss vs size and delay"
+    )
+    parser.add_argument(
+        "--plot-dir",
+        default=os.path.dirname(os.path.abspath(__file__)),
+        help="where the PNG charts go (default: bench/)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="write no charts")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         metric, side, n = args.worker
         _worker(metric, side, int(n))
         return 0
+    if args.rss_worker:
+        side, n = args.rss_worker
+        _rss_worker(side, int(n))
+        return 0
 
     info = tlsctl.info()
     rounds = 9 if args.quick else 41
-    print(
+    header = (
         f"Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
         f"tlsctl mechanism={info.mechanism}"
     )
+    print(header)
     if info.mechanism is None:
         print(f"cannot benchmark defer here: {info.reason or 'no mechanism'}")
         return 1
+    if args.instructions and shutil.which("valgrind") is None:
+        print("--instructions needs valgrind (apt-get install valgrind)")
+        return 1
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("charts need matplotlib: pip install '.[bench]' (or --no-plot)")
+            return 1
+    steps = rounds * len(TARGETS) + 5
+    steps += (len(SIZES) + len(DELAYS)) if args.scaling else 0
+    steps += len(_WORK) if args.instructions else 0
+    progress = Progress(steps, enabled=True)
+
+    results = wall_clock(rounds, progress)
+    rss_stock, rss_patched = rss(progress)
+    scale = scaling(progress) if args.scaling else None
+    counts = instruction_ratios(progress) if args.instructions else None
+
     print(
         f"\nwall clock, {rounds} interleaved rounds "
         "(ratio = median of per-round patched/stock; +/- = half the IQR)"
     )
     print(
-        f"{'metric':20} {'stock':>12} {'patched':>12} {'ratio':>7} "
+        f"{'metric':34} {'stock':>12} {'patched':>12} {'ratio':>7} "
         f"{'+/-':>6} {'target':>7}  verdict"
     )
-    for metric, (stock, patched, ratio, spread) in wall_clock(rounds).items():
+    for metric, (stock, patched, ratio, spread) in results.items():
         target = TARGETS[metric]
         verdict = "meets" if ratio >= target else "BELOW"
         print(
-            f"{metric:20} {stock:12.1f} {patched:12.1f} {ratio:7.3f} "
+            f"{metric:34} {stock:12.1f} {patched:12.1f} {ratio:7.3f} "
             f"{spread:6.3f} {target:7.2f}  {verdict}"
         )
+    per_conn = (rss_patched - rss_stock) / IDLE
+    rss_ratio = rss_stock / rss_patched
+    print(
+        f"{RSS_METRIC:34} {rss_stock / 1e6:10.2f}MB {rss_patched / 1e6:10.2f}MB "
+        f"{rss_ratio:7.3f} {'':6} {'+256B':>7}  "
+        f"{'meets' if per_conn <= RSS_TARGET_BYTES else 'BELOW'} "
+        f"({per_conn:+.0f} bytes per connection)"
+    )
 
-    if args.instructions:
-        if shutil.which("valgrind") is None:
-            print("\n--instructions needs valgrind (apt-get install valgrind)")
-            return 1
+    if counts is not None:
         print("\ninstructions per operation (callgrind, PYTHONHASHSEED=0)")
-        results = instruction_ratios()
         print(
-            f"{'metric':20} {'stock':>12} {'patched':>12} {'ratio':>7} "
+            f"{'metric':34} {'stock':>12} {'patched':>12} {'ratio':>7} "
             f"{'target':>7}  verdict"
         )
-        for metric, (stock, patched, ratio) in results.items():
+        for metric, (stock, patched, ratio) in counts.items():
             target = TARGETS[metric]
             verdict = "meets" if ratio >= target else "BELOW"
             print(
-                f"{metric:20} {stock:12.0f} {patched:12.0f} {ratio:7.4f} "
+                f"{metric:34} {stock:12.0f} {patched:12.0f} {ratio:7.4f} "
                 f"{target:7.2f}  {verdict}"
             )
+
+    if scale is not None:
+        print(f"\none-way uploads that lost data ({SCALING_CONNECTIONS} per point)")
+        for size, s, p in scale["size"]:
+            print(
+                f"  {int(size) >> 10:6} KiB, no delay:      "
+                f"stock {s:5.0%}  patched {p:5.0%}"
+            )
+        for delay, s, p in scale["delay"]:
+            print(
+                f"  256 KiB, read delay {delay * 1000:4g} ms: "
+                f"stock {s:5.0%}  patched {p:5.0%}"
+            )
+
+    if not args.no_plot:
+        ratios_png = os.path.join(args.plot_dir, "ratios.png")
+        plot_ratios(results, rss_ratio, ratios_png, header)
+        print(f"\nwrote {ratios_png}")
+        if scale is not None:
+            scaling_png = os.path.join(args.plot_dir, "scaling.png")
+            plot_scaling(scale, scaling_png, header)
+            print(f"wrote {scaling_png}")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -222,8 +223,13 @@ def one_way_uploads(
     connections: int = 200,
     size: int = 256 * 1024,
     timeout: float = 10.0,
+    read_delay: float = 0.0,
 ) -> UploadResult:
     """Clients upload ``size`` bytes and close without reading anything.
+
+    ``read_delay``: seconds the server waits after each handshake before it
+    reads (a busy server); the longer, the more upload data sits unread in
+    its kernel when the client's RST arrives.
 
     The server reads each connection until EOF or an error and records how
     many bytes arrived.  Any NewSessionTicket the server sends lies unread in
@@ -237,6 +243,8 @@ def one_way_uploads(
         got = 0
         try:
             with server_ctx.wrap_socket(raw, server_side=True) as conn:
+                if read_delay:
+                    time.sleep(read_delay)
                 while True:
                     chunk = conn.recv(65536)
                     if not chunk:
