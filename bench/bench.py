@@ -4,6 +4,7 @@
     python bench/bench.py --quick          # wall clock, 9 rounds per metric
     python bench/bench.py --instructions   # also callgrind instruction counts
     python bench/bench.py --scaling        # also one-way loss vs size / delay
+    python bench/bench.py --smoke          # seconds; checks the tool, not speed
 
 It prints a table with a progress bar while it runs and writes PNG charts
 (``--plot-dir``, default ``bench/``; needs matplotlib: ``pip install
@@ -301,10 +302,13 @@ def _rss_worker(side: str, n: int) -> None:
     del warm, idle
 
 
-def rss(progress: Progress, repeats: int = 5) -> tuple[float, float]:
+RSS_REPEATS = 5
+
+
+def rss(progress: Progress) -> tuple[float, float]:
     """Median RSS growth (bytes) of IDLE idle connections: (stock, patched)."""
     grown: dict[str, list[int]] = {"stock": [], "patched": []}
-    for i in range(repeats):
+    for i in range(RSS_REPEATS):
         for side in ("stock", "patched") if i % 2 == 0 else ("patched", "stock"):
             out = subprocess.run(
                 [sys.executable, __file__, "--rss-worker", side, str(IDLE)],
@@ -504,6 +508,11 @@ def main() -> int:
         help="where the PNG charts go (default: bench/)",
     )
     parser.add_argument("--no-plot", action="store_true", help="write no charts")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, everything once: checks the tool runs (numbers meaningless)",
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--rss-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -518,6 +527,11 @@ def main() -> int:
 
     info = tlsctl.info()
     rounds = 9 if args.quick else 41
+    if args.smoke:
+        global IDLE, RSS_REPEATS, SCALING_CONNECTIONS, SIZES, DELAYS
+        rounds, IDLE, RSS_REPEATS, SCALING_CONNECTIONS = 2, 50, 1, 3
+        SIZES, DELAYS = [4 << 10, 256 << 10], [0.0, 0.01]
+        args.scaling = True
     header = (
         f"Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
         f"tlsctl mechanism={info.mechanism}"
@@ -535,7 +549,7 @@ def main() -> int:
         except ImportError:
             print("charts need matplotlib: pip install '.[bench]' (or --no-plot)")
             return 1
-    steps = rounds * len(TARGETS) + 5
+    steps = rounds * len(TARGETS) + RSS_REPEATS
     steps += (len(SIZES) + len(DELAYS)) if args.scaling else 0
     steps += len(_WORK) if args.instructions else 0
     progress = Progress(steps, enabled=True)
