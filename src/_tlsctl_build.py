@@ -370,6 +370,7 @@ int tlsctl_has_symbol(const char *name);
 SSL_CTX *tlsctl_ctx_of(uintptr_t sslcontext_object);
 SSL *tlsctl_ssl_of(uintptr_t sslsocket_object);
 int tlsctl_ctx_method_kind(const SSL_CTX *ctx);
+SSL *tlsctl_proven_ssl(uintptr_t sslsocket_object, uintptr_t sslcontext_object);
 int tlsctl_set_renewal(SSL_CTX *ctx, int mode);
 int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed);
 int tlsctl_check_issue(SSL *ssl);
@@ -549,6 +550,21 @@ static int tlsctl_ctx_method_kind(const SSL_CTX *ctx)
     if (m == tlsctl_m_server) return TLSCTL_KIND_SERVER;
     if (m == tlsctl_m_client) return TLSCTL_KIND_CLIENT;
     return TLSCTL_KIND_UNKNOWN;
+}
+
+/* The proof of 2. for a connection in one call: the SSL of an
+ * _ssl._SSLSocket whose context's SSL_CTX comes from the bound library and
+ * is the SSL's own SSL_CTX, else NULL (the caller finds out why). */
+static SSL *tlsctl_proven_ssl(uintptr_t sslsocket_object, uintptr_t sslcontext_object)
+{
+    SSL_CTX *ctx = tlsctl_ctx_of(sslcontext_object);
+    SSL *ssl;
+    if (tlsctl_ctx_method_kind(ctx) == TLSCTL_KIND_UNKNOWN)
+        return NULL;
+    ssl = tlsctl_ssl_of(sslsocket_object);
+    if (ssl == NULL || p_SSL_get_SSL_CTX(ssl) != ctx)
+        return NULL;
+    return ssl;
 }
 
 

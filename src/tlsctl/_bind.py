@@ -258,10 +258,14 @@ def sslobj_pointer(sslobj: Any) -> Any:
         raise TypeError(
             f"conn._sslobj is {type(sslobj).__qualname__}, not _ssl._SSLSocket"
         )
-    ctx_ptr, _ = ctx_pointer(sslobj.context)
-    ptr = lib.tlsctl_ssl_of(id(sslobj))
-    if lib.SSL_get_SSL_CTX(ptr) != ctx_ptr:
-        raise BindingError(
-            "the connection's SSL does not belong to its SSLContext's SSL_CTX"
-        )
-    return ptr
+    if _INFO.bound:
+        # The whole proof in one C call (it runs once per connection, on
+        # its first write); _ssl._SSLSocket.context is always a real
+        # _ssl._SSLContext, so its id() is safe to cast.
+        ptr = lib.tlsctl_proven_ssl(id(sslobj), id(sslobj.context))
+        if ptr != ffi.NULL:
+            return ptr
+    ctx_pointer(sslobj.context)  # raises the precise reason when it can
+    raise BindingError(
+        "the connection's SSL does not belong to its SSLContext's SSL_CTX"
+    )
