@@ -141,3 +141,78 @@ def test_large_transfer_through_patched_asyncio_server(
         return data
 
     assert asyncio.run(main()) == payload
+
+
+class _Sink(asyncio.Protocol):
+    """loop.create_server protocol: count bytes until EOF or reset."""
+
+    def __init__(self, received: list[int], done: Callable[[], None]) -> None:
+        self.received, self.done, self.got = received, done, 0
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.received.append(self.got)
+        self.done()
+
+
+def test_create_server_one_way_uploads(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    n, size = 50, 256 * 1024
+
+    async def run(ctx: ssl.SSLContext) -> list[int]:
+        loop = asyncio.get_running_loop()
+        received: list[int] = []
+        all_done = asyncio.Event()
+
+        def one_done() -> None:
+            if len(received) == n:
+                all_done.set()
+
+        server = await loop.create_server(
+            lambda: _Sink(received, one_done), "127.0.0.1", 0, ssl=ctx
+        )
+        address = server.sockets[0].getsockname()
+        async with server:
+            await loop.run_in_executor(
+                None, scenarios.upload_clients, address, client_ctx(), n, size
+            )
+            await asyncio.wait_for(all_done.wait(), 30)
+        return received
+
+    stock = asyncio.run(run(server_ctx()))
+    patched = asyncio.run(run(tlsctl.patch(server_ctx())))
+    print(
+        f"\n[asyncio create_server] uploads that lost data: stock "
+        f"{sum(r != size for r in stock)}/{n}, patched "
+        f"{sum(r != size for r in patched)}/{n}"
+    )
+    assert patched == [size] * n
+
+
+def test_start_server_resumption_matches_stock(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    async def run(ctx: ssl.SSLContext) -> scenarios.ResumptionResult:
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            line = await reader.readline()
+            writer.write(b"reply to " + line)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+        address = server.sockets[0].getsockname()
+        async with server:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, scenarios.request_clients, address, client_ctx(), 8
+            )
+
+    stock = asyncio.run(run(server_ctx()))
+    patched = asyncio.run(run(tlsctl.patch(server_ctx())))
+    assert patched == stock
+    assert patched.replies_ok == 8 and patched.resumed == 7
+    assert patched.tickets == 2 + 7
