@@ -72,3 +72,13 @@ def test_ticket_key_writes_a_private_key_file(tmp_path: Path) -> None:
     forced = _run("-m", "tlsctl", "ticket-key", "--force", str(path))
     assert forced.returncode == 0
     assert tlsctl.TicketKey.from_file(path).id != key.id
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    import inspect
+
+    for name in tlsctl.__all__:
+        obj = getattr(tlsctl, name)
+        if isinstance(obj, (str, tuple)):
+            continue  # __version__, POLICIES
+        assert inspect.getdoc(obj), name
