@@ -216,3 +216,46 @@ def test_start_server_resumption_matches_stock(
     assert patched == stock
     assert patched.replies_ok == 8 and patched.resumed == 7
     assert patched.tickets == 2 + 7
+
+
+class _Bulk(asyncio.Protocol):
+    """loop.create_server protocol: on one line, send ``payload`` and close."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload, self.buf = payload, b""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.buf.endswith(b"\n"):
+            self.transport.write(self.payload)
+            self.transport.close()
+
+
+def test_create_server_large_transfer(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    payload = bytes(range(256)) * 4096 * 4  # 4 MiB
+
+    async def main() -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _Bulk(payload), "127.0.0.1", 0, ssl=tlsctl.patch(server_ctx())
+        )
+        port = server.sockets[0].getsockname()[1]
+        client = client_ctx()
+        counter = scenarios.TicketCounter(client)
+        async with server:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client, server_hostname="localhost"
+            )
+            writer.write(b"get\n")
+            data = await reader.readexactly(len(payload))
+            writer.close()
+        return data, counter.count
+
+    data, tickets = asyncio.run(main())
+    assert data == payload
+    assert tickets == 2
