@@ -469,6 +469,8 @@ static const SSL_METHOD *tlsctl_m_generic = NULL;
 static const SSL_METHOD *tlsctl_m_server = NULL;
 static const SSL_METHOD *tlsctl_m_client = NULL;
 
+static int tlsctl_ext_init(void);  /* see 8. */
+
 static int tlsctl_is_bound(void) { return tlsctl_bound; }
 static const char *tlsctl_library_path(void) { return tlsctl_libpath; }
 
@@ -526,6 +528,12 @@ static int tlsctl_bind(const char *ssl_module_path, char *err, size_t errlen)
     tlsctl_m_client = p_TLS_client_method();
     if (dladdr((void *)p_TLS_server_method, &dli) != 0 && dli.dli_fname)
         snprintf(tlsctl_libpath, sizeof(tlsctl_libpath), "%s", dli.dli_fname);
+    /* Our ex_data indexes, once, here (import time, under the import lock),
+     * never lazily from two threads at once. */
+    if (!tlsctl_ext_init()) {
+        snprintf(err, errlen, "CRYPTO_get_ex_new_index failed");
+        return -1;
+    }
     tlsctl_bound = 1;
     return 0;
 }
@@ -932,6 +940,7 @@ static int tlsctl_ssl_rec_dup(void *to, const void *from, void *from_d,
 
 static int tlsctl_ext_init(void)
 {
+    /* Called once from tlsctl_bind; later calls only report the result. */
     if (tlsctl_ctx_idx < 0)
         tlsctl_ctx_idx = p_CRYPTO_get_ex_new_index(
             CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, tlsctl_ctx_ext_free);
