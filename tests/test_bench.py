@@ -35,6 +35,7 @@ def test_bench_smoke_prints_every_metric_and_writes_charts(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for metric in (
         "full handshakes/s",
+        "full handshakes/s, technique by hand",
         "resumed handshakes/s ",
         "resumed handshakes/s, shared keys",
         "1 KiB writes/s",
