@@ -7,9 +7,11 @@ certificates from trustme.  Nothing from ssl is mocked.
 from __future__ import annotations
 
 import ssl
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -120,6 +122,13 @@ class BioPair:
         except ssl.SSLWantReadError:
             return None
 
+    def exchange(self, data: bytes = b"x") -> None:
+        """The server writes ``data`` (any deferred tickets go first) and the
+        client reads exactly that."""
+        self.server.write(data)
+        self.server_to_client()
+        assert self.client_read() == data
+
 
 def bio_pair(
     server_ctx: ssl.SSLContext,
@@ -132,6 +141,19 @@ def bio_pair(
         c_in, c_out, server_hostname="localhost", session=session
     )
     return BioPair(server, client, s_in, s_out, c_in, c_out)
+
+
+def connect(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+    data: bytes = b"x",
+) -> BioPair:
+    """A handshaken memory-BIO pair after one server-to-client ``exchange``."""
+    pair = bio_pair(server_ctx, client_ctx, session=session)
+    pair.handshake()
+    pair.exchange(data)
+    return pair
 
 
 def split_records(data: bytes) -> list[bytes]:
@@ -172,3 +194,28 @@ def counted_pair(
         return pair, counter
 
     return make
+
+
+def s_client(port: int, ca: Path, stdin: bytes, *args: str) -> str:
+    """Run ``openssl s_client`` (TLS 1.3, verifying ``localhost`` against
+    ``ca``) against 127.0.0.1:``port``, feeding it ``stdin``; returns its
+    stdout and stderr."""
+    proc = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-servername",
+            "localhost",
+            "-CAfile",
+            str(ca),
+            "-tls1_3",
+            "-ign_eof",
+            *args,
+        ],
+        input=stdin,
+        capture_output=True,
+        timeout=30,
+    )
+    return (proc.stdout + proc.stderr).decode(errors="replace")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from conftest import needs_defer
+from conftest import needs_defer, s_client
 from tlsctl import scenarios
 
 pytestmark = [
@@ -145,34 +145,15 @@ def test_curl_gets_tickets_and_resumes(
 def test_s_client_against_http_server(
     server_ctx: Callable[..., ssl.SSLContext], ca_file: Path, tmp_path: Path
 ) -> None:
-    openssl = _tool("openssl")
+    _tool("openssl")
     session = tmp_path / "session.pem"
     ctx = tlsctl.patch(server_ctx())
 
-    def s_client(*args: str) -> str:
-        proc = subprocess.run(
-            [
-                openssl,
-                "s_client",
-                "-connect",
-                f"127.0.0.1:{port}",
-                "-servername",
-                "localhost",
-                "-CAfile",
-                str(ca_file),
-                "-tls1_3",
-                "-ign_eof",
-                *args,
-            ],
-            input=b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n",
-            capture_output=True,
-            timeout=30,
-        )
-        return (proc.stdout + proc.stderr).decode(errors="replace")
+    request = b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n"
 
     with _https_server(ctx) as (port, log):
-        first = s_client("-sess_out", str(session))
-        second = s_client("-sess_in", str(session))
+        first = s_client(port, ca_file, request, "-sess_out", str(session))
+        second = s_client(port, ca_file, request, "-sess_in", str(session))
     assert "hello from http.server" in first and "New, TLSv1.3" in first
     assert first.count("Post-Handshake New Session Ticket arrived") == 2
     assert "hello from http.server" in second and "Reused, TLSv1.3" in second

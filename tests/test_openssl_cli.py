@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +12,8 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from conftest import needs_defer
+from conftest import needs_defer, s_client
+from tlsctl import scenarios
 
 pytestmark = [
     pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound"),
@@ -32,37 +32,9 @@ def _serve(
             raw, _ = listener.accept()
             raw.settimeout(10)
             with ctx.wrap_socket(raw, server_side=True) as conn:
-                line = b""
-                while not line.endswith(b"\n"):
-                    chunk = conn.recv(100)
-                    if not chunk:
-                        break
-                    line += chunk
-                conn.sendall(b"reply to " + line)
+                conn.sendall(b"reply to " + scenarios.recv_line(conn))
     except Exception as exc:  # reported below
         errors.append(exc)
-
-
-def _s_client(port: int, ca: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{port}",
-            "-servername",
-            "localhost",
-            "-CAfile",
-            str(ca),
-            "-tls1_3",
-            "-ign_eof",
-            *args,
-        ],
-        input=b"hello\n",
-        capture_output=True,
-        timeout=30,
-    )
-    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 
 
 def test_s_client_gets_tickets_and_resumes(
@@ -79,8 +51,8 @@ def test_s_client_gets_tickets_and_resumes(
     thread = threading.Thread(target=_serve, args=(ctx, 2, listener, errors))
     thread.start()
     try:
-        first = _s_client(port, ca, "-sess_out", str(session))
-        second = _s_client(port, ca, "-sess_in", str(session))
+        first = s_client(port, ca, b"hello\n", "-sess_out", str(session))
+        second = s_client(port, ca, b"hello\n", "-sess_in", str(session))
     finally:
         thread.join(30)
         listener.close()

@@ -23,7 +23,7 @@ CountedPair = Callable[..., tuple[BioPair, TicketCounter]]
 CtxFactory = Callable[..., ssl.SSLContext]
 
 
-def _exchange(p: BioPair) -> None:
+def _request(p: BioPair) -> None:
     """Client sends a request, the server reads it: a server READ, which must
     not flush deferred tickets (the SSL_new_session_ticket trap)."""
     p.client.write(b"request")
@@ -38,7 +38,7 @@ def test_defer_sends_nothing_until_first_write_then_tickets_first(
     p, counter = counted_pair()
     assert p.server.version() == "TLSv1.3"
     assert p.s_out.pending == 0, "server wrote after its handshake"
-    _exchange(p)
+    _request(p)
     assert p.s_out.pending == 0, "a server read flushed deferred tickets"
     assert tlsctl.connection_state(p.server).waiting_for_write
 
@@ -83,13 +83,11 @@ def _tickets_for(
     p = pair_factory(server, client)
     p.handshake()
     in_handshake = counter.count
-    _exchange(p)
+    _request(p)
     idle = p.s_out.pending
     p.server_to_client()
     p.client_read()
-    p.server.write(b"response")
-    p.server_to_client()
-    assert p.client_read() == b"response"
+    p.exchange(b"response")
     return in_handshake, idle, counter.count
 
 
@@ -166,9 +164,7 @@ def test_resumption_and_renewal(
     counter = TicketCounter(client)
     first = pair_factory(server, client)
     first.handshake()
-    first.server.write(b"x")
-    first.server_to_client()
-    assert first.client_read() == b"x"
+    first.exchange(b"x")
     session = first.client.session
     assert session is not None and session.has_ticket
     if policy == "suppress":
@@ -176,10 +172,8 @@ def test_resumption_and_renewal(
     counter.count = 0
     second = pair_factory(server, client, session=session)
     second.handshake()
-    _exchange(second)
-    second.server.write(b"y")
-    second.server_to_client()
-    assert second.client_read() == b"y"
+    _request(second)
+    second.exchange(b"y")
     assert second.client.session_reused
     if tls_version == ssl.TLSVersion.TLSv1_2:
         assert counter.count == 0  # stock OpenSSL does not renew TLS 1.2 here
@@ -199,7 +193,7 @@ def test_issue_tickets_mid_connection_waits_for_next_write(
     assert counter.count == 2
     tlsctl.issue_tickets(p.server, 3)
     assert tlsctl.connection_state(p.server).waiting_for_write
-    _exchange(p)
+    _request(p)
     assert p.s_out.pending == 0, "issued tickets leaked out with a read"
     p.server.write(b"z")
     records = split_records(p.server_to_client())
@@ -215,11 +209,9 @@ def test_issue_tickets_before_first_deferred_write_adds_up(
 ) -> None:
     p, counter = counted_pair()
     tlsctl.issue_tickets(p.server)
-    _exchange(p)
+    _request(p)
     assert p.s_out.pending == 0
-    p.server.write(b"z")
-    p.server_to_client()
-    assert p.client_read() == b"z"
+    p.exchange(b"z")
     assert counter.count == 3
 
 
@@ -319,9 +311,7 @@ def test_user_classes_are_composed_not_clobbered(
     p = pair_factory(server, client)
     assert type(p.server) is MyObject
     p.handshake()
-    p.server.write(b"hi")
-    p.server_to_client()
-    assert p.client_read() == b"hi"
+    p.exchange(b"hi")
     assert writes == [b"hi"] and counter.count == 1
     assert issubclass(server.sslsocket_class, MySocket)
     tlsctl.patch(server, tickets="immediate")
@@ -341,9 +331,7 @@ def test_repatch_applies_to_new_connections_only(
     for p in (old, new):
         p.handshake()
         assert p.s_out.pending == 0
-        p.server.write(b"w")
-        p.server_to_client()
-        assert p.client_read() == b"w"
+        p.exchange(b"w")
     assert counter.count == 2  # old kept "defer"; new is "suppress"
     assert tlsctl.connection_state(old.server).policy == "defer"
     assert tlsctl.connection_state(new.server).policy == "suppress"

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from conftest import BioPair, bio_pair
+from conftest import BioPair, bio_pair, connect
 from tlsctl import ResumeStatus, TicketDecision, TicketStatus
 from tlsctl.scenarios import LOCALHOST, TicketCounter
 
@@ -23,18 +23,8 @@ TLS13 = ssl.TLSVersion.TLSv1_3
 POLICY_CHOICES = [None, "defer", "suppress", "immediate"]
 
 
-def _exchange(pair: BioPair, data: bytes = b"x") -> None:
-    """Server writes (sending any deferred tickets first), client reads."""
-    pair.server.write(data)
-    pair.server_to_client()
-    assert pair.client_read() == data
-
-
 def _session(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLSession:
-    pair = bio_pair(server, client)
-    pair.handshake()
-    _exchange(pair)
-    session = pair.client.session
+    session = connect(server, client).client.session
     assert session is not None and session.has_ticket
     return session
 
@@ -42,10 +32,7 @@ def _session(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLSession:
 def _resume(
     server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession
 ) -> BioPair:
-    pair = bio_pair(server, client, session=session)
-    pair.handshake()
-    _exchange(pair, b"y")
-    return pair
+    return connect(server, client, session, b"y")
 
 
 def _server(
@@ -78,9 +65,7 @@ def test_appdata_sealed_by_on_issue_comes_back_to_on_resume(
 
     tlsctl.set_ticket_callbacks(server, on_issue=on_issue, on_resume=on_resume)
     client = client_ctx()
-    first = bio_pair(server, client)
-    first.handshake()
-    _exchange(first)
+    first = connect(server, client)
     assert issued and all(c is first.server for c in issued)
     session = first.client.session
     assert session is not None
@@ -120,7 +105,7 @@ def test_each_decision_does_what_openssl_documents(
             pair.handshake()
         return
     pair.handshake()
-    _exchange(pair, b"y")
+    pair.exchange(b"y")
     resumes = decision in (TicketDecision.USE, TicketDecision.USE_RENEW)
     assert pair.client.session_reused is resumes
     assert pair.server.session_reused is resumes
@@ -344,7 +329,7 @@ def test_callbacks_live_exactly_as_long_as_the_context(
     gc.collect()
     assert alive() is not None and ctx_alive() is not None  # the conn holds it
     pair.handshake()
-    _exchange(pair)
+    pair.exchange()
     assert calls  # still called after the user's reference was dropped
     del pair
     gc.collect()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from conftest import BioPair, bio_pair
+from conftest import connect
 from tlsctl import ResumeStatus, TicketDecision, TicketKey, scenarios
 from tlsctl.scenarios import TicketCounter
 
@@ -21,23 +21,6 @@ TLS13 = ssl.TLSVersion.TLSv1_3
 # Fixed key material, so the tests can look for it in reprs and messages.
 KEY80 = bytes(range(80))
 KEY48 = bytes(range(100, 148))
-
-
-def _exchange(pair: BioPair, data: bytes) -> None:
-    pair.server.write(data)
-    pair.server_to_client()
-    assert pair.client_read() == data
-
-
-def _connect(
-    server: ssl.SSLContext,
-    client: ssl.SSLContext,
-    session: ssl.SSLSession | None = None,
-) -> BioPair:
-    pair = bio_pair(server, client, session=session)
-    pair.handshake()
-    _exchange(pair, b"x")
-    return pair
 
 
 def _keyed(
@@ -126,13 +109,13 @@ def test_contexts_sharing_keys_resume_each_others_tickets(
     b = _keyed(server_ctx, tls_version, [raw])
     client = client_ctx()
     counter = TicketCounter(client)
-    session = _connect(a, client).client.session
+    session = connect(a, client).client.session
     assert session is not None and session.has_ticket
     assert set(counter.key_names) == {raw[:16]}  # tickets name our key
-    assert _connect(b, client, session).client.session_reused
+    assert connect(b, client, session).client.session_reused
     # Stock contexts each have their own random keys: no cross resumption.
-    stock_session = _connect(server_ctx(), client).client.session
-    assert not _connect(server_ctx(), client, stock_session).client.session_reused
+    stock_session = connect(server_ctx(), client).client.session
+    assert not connect(server_ctx(), client, stock_session).client.session_reused
 
 
 def test_ticket_counts_match_stock(
@@ -147,10 +130,10 @@ def test_ticket_counts_match_stock(
             tlsctl.set_ticket_keys(server, [TicketKey.generate()])
         client = client_ctx()
         counter = TicketCounter(client)
-        session = _connect(server, client).client.session
+        session = connect(server, client).client.session
         full = counter.count
         counter.count = 0
-        assert _connect(server, client, session).client.session_reused
+        assert connect(server, client, session).client.session_reused
         counts.append((full, counter.count))
     assert counts[0] == counts[1]
     assert counts[1] == ((2, 1) if tls_version == TLS13 else (1, 0))
@@ -172,12 +155,12 @@ def test_rotation(
     tlsctl.set_ticket_callbacks(server, on_resume=on_resume)
     client = client_ctx()
     counter = TicketCounter(client)
-    old_session = _connect(server, client).client.session
+    old_session = connect(server, client).client.session
     assert old_session is not None
 
     tlsctl.set_ticket_keys(server, [new, old])  # rotate: new first, old kept
     counter.key_names.clear()
-    pair = _connect(server, client, old_session)
+    pair = connect(server, client, old_session)
     assert pair.client.session_reused
     assert statuses[-1].key_id == old.id and statuses[-1].key_index == 1
     # ... and it came back renewed under the new key
@@ -186,9 +169,9 @@ def test_rotation(
     assert renewed is not None
 
     tlsctl.set_ticket_keys(server, [new])  # drop the old key
-    assert _connect(server, client, renewed).client.session_reused
+    assert connect(server, client, renewed).client.session_reused
     assert statuses[-1].key_id == new.id and statuses[-1].key_index == 0
-    assert not _connect(server, client, old_session).client.session_reused
+    assert not connect(server, client, old_session).client.session_reused
     assert statuses[-1].key_index is None and not statuses[-1].decrypted
 
 
@@ -199,9 +182,9 @@ def test_keys_compose_with_policies(
     key = TicketKey.generate()
     issuer = tlsctl.set_ticket_keys(server_ctx(), [key])
     client = client_ctx()
-    session = _connect(issuer, client).client.session
+    session = connect(issuer, client).client.session
     server = tlsctl.patch(tlsctl.set_ticket_keys(server_ctx(), [key]), tickets=policy)
-    assert _connect(server, client, session).client.session_reused
+    assert connect(server, client, session).client.session_reused
 
 
 def test_fleet_of_processes_resumes_everywhere() -> None:
@@ -231,13 +214,13 @@ def test_rotation_while_other_threads_handshake(
     k1, k2 = TicketKey.generate(), TicketKey.generate()
     server = _keyed(server_ctx, TLS13, [k1, k2])
     client = client_ctx()
-    session = _connect(server, client).client.session
+    session = connect(server, client).client.session
     results: list[bool] = []
     lock = threading.Lock()
 
     def worker() -> None:
         for _ in range(40):
-            reused = _connect(server, client, session).client.session_reused
+            reused = connect(server, client, session).client.session_reused
             with lock:
                 results.append(reused)
 

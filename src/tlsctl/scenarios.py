@@ -30,6 +30,7 @@ __all__ = [
     "fleet_resumption",
     "make_certs",
     "one_way_uploads",
+    "recv_line",
     "request_clients",
     "request_response",
     "server_context",
@@ -137,6 +138,18 @@ def _ticket_key_name(message: bytes, version: Any) -> bytes:
     else:
         offset = 4
     return body[offset + 2 : offset + 2 + 16]
+
+
+def recv_line(conn: socket.socket) -> bytes:
+    """Read up to and including the first newline, or what arrived before
+    the peer closed (then without one)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(1024)
+        if not chunk:
+            break
+        line += chunk
+    return line
 
 
 class _Server:
@@ -388,13 +401,9 @@ def request_response(
     def handle(raw: socket.socket) -> None:
         raw.settimeout(timeout)
         with server_ctx.wrap_socket(raw, server_side=True) as conn:
-            request = b""
-            while not request.endswith(b"\n"):
-                chunk = conn.recv(1024)
-                if not chunk:
-                    return
-                request += chunk
-            conn.sendall(b"reply to " + request)
+            request = recv_line(conn)
+            if request.endswith(b"\n"):
+                conn.sendall(b"reply to " + request)
 
     with _Server(connections, handle) as server:
         result = request_clients(server.address, client_ctx, connections, timeout)
@@ -425,12 +434,7 @@ def request_clients(
                 # Read the whole reply, not to EOF: the server closes without
                 # close_notify, and OpenSSL 3.5 then marks the session
                 # non-resumable (measured on Debian trixie).
-                reply = b""
-                while not reply.endswith(b"\n"):
-                    chunk = c.recv(1024)
-                    if not chunk:
-                        break
-                    reply += chunk
+                reply = recv_line(c)
                 ok += reply == b"reply to " + request
                 resumed += bool(c.session_reused)
                 session = c.session
@@ -491,12 +495,7 @@ def _fleet_worker(
             raw.settimeout(10.0)
             try:
                 with ctx.wrap_socket(raw, server_side=True) as conn:
-                    request = b""
-                    while not request.endswith(b"\n"):
-                        chunk = conn.recv(1024)
-                        if not chunk:
-                            break
-                        request += chunk
+                    recv_line(conn)
                     reused = int(bool(conn.session_reused))
                     conn.sendall(f"{worker} {reused}\n".encode())
             except OSError:
@@ -552,12 +551,9 @@ def fleet_resumption(
                     raw, server_hostname="localhost", session=session
                 ) as c:
                     c.sendall(b"hello\n")
-                    reply = b""
-                    while not reply.endswith(b"\n"):
-                        chunk = c.recv(1024)
-                        if not chunk:
-                            raise ConnectionError("a fleet worker closed early")
-                        reply += chunk
+                    reply = recv_line(c)
+                    if not reply.endswith(b"\n"):
+                        raise ConnectionError("a fleet worker closed early")
                     worker, _ = map(int, reply.split())
                     if i > 0:  # the first connection has nothing to resume
                         served_by[worker] = served_by.get(worker, 0) + 1
