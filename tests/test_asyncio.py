@@ -110,12 +110,32 @@ def test_create_server_resumption_matches_stock(
     assert patched.replies_ok == 8 and patched.resumed == 7
 
 
+PAYLOAD = bytes(range(256)) * 4096 * 4  # 4 MiB
+
+
+async def _fetch(
+    server: asyncio.Server, client: ssl.SSLContext
+) -> tuple[bytes, int]:
+    """Ask ``server`` for PAYLOAD with an asyncio client; returns what arrived
+    and how many NewSessionTickets the client read."""
+    port = server.sockets[0].getsockname()[1]
+    counter = scenarios.TicketCounter(client)
+    async with server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="localhost"
+        )
+        writer.write(b"get\n")
+        data = await reader.readexactly(len(PAYLOAD))
+        writer.close()
+    return data, counter.count
+
+
 def test_large_transfer_through_patched_asyncio_server(
     server_ctx: CtxFactory, client_ctx: CtxFactory
 ) -> None:
-    payload = bytes(range(256)) * 4096 * 4  # 4 MiB
+    payload = PAYLOAD
 
-    async def main() -> bytes:
+    async def main() -> tuple[bytes, int]:
         async def handle(
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
@@ -127,20 +147,11 @@ def test_large_transfer_through_patched_asyncio_server(
         server = await asyncio.start_server(
             handle, "127.0.0.1", 0, ssl=tlsctl.patch(server_ctx())
         )
-        port = server.sockets[0].getsockname()[1]
-        client = client_ctx()
-        counter = scenarios.TicketCounter(client)
-        async with server:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client, server_hostname="localhost"
-            )
-            writer.write(b"get\n")
-            data = await reader.readexactly(len(payload))
-            writer.close()
-        assert counter.count == 2
-        return data
+        return await _fetch(server, client_ctx())
 
-    assert asyncio.run(main()) == payload
+    data, tickets = asyncio.run(main())
+    assert data == payload
+    assert tickets == 2
 
 
 class _Sink(asyncio.Protocol):
@@ -237,25 +248,13 @@ class _Bulk(asyncio.Protocol):
 def test_create_server_large_transfer(
     server_ctx: CtxFactory, client_ctx: CtxFactory
 ) -> None:
-    payload = bytes(range(256)) * 4096 * 4  # 4 MiB
-
     async def main() -> tuple[bytes, int]:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: _Bulk(payload), "127.0.0.1", 0, ssl=tlsctl.patch(server_ctx())
+            lambda: _Bulk(PAYLOAD), "127.0.0.1", 0, ssl=tlsctl.patch(server_ctx())
         )
-        port = server.sockets[0].getsockname()[1]
-        client = client_ctx()
-        counter = scenarios.TicketCounter(client)
-        async with server:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client, server_hostname="localhost"
-            )
-            writer.write(b"get\n")
-            data = await reader.readexactly(len(payload))
-            writer.close()
-        return data, counter.count
+        return await _fetch(server, client_ctx())
 
     data, tickets = asyncio.run(main())
-    assert data == payload
+    assert data == PAYLOAD
     assert tickets == 2
