@@ -68,7 +68,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import tlsctl
 from tlsctl import scenarios
@@ -238,37 +238,34 @@ def _rounds(
     )
 
 
-_CERTS: list[scenarios.Certs] = []
+class Contexts(NamedTuple):
+    client: ssl.SSLContext
+    stock: ssl.SSLContext  # OpenSSL's defaults
+    patched: ssl.SSLContext  # tlsctl.patch()
+    keyed: ssl.SSLContext  # tlsctl.set_ticket_keys()
+    by_hand: ssl.SSLContext  # num_tickets = 0, for handshakes_by_hand
 
 
-def _plain_context(no_tickets: bool = False) -> ssl.SSLContext:
-    """A server context with the certificates of the last ``_contexts()``."""
-    ctx = scenarios.server_context(_CERTS[-1])
-    if no_tickets:
-        ctx.num_tickets = 0
-    return ctx
-
-
-def _contexts() -> tuple[
-    ssl.SSLContext, ssl.SSLContext, ssl.SSLContext, ssl.SSLContext
-]:
-    """client, stock server, patched server, server with shared keys."""
+def _contexts() -> Contexts:
     certs = scenarios.make_certs(client_sans=1)
-    _CERTS.append(certs)
-    client = scenarios.client_context(certs)
-    stock = scenarios.server_context(certs)
-    patched = tlsctl.patch(scenarios.server_context(certs))
-    keyed = tlsctl.set_ticket_keys(
-        scenarios.server_context(certs), [tlsctl.TicketKey.generate()]
+    by_hand = scenarios.server_context(certs)
+    by_hand.num_tickets = 0
+    return Contexts(
+        client=scenarios.client_context(certs),
+        stock=scenarios.server_context(certs),
+        patched=tlsctl.patch(scenarios.server_context(certs)),
+        keyed=tlsctl.set_ticket_keys(
+            scenarios.server_context(certs), [tlsctl.TicketKey.generate()]
+        ),
+        by_hand=by_hand,
     )
-    return client, stock, patched, keyed
 
 
 Result = tuple[float, float, float, float]
 
 
 def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
-    client, stock_ctx, patched_ctx, keyed_ctx = _contexts()
+    client, stock_ctx, patched_ctx, keyed_ctx, bare_ctx = _contexts()
     stock_pairs = [
         Pair(stock_ctx, client).handshake_and_first_byte() for _ in range(CONNECTIONS)
     ]
@@ -290,7 +287,6 @@ def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
         progress,
         "full handshakes/s",
     )
-    bare_ctx = _plain_context(no_tickets=True)
     results[BY_HAND] = _rounds(
         lambda: handshakes(stock_ctx, client, 60),
         lambda: handshakes_by_hand(bare_ctx, client, 60),
@@ -333,7 +329,7 @@ def _rss_bytes() -> int:
 def _rss_worker(side: str, n: int) -> None:
     """Print the RSS growth of ``n`` idle server connections (and their
     clients) after their handshakes, in this fresh process."""
-    client, stock_ctx, patched_ctx, _ = _contexts()
+    client, stock_ctx, patched_ctx, _, _ = _contexts()
     ctx = stock_ctx if side == "stock" else patched_ctx
     warm = [Pair(ctx, client).handshake_and_first_byte() for _ in range(20)]
     gc.collect()
@@ -480,7 +476,7 @@ _WORK = {
 
 
 def _worker(metric: str, side: str, n: int) -> None:
-    client, stock_ctx, patched_ctx, keyed_ctx = _contexts()
+    client, stock_ctx, patched_ctx, keyed_ctx, _ = _contexts()
     ctx = stock_ctx if side == "stock" else patched_ctx
     if metric == "resumed handshakes/s, shared keys":
         ctx = stock_ctx if side == "stock" else keyed_ctx
