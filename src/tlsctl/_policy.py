@@ -200,9 +200,10 @@ class _FirstWriteProxy:
     connection costs tlsctl one state and one proxy (152 bytes on 3.11).
     Every public attribute of ``_ssl._SSLSocket`` is forwarded by a
     class-level property (see ``_delegate``), so a lookup
-    never takes the slow failed-lookup path into ``__getattr__``.  The calls
-    that can run OpenSSL's handshake (and so a ticket callback) re-raise an
-    exception a callback left in the connection's state.
+    never takes the slow failed-lookup path into ``__getattr__``.  Its
+    ``write`` re-raises an exception a ticket callback left in the
+    connection's state; ``_GuardProxy`` does the same for the other calls
+    that can run the handshake.
     """
 
     __slots__ = ("_real", "_state")
@@ -213,8 +214,8 @@ class _FirstWriteProxy:
         setattr_(self, "_state", state)
 
     def write(self, data: Any) -> int:
-        conn = self._state.conn()
         state = self._state
+        conn = state.conn()
         stash = state.policy is not None and state.policy.stash
         try:
             # With the stash, the write itself releases the held tickets (in
@@ -249,11 +250,10 @@ def _settle(proxy: _FirstWriteProxy) -> None:
     """After a successful call: raise a callback's exception that OpenSSL
     did not turn into a failure, and step aside once nothing is left to do."""
     state = proxy._state
-    exc = state.exc
+    exc = state.take_exc()
     if exc is not None:
-        state.exc = None
         raise exc
-    if state.first or state.extra or state.flushing:
+    if state.pending():
         return
     if state.guard:
         if state.ptr is None:
