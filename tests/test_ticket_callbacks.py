@@ -407,3 +407,16 @@ def test_bad_arguments(server_ctx: CtxFactory, client_ctx: CtxFactory) -> None:
             OpenSSL.SSL.Context(OpenSSL.SSL.TLS_METHOD),  # type: ignore[arg-type]
             on_issue=lambda c: None,
         )
+
+
+def test_connection_state_of_a_guarded_connection(
+    tls_version: ssl.TLSVersion, server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """On a callback context the proxy may stay in place after the first
+    write (TLS 1.2 can renegotiate); that is not 'waiting for a write'."""
+    server = tlsctl.patch(server_ctx(maximum_version=tls_version))
+    tlsctl.set_ticket_callbacks(server, on_issue=lambda c: None)
+    pair = connect(server, client_ctx())
+    state = tlsctl.connection_state(pair.server)
+    assert state.policy == "defer"
+    assert not state.waiting_for_write

@@ -657,7 +657,7 @@ def connection_state(conn: Connection) -> ConnectionState:
         return ConnectionState("defer", held > 0, released)
     return ConnectionState(
         policy=state.policy.tickets if state.policy else None,
-        waiting_for_write=armed,
+        waiting_for_write=armed and state.pending(),
         issued=state.issued,
     )
 
