@@ -46,6 +46,7 @@ __all__ = [
     "is_connection",
     "lib",
     "openssl_errors",
+    "require_server_kind",
     "sslobj_pointer",
 ]
 
@@ -234,6 +235,16 @@ def ctx_pointer(ctx: object) -> tuple[Any, int]:
             "it was left untouched"
         )
     return ptr, kind
+
+
+def require_server_kind(kind: int, what: str) -> None:
+    """``ValueError`` unless a context's method ``kind`` (from
+    ``ctx_pointer``) can serve; ``what`` names the API that needs it."""
+    if kind == lib.TLSCTL_KIND_CLIENT:
+        raise ValueError(
+            f"{what} needs a server context (PROTOCOL_TLS_SERVER or "
+            "PROTOCOL_TLS); this one was made with PROTOCOL_TLS_CLIENT"
+        )
 
 
 def is_connection(conn: object) -> bool:

@@ -553,12 +553,8 @@ def patch(
         count = _check_count(count)
     if not isinstance(renew_on_resume, bool):
         raise TypeError("renew_on_resume must be a bool")
+    _bind.require_server_kind(kind, "tlsctl.patch()")
     lib = _bind.lib
-    if kind == lib.TLSCTL_KIND_CLIENT:
-        raise ValueError(
-            "tlsctl.patch() needs a context that can serve (PROTOCOL_TLS_SERVER "
-            "or PROTOCOL_TLS); this one was made with PROTOCOL_TLS_CLIENT"
-        )
     stash = tickets == "defer" and _bind.info().mechanism == "stash"
 
     original = getattr(ctx, _ORIGINAL_ATTR, None)

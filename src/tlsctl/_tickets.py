@@ -220,9 +220,8 @@ def set_ticket_keys(
     ids = [k.id for k in parsed]
     if len(set(ids)) != len(ids):
         raise ValueError("two ticket keys have the same name")
+    _bind.require_server_kind(kind, "tlsctl.set_ticket_keys()")
     lib = _bind.lib
-    if kind == lib.TLSCTL_KIND_CLIENT:
-        raise ValueError("ticket keys need a server context, not PROTOCOL_TLS_CLIENT")
     if lib.tlsctl_keys_mode() == lib.TLSCTL_KEYS_NONE:
         raise UnsupportedError(
             f"{_bind.info().openssl_version} offers no session ticket key callback"
@@ -295,11 +294,8 @@ def set_ticket_callbacks(
     for name, fn in (("on_issue", on_issue), ("on_resume", on_resume)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, not {type(fn).__name__}")
+    _bind.require_server_kind(kind, "tlsctl.set_ticket_callbacks()")
     lib = _bind.lib
-    if kind == lib.TLSCTL_KIND_CLIENT:
-        raise ValueError(
-            "ticket callbacks need a server context, not PROTOCOL_TLS_CLIENT"
-        )
     if on_issue is None and on_resume is None:
         rc = lib.tlsctl_set_callbacks(ptr, 0, 0, 0)
         if hasattr(ctx, _policy._CALLBACKS_ATTR):
