@@ -998,17 +998,24 @@ static int tlsctl_default_decision(int status)
 }
 
 /* Position of a ticket key name in the context's key list, or -1. */
+/* Position of a key name in ext's list, or -1.  Caller holds ext->lock. */
+static int tlsctl_key_find(const tlsctl_ctx_ext *ext, const unsigned char *name)
+{
+    size_t i;
+    for (i = 0; i < ext->nkeys; i++)
+        if (memcmp(ext->keys[i].name, name, TLSCTL_KEY_NAME_LEN) == 0)
+            return (int)i;
+    return -1;
+}
+
 static int tlsctl_key_index(const SSL *s, const unsigned char *name, size_t len)
 {
     tlsctl_ctx_ext *ext = tlsctl_ext_of(p_SSL_get_SSL_CTX(s));
-    int found = -1;
-    size_t i;
+    int found;
     if (ext == NULL || name == NULL || len != TLSCTL_KEY_NAME_LEN)
         return -1;
     pthread_mutex_lock(&ext->lock);
-    for (i = 0; i < ext->nkeys && found < 0; i++)
-        if (memcmp(ext->keys[i].name, name, TLSCTL_KEY_NAME_LEN) == 0)
-            found = (int)i;
+    found = tlsctl_key_find(ext, name);
     pthread_mutex_unlock(&ext->lock);
     return found;
 }
@@ -1213,18 +1220,15 @@ static int tlsctl_key_pick(SSL *s, const unsigned char *name, int enc,
                            tlsctl_key *out, size_t *index)
 {
     tlsctl_ctx_ext *ext = tlsctl_ext_of(p_SSL_get_SSL_CTX(s));
-    int rc = enc ? -1 : 0;
-    size_t i;
+    int rc = enc ? -1 : 0, i;
     if (ext == NULL)
         return rc;
     pthread_mutex_lock(&ext->lock);
-    for (i = 0; i < ext->nkeys; i++) {
-        if (enc || memcmp(ext->keys[i].name, name, TLSCTL_KEY_NAME_LEN) == 0) {
-            memcpy(out, &ext->keys[i], sizeof(*out));
-            *index = i;
-            rc = 1;
-            break;
-        }
+    i = enc ? (ext->nkeys > 0 ? 0 : -1) : tlsctl_key_find(ext, name);
+    if (i >= 0) {
+        memcpy(out, &ext->keys[i], sizeof(*out));
+        *index = (size_t)i;
+        rc = 1;
     }
     pthread_mutex_unlock(&ext->lock);
     return rc;
