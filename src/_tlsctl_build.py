@@ -39,6 +39,7 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "SSL_TICKET_RETURN_USE": 3,
     "SSL_TICKET_RETURN_USE_RENEW": 4,
     "BIO_TYPE_FILTER": 0x0200,
+    "BIO_TYPE_MEM": 0x0401,
     "BIO_FLAGS_WRITE": 0x02,
     "BIO_FLAGS_RWS": 0x07,
     "BIO_FLAGS_SHOULD_RETRY": 0x08,
@@ -291,6 +292,31 @@ C_HEADER_COMMENT = r"""
  *      freed key arrays are wiped with OPENSSL_cleanse.  The callback finds
  *      the keys through SSL_get_SSL_CTX(s): a connection moved to another
  *      context by an SNI callback uses that context's keys.
+ *
+ * 9. The per-connection path in C, on contexts without ticket callbacks:
+ *    "defer" on OpenSSL 3.x (the stash stays in Python), "suppress" and
+ *    "immediate" everywhere, and issue_tickets() on such connections.  The
+ *    Python version cost ~40 us per connection in a handshake loop (cold
+ *    caches), 4% of a handshake.
+ *    - tlsctl_fast_init(), once at binding, creates the FirstWriteProxy
+ *      type (PyType_FromSpec, stable ABI) and the builtins arm, make_create
+ *      and waiting, and hands them to Python in a dict (passed by id(), as
+ *      every object in 3.; the caller keeps it alive).  These are ordinary
+ *      Python-callable C functions: the GIL is held, unlike in the cffi
+ *      functions above.
+ *    - make_create() returns the _create of a factory class: it calls the
+ *      user's class's _create, proves the new connection's SSL (2.), records
+ *      the policy in the SSL's ex_data (a tagged integer, see
+ *      TLSCTL_IS_COUNT: no allocation, nothing to free) and, for "defer" on
+ *      a server connection, sets conn._sslobj to a FirstWriteProxy.
+ *    - The proxy forwards every attribute to the real _ssl._SSLSocket
+ *      except write (and _real).  Its write queues the tickets
+ *      (tlsctl_queue_tickets), flushes them with the real do_handshake() on
+ *      a socket (a memory BIO takes every byte, so SSL_write writes them
+ *      ahead of the data itself), calls the real write, and puts the real
+ *      object back on the owner (_ssl._SSLSocket.owner), so later writes are
+ *      stock.  On an exception it stays, like the Python proxy, for the
+ *      retry.  It holds no reference to the connection: no cycle.
  */
 """
 
@@ -355,6 +381,10 @@ static const int TLSCTL_KEYS_NONE;
 static const int TLSCTL_KEYS_LEGACY;
 static const int TLSCTL_KEYS_EVP;
 static const int TLSCTL_KEY_RECORD;
+static const int TLSCTL_POLICY_NONE;
+static const int TLSCTL_POLICY_DEFER;
+static const int TLSCTL_POLICY_SUPPRESS;
+static const int TLSCTL_POLICY_IMMEDIATE;
 """
 )
 
@@ -387,6 +417,9 @@ int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
                            size_t n);
 size_t tlsctl_ticket_key_count(SSL_CTX *ctx);
 int tlsctl_guard_done(SSL *ssl);
+int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
+                     uintptr_t raise_queue_error);
+long tlsctl_conn_info(SSL *ssl);
 """
 
 CDEF = CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + CDEF_CUSTOMIZATIONS
@@ -443,6 +476,7 @@ C_BODY = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <stdint.h>
+#include <limits.h>
 
 #define TLSCTL_KIND_UNKNOWN 0
 #define TLSCTL_KIND_GENERIC 1
@@ -879,6 +913,12 @@ typedef struct {
     PyObject *holder_ref;        /* weakref to the Python holder; GIL */
 } tlsctl_ctx_ext;
 
+/* The SSL ex_data slot holds either the Python record of a connection on
+ * a context with ticket callbacks (a PyObject *, even address) or, for a
+ * connection tracked in C (see 9.), a tagged integer, odd: bit 0 set, bits
+ * 1-2 the policy (TLSCTL_POLICY_*), the rest the tickets issued so far. */
+#define TLSCTL_IS_COUNT(p) ((((uintptr_t)(p)) & 1u) != 0)
+
 static int tlsctl_ctx_idx = -1;
 static int tlsctl_ssl_idx = -1;
 static PyObject *tlsctl_dispatch = NULL;
@@ -919,7 +959,8 @@ static void tlsctl_ssl_rec_free(void *parent, void *ptr, void *ad, int idx,
                                 long argl, void *argp)
 {
     (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
-    tlsctl_decref(ptr);
+    if (!TLSCTL_IS_COUNT(ptr))
+        tlsctl_decref(ptr);
 }
 
 /* SSL_dup copies ex_data pointers: give the copy its own reference.
@@ -930,7 +971,7 @@ static int tlsctl_ssl_rec_dup(void *to, const void *from, void *from_d,
     PyObject *obj = *(PyObject **)from_d;
     PyGILState_STATE g;
     (void)to; (void)from; (void)idx; (void)argl; (void)argp;
-    if (obj != NULL) {
+    if (obj != NULL && !TLSCTL_IS_COUNT(obj)) {
         g = PyGILState_Ensure();
         Py_IncRef(obj);
         PyGILState_Release(g);
@@ -1345,6 +1386,462 @@ static size_t tlsctl_ticket_key_count(SSL_CTX *ctx)
     n = ext->nkeys;
     pthread_mutex_unlock(&ext->lock);
     return n;
+}
+/* ---- the first-write proxy in C (see 9.) -------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *real;          /* the connection's _ssl._SSLSocket */
+    SSL *ssl;                /* its SSL, proven when the proxy was made */
+    int queue;               /* tickets are still to be queued */
+    int n_full, n_resumed;   /* how many: after a full / resumed handshake */
+    int flushing;            /* queued tickets not yet fully written */
+    int memory;              /* the SSL writes to a memory BIO (SSLObject) */
+    PyObject *do_handshake;  /* real.do_handshake, made on first lookup */
+} tlsctl_fw;
+
+static PyTypeObject *tlsctl_fw_type = NULL;
+static PyObject *tlsctl_sslsocket_type = NULL;
+static PyObject *tlsctl_raise_queue_error = NULL;
+static PyObject *tlsctl_s_write = NULL, *tlsctl_s_do_handshake = NULL,
+    *tlsctl_s_owner = NULL, *tlsctl_s_sslobj = NULL, *tlsctl_s_real = NULL,
+    *tlsctl_s_context = NULL;
+static Py_hash_t tlsctl_h_write = -1, tlsctl_h_real = -1;
+
+#define TLSCTL_POLICY_NONE 0
+#define TLSCTL_POLICY_DEFER 1
+#define TLSCTL_POLICY_SUPPRESS 2
+#define TLSCTL_POLICY_IMMEDIATE 3
+
+/* A C-tracked connection's state as issued * 4 + policy, or -1 when ssl
+ * is not tracked in C (nothing there, or a Python record). */
+static long tlsctl_conn_info(SSL *ssl)
+{
+    void *v;
+    if (!tlsctl_bound || tlsctl_ssl_idx <= 0)
+        return -1;
+    v = p_SSL_get_ex_data(ssl, tlsctl_ssl_idx);
+    if (v == NULL || !TLSCTL_IS_COUNT(v))
+        return -1;
+    return (long)((uintptr_t)v >> 1);
+}
+
+/* Track ssl in C with this policy (if nothing else is there yet); then
+ * count n more issued tickets.  0 when the slot holds a Python record. */
+static int tlsctl_conn_track(SSL *ssl, int policy, int n)
+{
+    long info = tlsctl_conn_info(ssl);
+    if (info < 0) {
+        if (p_SSL_get_ex_data(ssl, tlsctl_ssl_idx) != NULL)
+            return 0;
+        info = policy;
+    }
+    info += 4L * n;
+    return p_SSL_set_ex_data(ssl, tlsctl_ssl_idx,
+                             (void *)(((uintptr_t)info << 1) | 1u)) == 1;
+}
+
+#define TLSCTL_NAME_OTHER 0         /* forwarded to the real object */
+#define TLSCTL_NAME_WRITE 1         /* the proxy's own write */
+#define TLSCTL_NAME_REAL 2          /* the real object itself */
+#define TLSCTL_NAME_DO_HANDSHAKE 3  /* forwarded, bound method cached */
+
+/* Names in code are interned, so the pointer tests decide almost every
+ * lookup (each handshake step looks up do_handshake); a hash test, not a
+ * string compare per lookup, keeps other spellings of the proxy's own
+ * names right (getattr() with a computed string). */
+static int tlsctl_name_kind(PyObject *name)
+{
+    Py_hash_t h;
+    if (name == tlsctl_s_do_handshake)
+        return TLSCTL_NAME_DO_HANDSHAKE;
+    if (name == tlsctl_s_write)
+        return TLSCTL_NAME_WRITE;
+    if (name == tlsctl_s_real)
+        return TLSCTL_NAME_REAL;
+    if (!PyUnicode_Check(name) || (h = PyObject_Hash(name)) == -1) {
+        PyErr_Clear();
+        return TLSCTL_NAME_OTHER;
+    }
+    if (h == tlsctl_h_write && PyUnicode_Compare(name, tlsctl_s_write) == 0)
+        return TLSCTL_NAME_WRITE;
+    if (h == tlsctl_h_real && PyUnicode_Compare(name, tlsctl_s_real) == 0)
+        return TLSCTL_NAME_REAL;
+    return TLSCTL_NAME_OTHER;
+}
+
+static PyObject *tlsctl_fw_getattro(PyObject *self, PyObject *name)
+{
+    tlsctl_fw *fw = (tlsctl_fw *)self;
+    switch (tlsctl_name_kind(name)) {
+    case TLSCTL_NAME_WRITE:
+        return PyObject_GenericGetAttr(self, name);
+    case TLSCTL_NAME_REAL:
+        Py_INCREF(fw->real);
+        return fw->real;
+    case TLSCTL_NAME_DO_HANDSHAKE:
+        /* While the handshake runs, make the bound method of the real
+         * object once instead of once per step; drop it afterwards so an
+         * idle connection does not carry it. */
+        if (p_SSL_is_init_finished(fw->ssl))
+            break;
+        if (fw->do_handshake == NULL
+                && (fw->do_handshake = PyObject_GetAttr(fw->real, name)) == NULL)
+            return NULL;
+        Py_INCREF(fw->do_handshake);
+        return fw->do_handshake;
+    default:
+        break;
+    }
+    Py_CLEAR(fw->do_handshake);
+    return PyObject_GetAttr(fw->real, name);
+}
+
+static int tlsctl_fw_setattro(PyObject *self, PyObject *name, PyObject *value)
+{
+    return PyObject_SetAttr(((tlsctl_fw *)self)->real, name, value);
+}
+
+static void tlsctl_fw_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(((tlsctl_fw *)self)->do_handshake);
+    Py_XDECREF(((tlsctl_fw *)self)->real);
+    PyObject_Free(self);
+    Py_DECREF(tp);
+}
+
+/* Put the real object back on the connection (if the proxy is still
+ * there: close() / unwrap() may have replaced it). */
+static int tlsctl_fw_disarm(tlsctl_fw *fw)
+{
+    PyObject *owner, *current;
+    int rc = 0;
+    owner = PyObject_GetAttr(fw->real, tlsctl_s_owner);
+    if (owner == NULL)
+        return -1;
+    if (owner != Py_None) {
+        current = PyObject_GetAttr(owner, tlsctl_s_sslobj);
+        if (current == NULL)
+            rc = -1;
+        else if (current == (PyObject *)fw)
+            rc = PyObject_SetAttr(owner, tlsctl_s_sslobj, fw->real);
+        Py_XDECREF(current);
+    }
+    Py_DECREF(owner);
+    return rc;
+}
+
+static int tlsctl_fw_call(PyObject *obj, PyObject *method, PyObject *arg,
+                          PyObject **result)
+{
+    PyObject *r = PyObject_CallMethodObjArgs(obj, method, arg, NULL);
+    if (r == NULL)
+        return -1;
+    if (result != NULL)
+        *result = r;
+    else
+        Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
+{
+    tlsctl_fw *fw = (tlsctl_fw *)self;
+    PyObject *result = NULL;
+    int rc;
+    if (fw->queue) {
+        rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed);
+        if (rc == TLSCTL_ERR_HANDSHAKE) {
+            /* The write would run the handshake itself: run it first (it
+             * raises SSLWantReadError etc. as the write would; the proxy
+             * stays for the retry), then queue. */
+            if (tlsctl_fw_call(fw->real, tlsctl_s_do_handshake, NULL, NULL) < 0)
+                return NULL;
+            rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed);
+        }
+        if (rc < 0) {
+            if (tlsctl_fw_disarm(fw) < 0)
+                return NULL;
+            result = PyObject_CallObject(tlsctl_raise_queue_error, NULL);
+            Py_XDECREF(result);
+            if (result != NULL)
+                PyErr_SetString(PyExc_RuntimeError, "queueing tickets failed");
+            return NULL;
+        }
+        fw->queue = 0;
+        fw->n_full = fw->n_resumed = 0;
+        if (rc > 0) {
+            tlsctl_conn_track(fw->ssl, TLSCTL_POLICY_NONE, rc);
+            /* A memory BIO takes every byte, so SSL_write itself writes
+             * the tickets (the state machine runs first) and then the
+             * data; a socket may take part of a ticket record. */
+            fw->flushing = !fw->memory;
+        }
+    }
+    if (fw->flushing) {
+        /* Through the handshake driver, not SSL_write: see _policy. */
+        if (tlsctl_fw_call(fw->real, tlsctl_s_do_handshake, NULL, NULL) < 0)
+            return NULL;
+        fw->flushing = 0;
+    }
+    if (tlsctl_fw_call(fw->real, tlsctl_s_write, data, &result) < 0)
+        return NULL;
+    if (tlsctl_fw_disarm(fw) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static PyMethodDef tlsctl_fw_methods[] = {
+    {"write", tlsctl_fw_write, METH_O,
+     "Queue and write the connection's tickets, then the data."},
+    {NULL, NULL, 0, NULL}
+};
+
+static PyType_Slot tlsctl_fw_slots[] = {
+    {Py_tp_dealloc, (void *)tlsctl_fw_dealloc},
+    {Py_tp_getattro, (void *)tlsctl_fw_getattro},
+    {Py_tp_setattro, (void *)tlsctl_fw_setattro},
+    {Py_tp_methods, (void *)tlsctl_fw_methods},
+    {Py_tp_doc, (void *)"tlsctl's stand-in for a connection's _sslobj until "
+                        "its first write (see tlsctl._policy)."},
+    {0, NULL}
+};
+
+static PyType_Spec tlsctl_fw_spec = {
+    "tlsctl._binding.FirstWriteProxy", sizeof(tlsctl_fw), 0,
+    Py_TPFLAGS_DEFAULT, tlsctl_fw_slots
+};
+
+static int tlsctl_add_count(int *field, int n)
+{
+    if (n < 0 || *field > INT_MAX - n) {
+        PyErr_SetString(PyExc_OverflowError, "too many tickets pending");
+        return -1;
+    }
+    *field += n;
+    return 0;
+}
+
+/* The SSL of real if real is an _ssl._SSLSocket whose SSL is proven to
+ * belong to the bound library (see 2.), else NULL (no exception set). */
+static SSL *tlsctl_real_ssl(PyObject *real)
+{
+    PyObject *ctx;
+    SSL *ssl;
+    if ((PyObject *)Py_TYPE(real) != tlsctl_sslsocket_type)
+        return NULL;
+    /* _ssl._SSLSocket.context is always a real _ssl._SSLContext. */
+    if ((ctx = PyObject_GetAttr(real, tlsctl_s_context)) == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    ssl = tlsctl_proven_ssl((uintptr_t)real, (uintptr_t)ctx);
+    Py_DECREF(ctx);
+    return ssl;
+}
+
+/* Put a new proxy for (real, ssl) in front of conn._sslobj. */
+static int tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
+                             int n_full, int n_resumed)
+{
+    tlsctl_fw *fw = (tlsctl_fw *)PyType_GenericAlloc(tlsctl_fw_type, 0);
+    int rc;
+    if (fw == NULL)
+        return -1;
+    Py_INCREF(real);
+    fw->real = real;
+    fw->ssl = ssl;
+    fw->queue = 1;
+    fw->n_full = n_full;
+    fw->n_resumed = n_resumed;
+    fw->flushing = 0;
+    fw->do_handshake = NULL;
+    fw->memory = p_BIO_method_type(p_SSL_get_wbio(ssl)) == BIO_TYPE_MEM;
+    rc = PyObject_SetAttr(conn, tlsctl_s_sslobj, (PyObject *)fw);
+    Py_DECREF(fw);
+    return rc;
+}
+
+/* arm(conn, n) -> bool, for issue_tickets(): n more tickets with the next
+ * write, through the proxy already in front of conn._sslobj or a new one.
+ * False when conn._sslobj is not a proven _ssl._SSLSocket or ssl carries
+ * a Python record (the caller handles those). */
+static PyObject *tlsctl_fast_arm(PyObject *unused, PyObject *args)
+{
+    PyObject *conn, *current, *result = Py_False;
+    tlsctl_fw *fw;
+    SSL *ssl;
+    int n;
+    (void)unused;
+    if (!PyArg_ParseTuple(args, "Oi:arm", &conn, &n))
+        return NULL;
+    if ((current = PyObject_GetAttr(conn, tlsctl_s_sslobj)) == NULL)
+        return NULL;
+    if (Py_TYPE(current) == tlsctl_fw_type) {
+        fw = (tlsctl_fw *)current;
+        if (tlsctl_add_count(&fw->n_full, n) < 0
+                || tlsctl_add_count(&fw->n_resumed, n) < 0) {
+            Py_DECREF(current);
+            return NULL;
+        }
+        fw->queue = 1;
+        result = Py_True;
+    } else if ((ssl = tlsctl_real_ssl(current)) != NULL && n >= 0
+               && tlsctl_conn_track(ssl, TLSCTL_POLICY_NONE, 0)) {
+        if (tlsctl_fw_install(conn, current, ssl, n, n) < 0) {
+            Py_DECREF(current);
+            return NULL;
+        }
+        result = Py_True;
+    }
+    Py_DECREF(current);
+    Py_INCREF(result);
+    return result;
+}
+
+/* The _create classmethod of a tlsctl factory class on a context without
+ * ticket callbacks (see _policy._make_factory).  self is the tuple
+ * (base_create, policy, n_full, n_resumed, fallback): base_create makes
+ * the connection as the user's class would; a server connection is then
+ * tracked in C and, for "defer", gets a proxy.  fallback(conn) handles a
+ * connection whose SSL cannot be proven here (it raises the reason). */
+static PyObject *tlsctl_fast_create(PyObject *self, PyObject *args,
+                                    PyObject *kwargs)
+{
+    PyObject *rest, *conn, *real, *r;
+    SSL *ssl;
+    long policy, n_full, n_resumed;
+    int rc = 0;
+    rest = PyTuple_GetSlice(args, 1, PyTuple_Size(args));  /* drop cls */
+    if (rest == NULL)
+        return NULL;
+    conn = PyObject_Call(PyTuple_GetItem(self, 0), rest, kwargs);
+    Py_DECREF(rest);
+    if (conn == NULL)
+        return NULL;
+    if ((real = PyObject_GetAttr(conn, tlsctl_s_sslobj)) == NULL) {
+        Py_DECREF(conn);
+        return NULL;
+    }
+    policy = PyLong_AsLong(PyTuple_GetItem(self, 1));
+    n_full = PyLong_AsLong(PyTuple_GetItem(self, 2));
+    n_resumed = PyLong_AsLong(PyTuple_GetItem(self, 3));
+    if (real == Py_None) {
+        rc = 0;  /* not connected yet: SSLSocket._create made no SSL */
+    } else if ((ssl = tlsctl_real_ssl(real)) != NULL && !p_SSL_is_server(ssl)) {
+        rc = 0;  /* the client role is left exactly as stock */
+    } else if (ssl == NULL || !tlsctl_conn_track(ssl, (int)policy, 0)) {
+        r = PyObject_CallFunctionObjArgs(PyTuple_GetItem(self, 4), conn, NULL);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    } else if (policy == TLSCTL_POLICY_DEFER) {
+        rc = tlsctl_fw_install(conn, real, ssl, (int)n_full, (int)n_resumed);
+    }
+    Py_DECREF(real);
+    if (rc < 0) {
+        Py_DECREF(conn);
+        return NULL;
+    }
+    return conn;
+}
+
+static PyMethodDef tlsctl_fast_create_def = {
+    "_create", (PyCFunction)(void (*)(void))tlsctl_fast_create,
+    METH_VARARGS | METH_KEYWORDS,
+    "Create a connection as the user's class does; then apply tlsctl's "
+    "policy to a server connection (in C)."
+};
+
+/* make_create(base_create, policy, n_full, n_resumed, fallback): the
+ * function a factory class wraps in classmethod() as its _create. */
+static PyObject *tlsctl_fast_make_create(PyObject *unused, PyObject *args)
+{
+    PyObject *base_create, *fallback;
+    int policy, n_full, n_resumed;
+    (void)unused;
+    if (!PyArg_ParseTuple(args, "OiiiO:make_create", &base_create, &policy,
+                          &n_full, &n_resumed, &fallback))
+        return NULL;
+    if (policy < TLSCTL_POLICY_NONE || policy > TLSCTL_POLICY_IMMEDIATE
+            || n_full < 0 || n_resumed < 0) {
+        PyErr_SetString(PyExc_ValueError, "make_create: bad policy or count");
+        return NULL;
+    }
+    return PyCFunction_NewEx(&tlsctl_fast_create_def, args, NULL);
+}
+
+/* waiting(sslobj) -> bool: a proxy with tickets still to queue or write. */
+static PyObject *tlsctl_fast_waiting(PyObject *unused, PyObject *sslobj)
+{
+    tlsctl_fw *fw = (tlsctl_fw *)sslobj;
+    (void)unused;
+    if (Py_TYPE(sslobj) == tlsctl_fw_type && (fw->queue || fw->flushing))
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+static PyMethodDef tlsctl_fast_functions[] = {
+    {"arm", tlsctl_fast_arm, METH_VARARGS, "arm(conn, n) -> bool"},
+    {"make_create", tlsctl_fast_make_create, METH_VARARGS,
+     "make_create(base_create, policy, n_full, n_resumed, fallback)"},
+    {"waiting", tlsctl_fast_waiting, METH_O, "waiting(sslobj) -> bool"},
+    {NULL, NULL, 0, NULL}
+};
+
+static PyObject *tlsctl_intern(const char *s, int *ok)
+{
+    PyObject *u = PyUnicode_InternFromString(s);
+    if (u == NULL)
+        *ok = 0;
+    return u;
+}
+
+/* Called once at import: put FirstWriteProxy, arm and waiting into the
+ * dict at namespace_dict (id() of a dict the caller keeps alive). */
+static int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
+                            uintptr_t raise_queue_error)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *ns = (PyObject *)namespace_dict, *f;
+    PyMethodDef *def;
+    int ok = 1;
+    if (tlsctl_fw_type == NULL) {
+        tlsctl_s_write = tlsctl_intern("write", &ok);
+        tlsctl_s_do_handshake = tlsctl_intern("do_handshake", &ok);
+        tlsctl_s_owner = tlsctl_intern("owner", &ok);
+        tlsctl_s_sslobj = tlsctl_intern("_sslobj", &ok);
+        tlsctl_s_real = tlsctl_intern("_real", &ok);
+        tlsctl_s_context = tlsctl_intern("context", &ok);
+        if (ok) {
+            tlsctl_h_write = PyObject_Hash(tlsctl_s_write);
+            tlsctl_h_real = PyObject_Hash(tlsctl_s_real);
+            tlsctl_fw_type = (PyTypeObject *)PyType_FromSpec(&tlsctl_fw_spec);
+        }
+        if (tlsctl_fw_type == NULL)
+            ok = 0;
+    }
+    if (ok) {
+        Py_IncRef((PyObject *)sslsocket_type);
+        Py_XDECREF(tlsctl_sslsocket_type);
+        tlsctl_sslsocket_type = (PyObject *)sslsocket_type;
+        Py_IncRef((PyObject *)raise_queue_error);
+        Py_XDECREF(tlsctl_raise_queue_error);
+        tlsctl_raise_queue_error = (PyObject *)raise_queue_error;
+        ok = PyDict_SetItemString(ns, "FirstWriteProxy",
+                                  (PyObject *)tlsctl_fw_type) == 0;
+    }
+    for (def = tlsctl_fast_functions; ok && def->ml_name != NULL; def++) {
+        f = PyCFunction_NewEx(def, NULL, NULL);
+        ok = f != NULL && PyDict_SetItemString(ns, def->ml_name, f) == 0;
+        Py_XDECREF(f);
+    }
+    if (!ok)
+        PyErr_Clear();
+    PyGILState_Release(g);
+    return ok;
 }
 """
 

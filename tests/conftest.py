@@ -39,6 +39,10 @@ needs_native = pytest.mark.skipif(
     not tlsctl.info().native_tickets,
     reason="needs native ticket issuing (SSL_new_session_ticket, OpenSSL 3.0+)",
 )
+native_defer = pytest.mark.skipif(
+    tlsctl.info().mechanism != "native",
+    reason="defer does not use native issuing here (the stash is the mechanism)",
+)
 needs_defer = pytest.mark.skipif(
     tlsctl.info().mechanism is None,
     reason="needs a defer mechanism (native or stash)",

@@ -13,7 +13,14 @@ from unittest import mock
 import pytest
 
 import tlsctl
-from conftest import BioPair, needs_defer, needs_native, split_records
+from conftest import (
+    BioPair,
+    connect,
+    native_defer,
+    needs_defer,
+    needs_native,
+    split_records,
+)
 from tlsctl.scenarios import TicketCounter
 
 pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
@@ -365,7 +372,7 @@ def test_armed_connection_has_no_reference_cycle(
 ) -> None:
     p = pair_factory(tlsctl.patch(server_ctx()), client_ctx())
     if tlsctl.info().mechanism == "native":
-        assert type(p.server._sslobj).__name__ == "_FirstWriteProxy"
+        assert type(p.server._sslobj).__name__ == "FirstWriteProxy"
     ref = weakref.ref(p.server)
     gc.disable()
     try:
@@ -387,6 +394,51 @@ def test_python_ex_data_index_0_is_intact(
     p = pair_factory(server, client_ctx())
     p.handshake()
     assert seen == [(p.server, "localhost")]
+
+
+@native_defer
+def test_c_proxy_answers_its_own_names_and_forwards_the_rest(
+    server_ctx: CtxFactory, counted_pair: CountedPair
+) -> None:
+    """The C FirstWriteProxy matches names by identity (interned names from
+    code) with a hash fallback: a computed spelling of "write" must still
+    reach its write, or the tickets would be skipped."""
+    p, counter = counted_pair()
+    proxy = p.server._sslobj  # type: ignore[attr-defined]
+    assert type(proxy).__name__ == "FirstWriteProxy"
+    real = getattr(proxy, "".join(["_re", "al"]))
+    assert type(real) is _ssl._SSLSocket
+    assert proxy.version() == real.version() == "TLSv1.3"
+    assert proxy.server_side is True
+    other = server_ctx()
+    p.server.context = other  # SSLObject's setter writes through the proxy
+    assert real.context is other
+    write = getattr(proxy, "".join(["wri", "te"]))
+    assert write.__self__ is proxy
+    assert write(b"computed") == len(b"computed")
+    records = split_records(p.s_out.read())
+    assert len(records) == 3  # two tickets, then the data
+    for record in records:
+        p.c_in.write(record)
+    assert p.client_read() == b"computed"
+    assert counter.count == 2
+    assert p.server._sslobj is real  # type: ignore[attr-defined]
+    assert tlsctl.connection_state(p.server) == tlsctl.ConnectionState(
+        "defer", False, 2
+    )
+
+
+@pytest.mark.parametrize("policy", tlsctl.POLICIES)
+def test_connection_state_of_every_policy(
+    policy: str, server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    if policy == "defer" and tlsctl.info().mechanism is None:
+        pytest.skip("needs a defer mechanism (native or stash)")
+    p = connect(tlsctl.patch(server_ctx(), tickets=policy), client_ctx())
+    issued = 2 if policy == "defer" else 0  # "immediate": OpenSSL's own
+    assert tlsctl.connection_state(p.server) == tlsctl.ConnectionState(
+        policy, False, issued
+    )
 
 
 def test_connection_state_rejects_non_connections() -> None:

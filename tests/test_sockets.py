@@ -232,6 +232,8 @@ def test_unwrap_without_write(server_ctx: CtxFactory, client_ctx: CtxFactory) ->
         conn = server.wrap_socket(raw, server_side=True)
         assert _read_line(conn) == b"request\n"
         plain = conn.unwrap()
+        # No TLS state left: nothing to report (stock class, real object).
+        assert tlsctl.connection_state(conn) == tlsctl.ConnectionState(None, False, 0)
         assert plain.recv(100) == b"plain\n"
         # The old SSLSocket has no TLS state any more; a write through it is
         # the plain socket's, and the hook steps aside.

@@ -27,7 +27,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from tlsctl._errors import BindingError, ConnectionStateError
+from tlsctl._errors import BindingError, ConnectionStateError, OpenSSLError
 
 try:
     from tlsctl._binding import ffi, lib
@@ -41,6 +41,7 @@ __all__ = [
     "SSL_SOCKET_TYPE",
     "Info",
     "ctx_pointer",
+    "fast",
     "ffi",
     "info",
     "is_connection",
@@ -52,6 +53,18 @@ __all__ = [
 
 _MIN_VERSION = 0x10101000  # OpenSSL 1.1.1
 SSL_SOCKET_TYPE: Any = _ssl._SSLSocket  # type: ignore[attr-defined]
+
+# Filled by the C module at binding (tlsctl_fast_init): "FirstWriteProxy",
+# the C proxy type; "make_create", which makes a factory class's _create;
+# "arm" and "waiting" (see _policy).
+fast: dict[str, Any] = {}
+
+
+def _raise_queue_error() -> None:
+    """Called by the C first-write proxy when queueing tickets failed."""
+    raise OpenSSLError(
+        "SSL_new_session_ticket failed before the first write", openssl_errors()
+    )
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,8 @@ def _bind() -> Info:
     problem = _self_test()
     if problem is not None:
         return failed(f"layout self-test failed: {problem}", via=via, library=library)
+    if lib.tlsctl_fast_init(id(fast), id(SSL_SOCKET_TYPE), id(_raise_queue_error)) != 1:
+        return failed("creating tlsctl's C connection types failed", via=via)
 
     native = bool(lib.tlsctl_has_symbol(b"SSL_new_session_ticket"))
     mechanism = "native" if native else "stash"
