@@ -87,6 +87,7 @@ RSS_TARGET_BYTES = 256  # per connection
 IDLE = 1000
 BULK = 64 * 1024
 CONNECTIONS = 16
+HANDSHAKES = 60  # per side and round
 
 
 class Pair:
@@ -129,29 +130,43 @@ class Pair:
         return self
 
 
+def one_handshake(
+    server: ssl.SSLContext,
+    client: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+) -> None:
+    pair = Pair(server, client, session).handshake_and_first_byte()
+    if session is not None and not pair.client.session_reused:
+        raise RuntimeError("the benchmark's handshakes did not resume")
+
+
+def one_by_hand(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
+    """``one_handshake`` on a ``num_tickets = 0`` context, queueing the two
+    tickets by hand right before the first write, which then writes them
+    ahead of its data, as tlsctl does on a memory BIO (tlsctl's private
+    binding, unchecked pointer: a measuring aid only)."""
+    from tlsctl._bind import lib
+
+    pair = Pair(server, client).handshake_only()
+    real = pair.server._sslobj  # type: ignore[attr-defined]
+    lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1)
+    pair.server.write(b"!")
+    pair.c_in.write(pair.s_out.read())
+    if pair.client.read(10) != b"!":
+        raise RuntimeError("handshake pair broken")
+
+
 def handshakes(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
-        Pair(server, client).handshake_and_first_byte()
+        one_handshake(server, client)
     return n / (time.perf_counter() - start)
 
 
 def handshakes_by_hand(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
-    """Like ``handshakes`` on a ``num_tickets = 0`` context, issuing the two
-    tickets by hand right before the first write (tlsctl's private binding,
-    unchecked pointer: a measuring aid only)."""
-    from tlsctl._bind import lib
-
     start = time.perf_counter()
     for _ in range(n):
-        pair = Pair(server, client).handshake_only()
-        real = pair.server._sslobj  # type: ignore[attr-defined]
-        lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1)
-        real.do_handshake()
-        pair.server.write(b"!")
-        pair.c_in.write(pair.s_out.read())
-        if pair.client.read(10) != b"!":
-            raise RuntimeError("handshake pair broken")
+        one_by_hand(server, client)
     return n / (time.perf_counter() - start)
 
 
@@ -167,11 +182,8 @@ def resumed_handshakes(
 ) -> float:
     start = time.perf_counter()
     for _ in range(n):
-        pair = Pair(server, client, session).handshake_and_first_byte()
-    elapsed = time.perf_counter() - start
-    if not pair.client.session_reused:
-        raise RuntimeError("the benchmark's handshakes did not resume")
-    return n / elapsed
+        one_handshake(server, client, session)
+    return n / (time.perf_counter() - start)
 
 
 def writes(pairs: list[Pair], size: int, n: int) -> float:
@@ -238,6 +250,51 @@ def _rounds(
     )
 
 
+def _paired_rounds(
+    one_stock: Callable[[], None],
+    one_patched: Callable[[], None],
+    rounds: int,
+    progress: Progress,
+    label: str,
+) -> tuple[float, float, float, float]:
+    """``_rounds`` for one-shot operations (handshakes): inside a round the
+    two sides alternate operation by operation, each timed on its own, so
+    both see the same state of the machine; the round's ratio is its total
+    stock time / total patched time (= patched rate / stock rate)."""
+    clock = time.perf_counter_ns
+    for _ in range(HANDSHAKES):  # warm-up, discarded
+        one_stock()
+        one_patched()
+    stock, patched, ratios = [], [], []
+    for _ in range(rounds):
+        t_stock = t_patched = 0
+        for i in range(HANDSHAKES):
+            stock_first = i % 2 == 0
+            first, second = (
+                (one_stock, one_patched) if stock_first else (one_patched, one_stock)
+            )
+            a = clock()
+            first()
+            b = clock()
+            second()
+            c = clock()
+            if stock_first:
+                t_stock, t_patched = t_stock + b - a, t_patched + c - b
+            else:
+                t_patched, t_stock = t_patched + b - a, t_stock + c - b
+        stock.append(HANDSHAKES * 1e9 / t_stock)
+        patched.append(HANDSHAKES * 1e9 / t_patched)
+        ratios.append(t_stock / t_patched)
+        progress.step(label)
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return (
+        statistics.median(stock),
+        statistics.median(patched),
+        statistics.median(ratios),
+        (q3 - q1) / 2,
+    )
+
+
 class Contexts(NamedTuple):
     client: ssl.SSLContext
     stock: ssl.SSLContext  # OpenSSL's defaults
@@ -276,28 +333,27 @@ def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
         ctx: session_of(ctx, client) for ctx in (stock_ctx, patched_ctx, keyed_ctx)
     }
 
-    def resumed(ctx: ssl.SSLContext) -> Callable[[], float]:
-        return lambda: resumed_handshakes(ctx, client, sessions[ctx], 60)
+    def full(ctx: ssl.SSLContext) -> Callable[[], None]:
+        return lambda: one_handshake(ctx, client)
+
+    def resumed(ctx: ssl.SSLContext) -> Callable[[], None]:
+        return lambda: one_handshake(ctx, client, sessions[ctx])
 
     results: dict[str, Result] = {}
-    results["full handshakes/s"] = _rounds(
-        lambda: handshakes(stock_ctx, client, 60),
-        lambda: handshakes(patched_ctx, client, 60),
-        rounds,
-        progress,
-        "full handshakes/s",
+    results["full handshakes/s"] = _paired_rounds(
+        full(stock_ctx), full(patched_ctx), rounds, progress, "full handshakes/s"
     )
-    results[BY_HAND] = _rounds(
-        lambda: handshakes(stock_ctx, client, 60),
-        lambda: handshakes_by_hand(bare_ctx, client, 60),
+    results[BY_HAND] = _paired_rounds(
+        full(stock_ctx),
+        lambda: one_by_hand(bare_ctx, client),
         rounds,
         progress,
         "by hand",
     )
-    results["resumed handshakes/s"] = _rounds(
+    results["resumed handshakes/s"] = _paired_rounds(
         resumed(stock_ctx), resumed(patched_ctx), rounds, progress, "resumed"
     )
-    results["resumed handshakes/s, shared keys"] = _rounds(
+    results["resumed handshakes/s, shared keys"] = _paired_rounds(
         resumed(stock_ctx), resumed(keyed_ctx), rounds, progress, "shared keys"
     )
     results["1 KiB writes/s"] = _rounds(
