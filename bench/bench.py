@@ -10,12 +10,18 @@ It prints a table with a progress bar while it runs and writes PNG charts
 (``--plot-dir``, default ``bench/``; needs matplotlib: ``pip install
 '.[bench]'``): ``ratios.png`` and, with ``--scaling``, ``scaling.png``.
 
-Wall clock: each metric runs stock and patched back to back in many short
-rounds (alternating which goes first) and reports the median of the
-per-round patched/stock ratios with its spread, so slow drift of the machine
-cancels out and the noise floor is visible.  Writes rotate over 16
-connections per side, because single connections differ from each other by
-up to 3% (buffer placement; measured between two stock connections).
+Wall clock: each metric runs stock and patched in many short rounds and
+reports the median of the per-round patched/stock ratios with its spread,
+so slow drift of the machine cancels out and the noise floor is visible.
+Inside a round the two sides alternate operation by operation, each timed
+on its own, alternating which goes first: a handshake (60 per side and
+round), or a sweep of one write over each of 16 connections per side
+(single connections differ from each other by up to 3%: buffer placement,
+measured between two stock connections).  On this 2-core VM, blocks of 60
+handshakes per side left a spread of up to +/-0.04 between rounds as the
+host's load changed; one-by-one pairs +/-0.005.  It is also the harder
+comparison for tlsctl: a patched handshake never follows another one, so
+its own code always starts cold.
 
 Instructions (``--instructions``, needs valgrind): the same work under
 ``valgrind --tool=callgrind`` with ``PYTHONHASHSEED=0``, counting
@@ -34,11 +40,14 @@ noise:
 * bulk MB/s: the same with 64 KiB writes;
 * full handshakes/s, technique by hand: the same OpenSSL calls tlsctl
   makes, made directly by the benchmark on a plain context with
-  ``num_tickets = 0`` (``SSL_new_session_ticket`` twice and a flush right
-  before the first write; no tlsctl Python at all): the cost of the
-  technique itself, against which tlsctl's own per-connection cost shows;
+  ``num_tickets = 0`` (``SSL_new_session_ticket`` twice right before the
+  first write, which carries the tickets; no tlsctl code in the
+  connection's path): the cost of the technique itself, against which
+  tlsctl's own per-connection cost shows;
 * resumed handshakes/s: TLS 1.3 resumption from a saved session, then the
   first byte (the server decrypts the ticket and sends one renewal ticket);
+* resumed handshakes/s, technique by hand: the same by hand (one ticket
+  queued after the resumed handshake, as tlsctl and stock send);
 * resumed handshakes/s, shared keys: the same, where "patched" is a context
   given shared keys with ``tlsctl.set_ticket_keys`` (the key lookup runs in
   C) and "stock" one with OpenSSL's built-in keys;
@@ -74,10 +83,12 @@ import tlsctl
 from tlsctl import scenarios
 
 BY_HAND = "full handshakes/s, technique by hand"
+BY_HAND_RESUMED = "resumed handshakes/s, technique by hand"
 TARGETS = {
     "full handshakes/s": 0.98,
     BY_HAND: 0.98,
     "resumed handshakes/s": 0.98,
+    BY_HAND_RESUMED: 0.98,
     "resumed handshakes/s, shared keys": 0.98,
     "1 KiB writes/s": 0.98,
     "bulk MB/s": 0.99,
@@ -140,20 +151,28 @@ def one_handshake(
         raise RuntimeError("the benchmark's handshakes did not resume")
 
 
-def one_by_hand(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
-    """``one_handshake`` on a ``num_tickets = 0`` context, queueing the two
-    tickets by hand right before the first write, which then writes them
-    ahead of its data, as tlsctl does on a memory BIO (tlsctl's private
-    binding, unchecked pointer: a measuring aid only)."""
+def one_by_hand(
+    server: ssl.SSLContext,
+    client: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+) -> Pair:
+    """``one_handshake`` on a ``num_tickets = 0`` context, queueing the
+    tickets by hand right before the first write (two, or one after a
+    resumed handshake), which then writes them ahead of its data, as tlsctl
+    does on a memory BIO (tlsctl's private binding, unchecked pointer: a
+    measuring aid only)."""
     from tlsctl._bind import lib
 
-    pair = Pair(server, client).handshake_only()
+    pair = Pair(server, client, session).handshake_only()
     real = pair.server._sslobj  # type: ignore[attr-defined]
     lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1)
     pair.server.write(b"!")
     pair.c_in.write(pair.s_out.read())
     if pair.client.read(10) != b"!":
         raise RuntimeError("handshake pair broken")
+    if session is not None and not pair.client.session_reused:
+        raise RuntimeError("the benchmark's handshakes did not resume")
+    return pair
 
 
 def handshakes(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
@@ -199,6 +218,41 @@ def writes(pairs: list[Pair], size: int, n: int) -> float:
     return per_pair * len(pairs) / (time.perf_counter() - start)
 
 
+class WriteSweep:
+    """Calling it writes ``size`` bytes once on each of ``CONNECTIONS``
+    established connections of ``server`` (first write done, output
+    drained).  ``renew()`` replaces the connections: where their buffers
+    land in memory moves a single connection's rate by up to 3%, so each
+    round gets fresh ones and the median over rounds averages that out."""
+
+    def __init__(
+        self, server: ssl.SSLContext, client: ssl.SSLContext, size: int
+    ) -> None:
+        self.server, self.client, self.data = server, client, b"w" * size
+        self.ends: list[tuple[Callable[[bytes], int], Callable[[], bytes]]] = []
+        self.renew()
+
+    def renew(self) -> None:
+        self.ends = []  # free the old connections first
+        for _ in range(CONNECTIONS):
+            pair = Pair(self.server, self.client).handshake_and_first_byte()
+            self.ends.append((pair.server.write, pair.s_out.read))
+
+    @staticmethod
+    def renewer(*sweeps: WriteSweep) -> Callable[[], None]:
+        def renew() -> None:
+            for sweep in sweeps:
+                sweep.renew()
+
+        return renew
+
+    def __call__(self) -> None:
+        data = self.data
+        for write, drain in self.ends:
+            write(data)
+            drain()
+
+
 class Progress:
     """A one-line progress bar on stderr (silent when stderr is not a TTY
     unless forced), so a long run shows it is alive."""
@@ -221,54 +275,30 @@ class Progress:
         sys.stderr.flush()
 
 
-def _rounds(
-    run_stock: Callable[[], float],
-    run_patched: Callable[[], float],
-    rounds: int,
-    progress: Progress,
-    label: str,
-) -> tuple[float, float, float, float]:
-    """(median stock rate, median patched rate, median per-round ratio,
-    half the interquartile range of the ratios), after a discarded warm-up."""
-    run_stock(), run_patched()
-    stock, patched, ratios = [], [], []
-    for i in range(rounds):
-        if i % 2 == 0:
-            s, p = run_stock(), run_patched()
-        else:
-            p, s = run_patched(), run_stock()
-        stock.append(s)
-        patched.append(p)
-        ratios.append(p / s)
-        progress.step(label)
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return (
-        statistics.median(stock),
-        statistics.median(patched),
-        statistics.median(ratios),
-        (q3 - q1) / 2,
-    )
-
-
 def _paired_rounds(
-    one_stock: Callable[[], None],
-    one_patched: Callable[[], None],
+    one_stock: Callable[[], object],
+    one_patched: Callable[[], object],
     rounds: int,
     progress: Progress,
     label: str,
+    per_round: int = HANDSHAKES,
+    setup: Callable[[], None] | None = None,
 ) -> tuple[float, float, float, float]:
-    """``_rounds`` for one-shot operations (handshakes): inside a round the
-    two sides alternate operation by operation, each timed on its own, so
-    both see the same state of the machine; the round's ratio is its total
-    stock time / total patched time (= patched rate / stock rate)."""
+    """Inside a round the two sides alternate operation by operation, each
+    timed on its own, so both see the same state of the machine; the
+    round's ratio is its total stock time / total patched time (= patched
+    rate / stock rate).  Rates are operations per second.  ``setup`` runs
+    before each round, untimed."""
     clock = time.perf_counter_ns
-    for _ in range(HANDSHAKES):  # warm-up, discarded
+    for _ in range(per_round):  # warm-up, discarded
         one_stock()
         one_patched()
     stock, patched, ratios = [], [], []
     for _ in range(rounds):
+        if setup is not None:
+            setup()
         t_stock = t_patched = 0
-        for i in range(HANDSHAKES):
+        for i in range(per_round):
             stock_first = i % 2 == 0
             first, second = (
                 (one_stock, one_patched) if stock_first else (one_patched, one_stock)
@@ -282,8 +312,8 @@ def _paired_rounds(
                 t_stock, t_patched = t_stock + b - a, t_patched + c - b
             else:
                 t_patched, t_stock = t_patched + b - a, t_stock + c - b
-        stock.append(HANDSHAKES * 1e9 / t_stock)
-        patched.append(HANDSHAKES * 1e9 / t_patched)
+        stock.append(per_round * 1e9 / t_stock)
+        patched.append(per_round * 1e9 / t_patched)
         ratios.append(t_stock / t_patched)
         progress.step(label)
     q1, _, q3 = statistics.quantiles(ratios, n=4)
@@ -323,12 +353,6 @@ Result = tuple[float, float, float, float]
 
 def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
     client, stock_ctx, patched_ctx, keyed_ctx, bare_ctx = _contexts()
-    stock_pairs = [
-        Pair(stock_ctx, client).handshake_and_first_byte() for _ in range(CONNECTIONS)
-    ]
-    patched_pairs = [
-        Pair(patched_ctx, client).handshake_and_first_byte() for _ in range(CONNECTIONS)
-    ]
     sessions = {
         ctx: session_of(ctx, client) for ctx in (stock_ctx, patched_ctx, keyed_ctx)
     }
@@ -353,24 +377,38 @@ def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
     results["resumed handshakes/s"] = _paired_rounds(
         resumed(stock_ctx), resumed(patched_ctx), rounds, progress, "resumed"
     )
+    by_hand_session = one_by_hand(bare_ctx, client).client.session
+
+    def resumed_by_hand() -> None:
+        one_by_hand(bare_ctx, client, by_hand_session)
+
+    results[BY_HAND_RESUMED] = _paired_rounds(
+        resumed(stock_ctx), resumed_by_hand, rounds, progress, "resumed by hand"
+    )
     results["resumed handshakes/s, shared keys"] = _paired_rounds(
         resumed(stock_ctx), resumed(keyed_ctx), rounds, progress, "shared keys"
     )
-    results["1 KiB writes/s"] = _rounds(
-        lambda: writes(stock_pairs, 1024, 10000),
-        lambda: writes(patched_pairs, 1024, 10000),
-        rounds,
-        progress,
-        "1 KiB writes/s",
-    )
-    s, p, r, spread = _rounds(
-        lambda: writes(stock_pairs, BULK, 256),
-        lambda: writes(patched_pairs, BULK, 256),
-        rounds,
-        progress,
-        "bulk MB/s",
-    )
-    results["bulk MB/s"] = (s * BULK / 1e6, p * BULK / 1e6, r, spread)
+    # A sweep writes once on each of the CONNECTIONS connections of its side.
+    for size, metric, per_round in (
+        (1024, "1 KiB writes/s", 10000 // CONNECTIONS),
+        (BULK, "bulk MB/s", 256 // CONNECTIONS),
+    ):
+        stock_sweep = WriteSweep(stock_ctx, client, size)
+        patched_sweep = WriteSweep(patched_ctx, client, size)
+        results[metric] = _paired_rounds(
+            stock_sweep,
+            patched_sweep,
+            rounds,
+            progress,
+            metric,
+            per_round,
+            WriteSweep.renewer(stock_sweep, patched_sweep),
+        )
+    s, p, r, spread = results.pop("1 KiB writes/s")
+    results["1 KiB writes/s"] = (s * CONNECTIONS, p * CONNECTIONS, r, spread)
+    s, p, r, spread = results.pop("bulk MB/s")
+    mb = CONNECTIONS * BULK / 1e6
+    results["bulk MB/s"] = (s * mb, p * mb, r, spread)
     return results
 
 
@@ -662,20 +700,20 @@ def main() -> int:
         "(ratio = median of per-round patched/stock; +/- = half the IQR)"
     )
     print(
-        f"{'metric':36} {'stock':>12} {'patched':>12} {'ratio':>7} "
+        f"{'metric':40} {'stock':>12} {'patched':>12} {'ratio':>7} "
         f"{'+/-':>6} {'target':>7}  verdict"
     )
     for metric, (stock, patched, ratio, spread) in results.items():
         target = TARGETS[metric]
         verdict = "meets" if ratio >= target else "BELOW"
         print(
-            f"{metric:36} {stock:12.1f} {patched:12.1f} {ratio:7.3f} "
+            f"{metric:40} {stock:12.1f} {patched:12.1f} {ratio:7.3f} "
             f"{spread:6.3f} {target:7.2f}  {verdict}"
         )
     per_conn = (rss_patched - rss_stock) / IDLE
     rss_ratio = rss_stock / rss_patched
     print(
-        f"{RSS_METRIC:36} {rss_stock / 1e6:10.2f}MB {rss_patched / 1e6:10.2f}MB "
+        f"{RSS_METRIC:40} {rss_stock / 1e6:10.2f}MB {rss_patched / 1e6:10.2f}MB "
         f"{rss_ratio:7.3f} {'':6} {'+256B':>7}  "
         f"{'meets' if per_conn <= RSS_TARGET_BYTES else 'BELOW'} "
         f"({per_conn:+.0f} bytes per connection)"
@@ -684,14 +722,14 @@ def main() -> int:
     if counts is not None:
         print("\ninstructions per operation (callgrind, PYTHONHASHSEED=0)")
         print(
-            f"{'metric':36} {'stock':>12} {'patched':>12} {'ratio':>7} "
+            f"{'metric':40} {'stock':>12} {'patched':>12} {'ratio':>7} "
             f"{'target':>7}  verdict"
         )
         for metric, (stock, patched, ratio) in counts.items():
             target = TARGETS[metric]
             verdict = "meets" if ratio >= target else "BELOW"
             print(
-                f"{metric:36} {stock:12.0f} {patched:12.0f} {ratio:7.4f} "
+                f"{metric:40} {stock:12.0f} {patched:12.0f} {ratio:7.4f} "
                 f"{target:7.2f}  {verdict}"
             )
 
