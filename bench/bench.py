@@ -43,7 +43,8 @@ noise:
   ``num_tickets = 0`` (``SSL_new_session_ticket`` twice right before the
   first write, which carries the tickets; no tlsctl code in the
   connection's path): the cost of the technique itself, against which
-  tlsctl's own per-connection cost shows;
+  tlsctl's own per-connection cost shows (OpenSSL 3.0+; left out on
+  1.1.1, which has no ``SSL_new_session_ticket``);
 * resumed handshakes/s: TLS 1.3 resumption from a saved session, then the
   first byte (the server decrypts the ticket and sends one renewal ticket);
 * resumed handshakes/s, technique by hand: the same by hand (one ticket
@@ -166,7 +167,8 @@ def one_by_hand(
 
     pair = Pair(server, client, session).handshake_only()
     real = pair.server._sslobj  # type: ignore[attr-defined]
-    lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1)
+    if lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1) < 1:
+        raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
     pair.server.write(b"!")
     pair.c_in.write(pair.s_out.read())
     if pair.client.read(10) != b"!":
@@ -352,7 +354,16 @@ def _contexts() -> Contexts:
 Result = tuple[float, float, float, float]
 
 
+def wall_metrics() -> list[str]:
+    """The wall-clock metrics this OpenSSL can run: the by-hand references
+    need ``SSL_new_session_ticket`` (3.0+)."""
+    by_hand = (BY_HAND, BY_HAND_RESUMED)
+    native = tlsctl.info().native_tickets
+    return [m for m in TARGETS if native or m not in by_hand]
+
+
 def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
+    metrics = wall_metrics()
     client, stock_ctx, patched_ctx, keyed_ctx, bare_ctx = _contexts()
     sessions = {
         ctx: session_of(ctx, client) for ctx in (stock_ctx, patched_ctx, keyed_ctx)
@@ -368,24 +379,26 @@ def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
     results["full handshakes/s"] = _paired_rounds(
         full(stock_ctx), full(patched_ctx), rounds, progress, "full handshakes/s"
     )
-    results[BY_HAND] = _paired_rounds(
-        full(stock_ctx),
-        lambda: one_by_hand(bare_ctx, client),
-        rounds,
-        progress,
-        "by hand",
-    )
+    if BY_HAND in metrics:
+        results[BY_HAND] = _paired_rounds(
+            full(stock_ctx),
+            lambda: one_by_hand(bare_ctx, client),
+            rounds,
+            progress,
+            "by hand",
+        )
     results["resumed handshakes/s"] = _paired_rounds(
         resumed(stock_ctx), resumed(patched_ctx), rounds, progress, "resumed"
     )
-    by_hand_session = one_by_hand(bare_ctx, client).client.session
+    if BY_HAND_RESUMED in metrics:
+        by_hand_session = one_by_hand(bare_ctx, client).client.session
 
-    def resumed_by_hand() -> None:
-        one_by_hand(bare_ctx, client, by_hand_session)
+        def resumed_by_hand() -> None:
+            one_by_hand(bare_ctx, client, by_hand_session)
 
-    results[BY_HAND_RESUMED] = _paired_rounds(
-        resumed(stock_ctx), resumed_by_hand, rounds, progress, "resumed by hand"
-    )
+        results[BY_HAND_RESUMED] = _paired_rounds(
+            resumed(stock_ctx), resumed_by_hand, rounds, progress, "resumed by hand"
+        )
     results["resumed handshakes/s, shared keys"] = _paired_rounds(
         resumed(stock_ctx), resumed(keyed_ctx), rounds, progress, "shared keys"
     )
@@ -689,7 +702,7 @@ def main() -> int:
         except ImportError:
             print("charts need matplotlib: pip install '.[bench]' (or --no-plot)")
             return 1
-    steps = rounds * len(TARGETS) + RSS_REPEATS
+    steps = rounds * len(wall_metrics()) + RSS_REPEATS
     steps += (len(SIZES) + len(DELAYS)) if args.scaling else 0
     steps += len(_WORK) if args.instructions else 0
     progress = Progress(steps, enabled=True)

@@ -1594,6 +1594,16 @@ static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
     return result;
 }
 
+/* Only tlsctl_fw_install makes proxies: one made from Python would have no
+ * real object to forward to. */
+static PyObject *tlsctl_fw_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+    (void)tp; (void)args; (void)kw;
+    PyErr_SetString(PyExc_TypeError,
+                    "FirstWriteProxy objects are made by tlsctl only");
+    return NULL;
+}
+
 static PyMethodDef tlsctl_fw_methods[] = {
     {"write", tlsctl_fw_write, METH_O,
      "Queue and write the connection's tickets, then the data."},
@@ -1601,6 +1611,7 @@ static PyMethodDef tlsctl_fw_methods[] = {
 };
 
 static PyType_Slot tlsctl_fw_slots[] = {
+    {Py_tp_new, (void *)tlsctl_fw_new},
     {Py_tp_dealloc, (void *)tlsctl_fw_dealloc},
     {Py_tp_getattro, (void *)tlsctl_fw_getattro},
     {Py_tp_setattro, (void *)tlsctl_fw_setattro},
@@ -1618,7 +1629,7 @@ static PyType_Spec tlsctl_fw_spec = {
 static int tlsctl_add_count(int *field, int n)
 {
     if (n < 0 || *field > INT_MAX - n) {
-        PyErr_SetString(PyExc_OverflowError, "too many tickets pending");
+        PyErr_SetString(PyExc_OverflowError, "ticket count out of range");
         return -1;
     }
     *field += n;

@@ -406,6 +406,10 @@ def test_c_proxy_answers_its_own_names_and_forwards_the_rest(
     p, counter = counted_pair()
     proxy = p.server._sslobj  # type: ignore[attr-defined]
     assert type(proxy).__name__ == "FirstWriteProxy"
+    with pytest.raises(TypeError, match="made by tlsctl only"):
+        type(proxy)()  # it would have nothing to forward to
+    with pytest.raises(TypeError):
+        type("Sub", (type(proxy),), {})  # and it is final
     real = getattr(proxy, "".join(["_re", "al"]))
     assert type(real) is _ssl._SSLSocket
     assert proxy.version() == real.version() == "TLSv1.3"
