@@ -185,13 +185,6 @@ def handshakes(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def handshakes_by_hand(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        one_by_hand(server, client)
-    return n / (time.perf_counter() - start)
-
-
 def session_of(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLSession:
     session = Pair(server, client).handshake_and_first_byte().client.session
     if session is None or not session.has_ticket:
@@ -333,7 +326,7 @@ class Contexts(NamedTuple):
     stock: ssl.SSLContext  # OpenSSL's defaults
     patched: ssl.SSLContext  # tlsctl.patch()
     keyed: ssl.SSLContext  # tlsctl.set_ticket_keys()
-    by_hand: ssl.SSLContext  # num_tickets = 0, for handshakes_by_hand
+    by_hand: ssl.SSLContext  # num_tickets = 0, for one_by_hand
 
 
 def _contexts() -> Contexts:

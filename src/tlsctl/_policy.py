@@ -25,9 +25,10 @@ handshake, the tickets go out with the server's first application write.
   a connection then costs tlsctl no Python frame at all, which is what
   brought full handshakes/s from 0.96 to 0.98+ of stock (measured: the
   Python version cost ~40 us per connection more than the same OpenSSL
-  calls made by hand, in the benchmark loop, where caches are cold).  The policy and the
-  count of tickets issued live in the SSL's ex_data under tlsctl's own
-  index, as a tagged integer: no Python object per idle connection.
+  calls made by hand, in the benchmark loop, where caches are cold).  The
+  policy and the count of tickets issued live in the SSL's ex_data under
+  tlsctl's own index, as a tagged integer: no Python object per idle
+  connection.
   Contexts with ticket callbacks, and the stash (OpenSSL 1.1.1), use the
   Python ``_create`` and proxies below, which keep a ``_ConnState``.
 
@@ -193,6 +194,9 @@ class ConnectionState:
     waiting_for_write: bool
     issued: int
 
+
+# What a connection tlsctl does not (or no longer) track reports.
+_UNTRACKED = ConnectionState(policy=None, waiting_for_write=False, issued=0)
 
 _STATES: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary()
 
@@ -449,8 +453,8 @@ def _after_stash_write(proxy: _FirstWriteProxy) -> None:
 
 
 def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
-    """Set up a new server-side connection (before its handshake when the
-    stash or callbacks need that)."""
+    """Set up a new server-side connection on a context with ticket
+    callbacks or the stash, before its handshake."""
     if policy is not None and policy.stash:
         _install_stash(conn)
     state = _ConnState(policy)
@@ -463,10 +467,9 @@ def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
                 "attaching tlsctl's record to a new connection failed",
                 _bind.openssl_errors(),
             )
-    if state.first or state.guard:
-        _arm(conn, state)
-    else:
-        _STATES[conn] = state
+    # Only contexts with callbacks (guarded) or the stash (always "defer")
+    # come here; every other server connection is set up in C.
+    _arm(conn, state)
 
 
 def _refuse_unproven(conn: Any) -> None:
@@ -706,12 +709,12 @@ def connection_state(conn: Connection) -> ConnectionState:
         )
     sslobj = cast(Any, conn)._sslobj
     if sslobj is None or not _bind.info().bound:
-        return ConnectionState(policy=None, waiting_for_write=False, issued=0)
+        return _UNTRACKED
     state = _state_of(conn)
     if state is None:
         code = int(_bind.lib.tlsctl_conn_info(_bind.sslobj_pointer(_real_sslobj(conn))))
         if code < 0:
-            return ConnectionState(policy=None, waiting_for_write=False, issued=0)
+            return _UNTRACKED
         return ConnectionState(
             _POLICY_NAMES[code & 3], bool(_bind.fast["waiting"](sslobj)), code >> 2
         )
