@@ -48,6 +48,8 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "CRYPTO_EX_INDEX_SSL_CTX": 1,
     "SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB": 72,
     "EVP_MAX_IV_LENGTH": 16,
+    "SSL_SENT_SHUTDOWN": 1,
+    "SSL_CLIENT_HELLO_SUCCESS": 1,
 }
 
 # OpenSSL 3.x only (<openssl/core.h>); checked when 3.x headers are installed.
@@ -71,6 +73,7 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     ("SSL_version", "int", "const SSL *", True),
     ("SSL_is_init_finished", "int", "const SSL *", True),
     ("SSL_session_reused", "int", "const SSL *", True),
+    ("SSL_get_shutdown", "int", "const SSL *", True),
     ("SSL_CTX_set_num_tickets", "int", "SSL_CTX *, size_t", True),
     ("SSL_CTX_get_num_tickets", "size_t", "const SSL_CTX *", True),
     ("SSL_set_num_tickets", "int", "SSL *, size_t", True),
@@ -137,6 +140,15 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
         True,
     ),
     ("SSL_CTX_callback_ctrl", "long", "SSL_CTX *, int, tlsctl_void_fn", True),
+    # The context a handshake started on, for its shared keys (see 8.).
+    (
+        "SSL_CTX_set_client_hello_cb",
+        "void",
+        "SSL_CTX *, tlsctl_client_hello_fn, void *",
+        True,
+    ),
+    ("SSL_CTX_up_ref", "int", "SSL_CTX *", True),
+    ("SSL_CTX_free", "void", "SSL_CTX *", True),
     ("RAND_bytes", "int", "unsigned char *, int", True),
     ("OPENSSL_cleanse", "void", "void *, size_t", True),
     ("EVP_aes_128_cbc", "const EVP_CIPHER *", "void", True),
@@ -346,6 +358,7 @@ typedef void (*tlsctl_ex_free_fn)(void *, void *, void *, int, long, void *);
 typedef int (*tlsctl_key_evp_fn)(SSL *, unsigned char *, unsigned char *,
                                  EVP_CIPHER_CTX *, EVP_MAC_CTX *, int);
 typedef int (*tlsctl_gen_ticket_fn)(SSL *, void *);
+typedef int (*tlsctl_client_hello_fn)(SSL *, int *, void *);
 typedef void (*tlsctl_info_fn)(const SSL *, int, int);
 typedef int (*tlsctl_bio_write_fn)(BIO *, const char *, int);
 typedef int (*tlsctl_bio_read_fn)(BIO *, char *, int);
@@ -375,6 +388,11 @@ static const int TLSCTL_ERR_NOT_TLS13;
 static const int TLSCTL_RENEW_STOCK;
 static const int TLSCTL_RENEW_NEVER;
 static const int TLSCTL_ERR_NO_KEYS;
+static const int TLSCTL_ERR_BAD_KEYS;
+static const int TLSCTL_ERR_CLOSED;
+static const int TLSCTL_MAX_TICKETS;
+static const int TLSCTL_MAX_KEYS;
+static const int TLSCTL_MAX_RESUME_CALLS;
 static const int TLSCTL_EVENT_ISSUE;
 static const int TLSCTL_EVENT_RESUME;
 static const int TLSCTL_KEYS_NONE;
@@ -414,8 +432,10 @@ int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref, int on_issue,
 int tlsctl_conn_register(SSL *ssl, uintptr_t record);
 int tlsctl_keys_mode(void);
 int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
-                           size_t n);
+                           size_t nbytes);
 size_t tlsctl_ticket_key_count(SSL_CTX *ctx);
+int tlsctl_test_hold_keys(SSL_CTX *ctx, unsigned int milliseconds);
+int tlsctl_test_keys_busy(SSL_CTX *ctx);
 int tlsctl_guard_done(SSL *ssl);
 int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
                      uintptr_t raise_queue_error);
@@ -477,6 +497,7 @@ C_BODY = r"""
 #include <string.h>
 #include <stdint.h>
 #include <limits.h>
+#include <time.h>
 
 #define TLSCTL_KIND_UNKNOWN 0
 #define TLSCTL_KIND_GENERIC 1
@@ -489,6 +510,12 @@ C_BODY = r"""
 #define TLSCTL_ERR_OPENSSL (-4)
 #define TLSCTL_ERR_CLIENT (-5)
 #define TLSCTL_ERR_NOT_TLS13 (-6)
+#define TLSCTL_ERR_CLOSED (-9)
+
+/* At most this many tickets wait for one write (patch()'s count, plus
+ * issue_tickets()): a client keeps a few (one per parallel connection it
+ * may open); more only make the first write slow. */
+#define TLSCTL_MAX_TICKETS 16
 
 #define TLSCTL_RENEW_STOCK 0
 #define TLSCTL_RENEW_NEVER 1
@@ -504,6 +531,8 @@ static const SSL_METHOD *tlsctl_m_server = NULL;
 static const SSL_METHOD *tlsctl_m_client = NULL;
 
 static int tlsctl_ext_init(void);  /* see 8. */
+static void tlsctl_fork_prepare(void);
+static void tlsctl_fork_release(void);
 
 static int tlsctl_is_bound(void) { return tlsctl_bound; }
 static const char *tlsctl_library_path(void) { return tlsctl_libpath; }
@@ -568,6 +597,11 @@ static int tlsctl_bind(const char *ssl_module_path, char *err, size_t errlen)
         snprintf(err, errlen, "CRYPTO_get_ex_new_index failed");
         return -1;
     }
+    if (pthread_atfork(tlsctl_fork_prepare, tlsctl_fork_release,
+                       tlsctl_fork_release) != 0) {
+        snprintf(err, errlen, "pthread_atfork failed");
+        return -1;
+    }
     tlsctl_bound = 1;
     return 0;
 }
@@ -617,6 +651,8 @@ static int tlsctl_check_issue(SSL *ssl)
         return TLSCTL_ERR_NOT_BOUND;
     if (!p_SSL_is_server(ssl))
         return TLSCTL_ERR_CLIENT;
+    if (p_SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN)
+        return TLSCTL_ERR_CLOSED;  /* unwrap(): nothing more is written */
     if (!p_SSL_is_init_finished(ssl))
         return TLSCTL_ERR_HANDSHAKE;
     if (p_SSL_version(ssl) != TLS1_3_VERSION)
@@ -767,9 +803,8 @@ static tlsctl_stash *tlsctl_stash_of(const SSL *s)
     return p_BIO_get_data(b);
 }
 
-static void tlsctl_info_cb(const SSL *cs, int where, int ret)
+static void tlsctl_info_cb(const SSL *s, int where, int ret)
 {
-    SSL *s = (SSL *)cs;
     tlsctl_stash *st;
     (void)ret;
     if (!p_SSL_is_server(s))
@@ -873,7 +908,8 @@ static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed)
 {
     int rc, n, i;
     rc = tlsctl_check_issue(ssl);
-    if (rc == TLSCTL_ERR_CLIENT || rc == TLSCTL_ERR_NOT_TLS13)
+    if (rc == TLSCTL_ERR_CLIENT || rc == TLSCTL_ERR_NOT_TLS13
+            || rc == TLSCTL_ERR_CLOSED)
         return 0;
     n = p_SSL_session_reused(ssl) ? n_resumed : n_full;
     if (rc == TLSCTL_ERR_NO_NATIVE && n == 0)
@@ -889,6 +925,7 @@ static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed)
 /* ---- per-context state, ticket callbacks, shared keys (see 8.) ------- */
 
 #define TLSCTL_ERR_NO_KEYS (-7)
+#define TLSCTL_ERR_BAD_KEYS (-8)
 #define TLSCTL_EVENT_ISSUE 1
 #define TLSCTL_EVENT_RESUME 2
 #define TLSCTL_KEYS_NONE 0
@@ -896,6 +933,12 @@ static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed)
 #define TLSCTL_KEYS_EVP 2
 #define TLSCTL_KEY_RECORD 81  /* size byte (48 or 80), name, hmac[32], aes[32] */
 #define TLSCTL_KEY_NAME_LEN 16  /* TLSEXT_KEYNAME_LENGTH (ssl_local.h) */
+#define TLSCTL_MAX_KEYS 65536
+/* OpenSSL calls the decrypt callback once per PSK identity of a
+ * ClientHello (thousands fit in one).  Python's on_resume runs at most
+ * this often per connection; a ticket past that is not used (a full
+ * handshake), so no identity resumes without on_resume's consent. */
+#define TLSCTL_MAX_RESUME_CALLS 8
 
 typedef struct {
     int size;  /* 48: AES-128 + 16-byte HMAC secret; 80: AES-256 + 32 */
@@ -905,12 +948,19 @@ typedef struct {
 } tlsctl_key;
 
 typedef struct {
-    pthread_mutex_t lock;        /* guards keys / nkeys */
-    tlsctl_key *keys;
+    unsigned char name[TLSCTL_KEY_NAME_LEN];
+    size_t index;                /* in tlsctl_ctx_ext.keys */
+} tlsctl_key_ref;
+
+typedef struct tlsctl_ctx_ext {
+    pthread_mutex_t lock;        /* guards keys / by_name / nkeys */
+    tlsctl_key *keys;            /* keys[0] encrypts */
+    tlsctl_key_ref *by_name;     /* sorted by name: lookups in O(log n) */
     size_t nkeys;
     int renew;                   /* TLSCTL_RENEW_* */
     int on_issue, on_resume;     /* Python callables present (read w/o GIL) */
     PyObject *holder_ref;        /* weakref to the Python holder; GIL */
+    struct tlsctl_ctx_ext *prev, *next;  /* every live ext (for fork) */
 } tlsctl_ctx_ext;
 
 /* The SSL ex_data slot holds either the Python record of a connection on
@@ -921,15 +971,44 @@ typedef struct {
 
 static int tlsctl_ctx_idx = -1;
 static int tlsctl_ssl_idx = -1;
+/* SSL slots with no Python in them: the SSL_CTX (referenced) whose keys a
+ * connection uses, and the number of on_resume calls it has made. */
+static int tlsctl_keyctx_idx = -1;
+static int tlsctl_calls_idx = -1;
 static PyObject *tlsctl_dispatch = NULL;
-static pthread_mutex_t tlsctl_ext_create_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void tlsctl_keys_free(tlsctl_key *keys, size_t n)
+/* Every live tlsctl_ctx_ext, so that fork() can take all their locks: a
+ * child forked while another thread held one would otherwise inherit it
+ * locked forever (its owner does not exist in the child).  The list lock
+ * also serialises creating an ext.  Lock order: list, then an ext. */
+static tlsctl_ctx_ext *tlsctl_exts = NULL;
+static pthread_mutex_t tlsctl_exts_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void tlsctl_fork_prepare(void)
+{
+    tlsctl_ctx_ext *e;
+    pthread_mutex_lock(&tlsctl_exts_lock);
+    for (e = tlsctl_exts; e != NULL; e = e->next)
+        pthread_mutex_lock(&e->lock);
+}
+
+/* In the parent and in the child (whose one thread is the one that took
+ * the locks in tlsctl_fork_prepare, so it may release them). */
+static void tlsctl_fork_release(void)
+{
+    tlsctl_ctx_ext *e;
+    for (e = tlsctl_exts; e != NULL; e = e->next)
+        pthread_mutex_unlock(&e->lock);
+    pthread_mutex_unlock(&tlsctl_exts_lock);
+}
+
+static void tlsctl_keys_free(tlsctl_key *keys, tlsctl_key_ref *by_name, size_t n)
 {
     if (keys != NULL) {
         p_OPENSSL_cleanse(keys, n * sizeof(*keys));
         free(keys);
     }
+    free(by_name);  /* names and positions only: nothing secret */
 }
 
 static void tlsctl_decref(PyObject *obj)
@@ -949,10 +1028,37 @@ static void tlsctl_ctx_ext_free(void *parent, void *ptr, void *ad, int idx,
     (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
     if (ext == NULL)
         return;
-    tlsctl_keys_free(ext->keys, ext->nkeys);
+    pthread_mutex_lock(&tlsctl_exts_lock);
+    if (ext->prev != NULL)
+        ext->prev->next = ext->next;
+    else
+        tlsctl_exts = ext->next;
+    if (ext->next != NULL)
+        ext->next->prev = ext->prev;
+    pthread_mutex_unlock(&tlsctl_exts_lock);
+    tlsctl_keys_free(ext->keys, ext->by_name, ext->nkeys);
     tlsctl_decref(ext->holder_ref);
     pthread_mutex_destroy(&ext->lock);
     free(ext);
+}
+
+/* The key context slot holds a reference to an SSL_CTX. */
+static void tlsctl_keyctx_free(void *parent, void *ptr, void *ad, int idx,
+                               long argl, void *argp)
+{
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    if (ptr != NULL)
+        p_SSL_CTX_free(ptr);
+}
+
+static int tlsctl_keyctx_dup(void *to, const void *from, void *from_d,
+                             int idx, long argl, void *argp)
+{
+    SSL_CTX *ctx = *(SSL_CTX **)from_d;
+    (void)to; (void)from; (void)idx; (void)argl; (void)argp;
+    if (ctx != NULL)
+        p_SSL_CTX_up_ref(ctx);
+    return 1;
 }
 
 static void tlsctl_ssl_rec_free(void *parent, void *ptr, void *ad, int idx,
@@ -989,9 +1095,17 @@ static int tlsctl_ext_init(void)
         tlsctl_ssl_idx = p_CRYPTO_get_ex_new_index(
             CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, tlsctl_ssl_rec_dup,
             tlsctl_ssl_rec_free);
+    if (tlsctl_keyctx_idx < 0)
+        tlsctl_keyctx_idx = p_CRYPTO_get_ex_new_index(
+            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, tlsctl_keyctx_dup,
+            tlsctl_keyctx_free);
+    if (tlsctl_calls_idx < 0)
+        tlsctl_calls_idx = p_CRYPTO_get_ex_new_index(
+            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL, NULL);
     /* Index 0 of SSL is _ssl's app data; a fresh index is never 0 for SSL
      * (OpenSSL reserves 0 for app data), but refuse to share it anyway. */
-    return tlsctl_ctx_idx > 0 && tlsctl_ssl_idx > 0;
+    return tlsctl_ctx_idx > 0 && tlsctl_ssl_idx > 0 && tlsctl_keyctx_idx > 0
+        && tlsctl_calls_idx > 0;
 }
 
 static tlsctl_ctx_ext *tlsctl_ext_of(const SSL_CTX *ctx)
@@ -1004,7 +1118,7 @@ static tlsctl_ctx_ext *tlsctl_ext_of(const SSL_CTX *ctx)
 static tlsctl_ctx_ext *tlsctl_ext_get_or_create(SSL_CTX *ctx)
 {
     tlsctl_ctx_ext *ext;
-    pthread_mutex_lock(&tlsctl_ext_create_lock);
+    pthread_mutex_lock(&tlsctl_exts_lock);
     ext = tlsctl_ext_of(ctx);
     if (ext == NULL && tlsctl_ext_init()
             && (ext = calloc(1, sizeof(*ext))) != NULL) {
@@ -1013,9 +1127,14 @@ static tlsctl_ctx_ext *tlsctl_ext_get_or_create(SSL_CTX *ctx)
             pthread_mutex_destroy(&ext->lock);
             free(ext);
             ext = NULL;
+        } else {
+            ext->next = tlsctl_exts;
+            if (tlsctl_exts != NULL)
+                tlsctl_exts->prev = ext;
+            tlsctl_exts = ext;
         }
     }
-    pthread_mutex_unlock(&tlsctl_ext_create_lock);
+    pthread_mutex_unlock(&tlsctl_exts_lock);
     return ext;
 }
 
@@ -1038,20 +1157,42 @@ static int tlsctl_default_decision(int status)
     }
 }
 
-/* Position of a ticket key name in the context's key list, or -1. */
-/* Position of a key name in ext's list, or -1.  Caller holds ext->lock. */
+/* Position of a key name in ext's list, or -1 (binary search over
+ * by_name, so a ClientHello full of unknown names costs O(log n) each
+ * under the lock).  Caller holds ext->lock. */
 static int tlsctl_key_find(const tlsctl_ctx_ext *ext, const unsigned char *name)
 {
-    size_t i;
-    for (i = 0; i < ext->nkeys; i++)
-        if (memcmp(ext->keys[i].name, name, TLSCTL_KEY_NAME_LEN) == 0)
-            return (int)i;
+    size_t lo = 0, hi = ext->nkeys, mid;
+    int c;
+    while (lo < hi) {
+        mid = lo + (hi - lo) / 2;
+        c = memcmp(ext->by_name[mid].name, name, TLSCTL_KEY_NAME_LEN);
+        if (c == 0)
+            return (int)ext->by_name[mid].index;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
     return -1;
+}
+
+/* The ext whose keys a connection uses: that of the context its handshake
+ * started on (recorded by tlsctl_client_hello_cb: OpenSSL runs the ticket
+ * key callback of that context, its session_ctx, even after an SNI
+ * callback moved the connection to another context), else the current
+ * one.  The recorded context is referenced by the SSL, so it outlives
+ * every call from OpenSSL on the connection. */
+static tlsctl_ctx_ext *tlsctl_keys_ext_of(const SSL *s)
+{
+    SSL_CTX *ctx = tlsctl_keyctx_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_keyctx_idx)
+                                         : NULL;
+    return tlsctl_ext_of(ctx != NULL ? ctx : p_SSL_get_SSL_CTX(s));
 }
 
 static int tlsctl_key_index(const SSL *s, const unsigned char *name, size_t len)
 {
-    tlsctl_ctx_ext *ext = tlsctl_ext_of(p_SSL_get_SSL_CTX(s));
+    tlsctl_ctx_ext *ext = tlsctl_keys_ext_of(s);
     int found;
     if (ext == NULL || name == NULL || len != TLSCTL_KEY_NAME_LEN)
         return -1;
@@ -1061,19 +1202,46 @@ static int tlsctl_key_index(const SSL *s, const unsigned char *name, size_t len)
     return found;
 }
 
-/* Call the Python dispatcher; returns a new reference or NULL (the error
- * is reported as unraisable: the dispatcher itself never raises). */
-static PyObject *tlsctl_call_python(tlsctl_ctx_ext *ext, SSL *s, int event,
-                                    int status, PyObject *appdata,
+/* Installed on a context with shared keys: records the context the
+ * handshake starts on (see tlsctl_keys_ext_of).  Runs before SNI and
+ * before any ticket is decrypted. */
+static int tlsctl_client_hello_cb(SSL *s, int *alert, void *arg)
+{
+    SSL_CTX *ctx = p_SSL_get_SSL_CTX(s), *old;
+    (void)alert; (void)arg;
+    old = p_SSL_get_ex_data(s, tlsctl_keyctx_idx);
+    if (old != ctx && p_SSL_CTX_up_ref(ctx) == 1) {
+        if (p_SSL_set_ex_data(s, tlsctl_keyctx_idx, ctx) == 1)
+            p_SSL_CTX_free(old);  /* a second handshake (TLS 1.2) */
+        else
+            p_SSL_CTX_free(ctx);  /* not recorded: the current context */
+    }
+    return SSL_CLIENT_HELLO_SUCCESS;
+}
+
+/* tlsctl's Python record of a connection on a context with ticket
+ * callbacks, or NULL: nothing there, or a C-tracked connection's tagged
+ * integer (a connection made before set_ticket_callbacks(), which the
+ * callbacks ignore). */
+static PyObject *tlsctl_record_of(const SSL *s)
+{
+    void *v = tlsctl_ssl_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_ssl_idx) : NULL;
+    return v == NULL || TLSCTL_IS_COUNT(v) ? NULL : (PyObject *)v;
+}
+
+/* Call the Python dispatcher with rec (a record, see tlsctl_record_of);
+ * returns a new reference or NULL (the error is reported as unraisable:
+ * the dispatcher itself never raises). */
+static PyObject *tlsctl_call_python(tlsctl_ctx_ext *ext, PyObject *rec,
+                                    int event, int status, PyObject *appdata,
                                     PyObject *keyname, int key_index,
                                     int fallback)
 {
-    PyObject *rec, *res;
+    PyObject *res;
     if (tlsctl_dispatch == NULL || ext->holder_ref == NULL)
         return NULL;
-    rec = tlsctl_ssl_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_ssl_idx) : NULL;
     res = PyObject_CallFunction(tlsctl_dispatch, "iOOiOOii", event,
-                                ext->holder_ref, rec ? rec : Py_None, status,
+                                ext->holder_ref, rec, status,
                                 appdata ? appdata : Py_None,
                                 keyname ? keyname : Py_None, key_index,
                                 fallback);
@@ -1086,13 +1254,14 @@ static int tlsctl_gen_ticket_cb(SSL *s, void *arg)
 {
     tlsctl_ctx_ext *ext = arg;
     PyGILState_STATE g;
-    PyObject *res;
+    PyObject *res, *rec;
     int ok = 1;
-    if (ext == NULL || !ext->on_issue)
+    if (ext == NULL || !ext->on_issue || (rec = tlsctl_record_of(s)) == NULL)
         return 1;
     g = PyGILState_Ensure();
     if (ext->holder_ref != NULL) {  /* not removed meanwhile */
-        res = tlsctl_call_python(ext, s, TLSCTL_EVENT_ISSUE, -1, NULL, NULL, -1, 1);
+        res = tlsctl_call_python(ext, rec, TLSCTL_EVENT_ISSUE, -1, NULL, NULL,
+                                 -1, 1);
         ok = 0;  /* failure, or the dispatcher kept an exception */
         if (res == Py_None) {
             ok = 1;
@@ -1116,10 +1285,18 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
 {
     tlsctl_ctx_ext *ext = arg;
     int decision = tlsctl_default_decision(status);
+    PyObject *rec;
+    uintptr_t calls;
     if (ext == NULL)
         return decision;
-    if (ext->on_resume && status != SSL_TICKET_NONE && status != SSL_TICKET_EMPTY) {
-        PyGILState_STATE g = PyGILState_Ensure();
+    if (ext->on_resume && status != SSL_TICKET_NONE && status != SSL_TICKET_EMPTY
+            && (rec = tlsctl_record_of(s)) != NULL) {
+        PyGILState_STATE g;
+        calls = (uintptr_t)p_SSL_get_ex_data(s, tlsctl_calls_idx);
+        if (calls >= TLSCTL_MAX_RESUME_CALLS
+                || !p_SSL_set_ex_data(s, tlsctl_calls_idx, (void *)(calls + 1)))
+            return SSL_TICKET_RETURN_IGNORE_RENEW;  /* never resume unasked */
+        g = PyGILState_Ensure();
         PyObject *appdata = NULL, *name = NULL, *res;
         void *data = NULL;
         size_t len = 0;
@@ -1135,7 +1312,7 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
             res = NULL;
         } else {
             res = tlsctl_call_python(
-                ext, s, TLSCTL_EVENT_RESUME, status, appdata, name,
+                ext, rec, TLSCTL_EVENT_RESUME, status, appdata, name,
                 tlsctl_key_index(s, keyname, keyname_len), decision);
         }
         if (res != NULL) {
@@ -1256,12 +1433,14 @@ static int tlsctl_keys_mode(void)
 }
 
 /* Copy the key for this operation out from under the lock.  Returns 1,
- * 0 (decrypt: unknown key name) or -1. */
+ * or 0: no key (decrypt: unknown key name, a full handshake; encrypt: the
+ * connection's key context has no shared keys, so no ticket is issued,
+ * which OpenSSL allows, rather than failing the connection). */
 static int tlsctl_key_pick(SSL *s, const unsigned char *name, int enc,
                            tlsctl_key *out, size_t *index)
 {
-    tlsctl_ctx_ext *ext = tlsctl_ext_of(p_SSL_get_SSL_CTX(s));
-    int rc = enc ? -1 : 0, i;
+    tlsctl_ctx_ext *ext = tlsctl_keys_ext_of(s);
+    int rc = 0, i;
     if (ext == NULL)
         return rc;
     pthread_mutex_lock(&ext->lock);
@@ -1335,15 +1514,24 @@ static int tlsctl_key_legacy_cb(SSL *s, unsigned char *name, unsigned char *iv,
     return tlsctl_key_cb(s, name, iv, cctx, hctx, enc, 0);
 }
 
-/* records: n keys of TLSCTL_KEY_RECORD bytes (size byte 48 or 80, name,
- * hmac[32], aes[32], unused bytes zero).  Replaces the key list; the old
- * one is wiped.  n == 0 is refused (the Python layer never passes it). */
+static int tlsctl_key_ref_cmp(const void *a, const void *b)
+{
+    return memcmp(((const tlsctl_key_ref *)a)->name,
+                  ((const tlsctl_key_ref *)b)->name, TLSCTL_KEY_NAME_LEN);
+}
+
+/* records: nbytes / TLSCTL_KEY_RECORD keys (size byte 48 or 80, name,
+ * hmac[32], aes[32], unused bytes zero).  Everything is checked here, not
+ * trusted from Python: the length, each size byte, at most TLSCTL_MAX_KEYS
+ * keys, no name twice (TLSCTL_ERR_BAD_KEYS).  Replaces the key list; the
+ * old one is wiped. */
 static int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
-                                  size_t n)
+                                  size_t nbytes)
 {
     tlsctl_ctx_ext *ext;
     tlsctl_key *keys, *old;
-    size_t i, old_n;
+    tlsctl_key_ref *by_name, *old_by_name;
+    size_t i, n, old_n;
     int mode = tlsctl_keys_mode();
     long ok;
 
@@ -1351,23 +1539,49 @@ static int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
         return TLSCTL_ERR_NOT_BOUND;
     if (mode == TLSCTL_KEYS_NONE)
         return TLSCTL_ERR_NO_KEYS;
-    if (n == 0 || (ext = tlsctl_ext_get_or_create(ctx)) == NULL
-            || (keys = calloc(n, sizeof(*keys))) == NULL)
+    n = nbytes / TLSCTL_KEY_RECORD;
+    if (records == NULL || n == 0 || n > TLSCTL_MAX_KEYS
+            || nbytes % TLSCTL_KEY_RECORD != 0)
+        return TLSCTL_ERR_BAD_KEYS;
+    for (i = 0; i < n; i++)
+        if (records[i * TLSCTL_KEY_RECORD] != 48
+                && records[i * TLSCTL_KEY_RECORD] != 80)
+            return TLSCTL_ERR_BAD_KEYS;
+    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL)
         return TLSCTL_ERR_OPENSSL;
+    keys = calloc(n, sizeof(*keys));
+    by_name = calloc(n, sizeof(*by_name));
+    if (keys == NULL || by_name == NULL) {
+        free(keys);
+        free(by_name);
+        return TLSCTL_ERR_OPENSSL;
+    }
     for (i = 0; i < n; i++) {
         const unsigned char *r = records + i * TLSCTL_KEY_RECORD;
         keys[i].size = r[0];
         memcpy(keys[i].name, r + 1, TLSCTL_KEY_NAME_LEN);
         memcpy(keys[i].hmac, r + 1 + TLSCTL_KEY_NAME_LEN, 32);
         memcpy(keys[i].aes, r + 1 + TLSCTL_KEY_NAME_LEN + 32, 32);
+        memcpy(by_name[i].name, keys[i].name, TLSCTL_KEY_NAME_LEN);
+        by_name[i].index = i;
+    }
+    qsort(by_name, n, sizeof(*by_name), tlsctl_key_ref_cmp);
+    for (i = 1; i < n; i++) {
+        if (tlsctl_key_ref_cmp(&by_name[i - 1], &by_name[i]) == 0) {
+            tlsctl_keys_free(keys, by_name, n);
+            return TLSCTL_ERR_BAD_KEYS;
+        }
     }
     pthread_mutex_lock(&ext->lock);
     old = ext->keys;
+    old_by_name = ext->by_name;
     old_n = ext->nkeys;
     ext->keys = keys;
+    ext->by_name = by_name;
     ext->nkeys = n;
     pthread_mutex_unlock(&ext->lock);
-    tlsctl_keys_free(old, old_n);
+    tlsctl_keys_free(old, old_by_name, old_n);
+    p_SSL_CTX_set_client_hello_cb(ctx, tlsctl_client_hello_cb, NULL);
     if (mode == TLSCTL_KEYS_EVP)
         ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, tlsctl_key_evp_cb);
     else
@@ -1386,6 +1600,33 @@ static size_t tlsctl_ticket_key_count(SSL_CTX *ctx)
     n = ext->nkeys;
     pthread_mutex_unlock(&ext->lock);
     return n;
+}
+
+/* For the fork regression test only: hold ctx's key lock for a while (cffi
+ * calls this without the GIL), and tell whether another thread holds it. */
+static int tlsctl_test_hold_keys(SSL_CTX *ctx, unsigned int milliseconds)
+{
+    tlsctl_ctx_ext *ext = tlsctl_ext_of(ctx);
+    struct timespec t;
+    if (ext == NULL)
+        return 0;
+    t.tv_sec = milliseconds / 1000;
+    t.tv_nsec = (long)(milliseconds % 1000) * 1000000L;
+    pthread_mutex_lock(&ext->lock);
+    nanosleep(&t, NULL);
+    pthread_mutex_unlock(&ext->lock);
+    return 1;
+}
+
+static int tlsctl_test_keys_busy(SSL_CTX *ctx)
+{
+    tlsctl_ctx_ext *ext = tlsctl_ext_of(ctx);
+    if (ext == NULL)
+        return 0;
+    if (pthread_mutex_trylock(&ext->lock) != 0)
+        return 1;
+    pthread_mutex_unlock(&ext->lock);
+    return 0;
 }
 /* ---- the first-write proxy in C (see 9.) -------------------------- */
 
@@ -1626,13 +1867,19 @@ static PyType_Spec tlsctl_fw_spec = {
     Py_TPFLAGS_DEFAULT, tlsctl_fw_slots
 };
 
-static int tlsctl_add_count(int *field, int n)
+/* n more tickets for the next write; refused (ValueError) past
+ * TLSCTL_MAX_TICKETS waiting, with the connection left as it was. */
+static int tlsctl_add_count(tlsctl_fw *fw, int n)
 {
-    if (n < 0 || *field > INT_MAX - n) {
-        PyErr_SetString(PyExc_OverflowError, "ticket count out of range");
+    if (n < 1 || fw->n_full > TLSCTL_MAX_TICKETS - n) {
+        PyErr_Format(PyExc_ValueError,
+                     "at most %d tickets can wait for one write; %d already "
+                     "do, %d more asked for",
+                     TLSCTL_MAX_TICKETS, fw->n_full, n);
         return -1;
     }
-    *field += n;
+    fw->n_full += n;
+    fw->n_resumed += n;
     return 0;
 }
 
@@ -1693,14 +1940,14 @@ static PyObject *tlsctl_fast_arm(PyObject *unused, PyObject *args)
         return NULL;
     if (Py_TYPE(current) == tlsctl_fw_type) {
         fw = (tlsctl_fw *)current;
-        if (tlsctl_add_count(&fw->n_full, n) < 0
-                || tlsctl_add_count(&fw->n_resumed, n) < 0) {
+        if (tlsctl_add_count(fw, n) < 0) {
             Py_DECREF(current);
             return NULL;
         }
         fw->queue = 1;
         result = Py_True;
-    } else if ((ssl = tlsctl_real_ssl(current)) != NULL && n >= 0
+    } else if ((ssl = tlsctl_real_ssl(current)) != NULL && n >= 1
+               && n <= TLSCTL_MAX_TICKETS
                && tlsctl_conn_track(ssl, TLSCTL_POLICY_NONE, 0)) {
         if (tlsctl_fw_install(conn, current, ssl, n, n) < 0) {
             Py_DECREF(current);
@@ -1777,7 +2024,8 @@ static PyObject *tlsctl_fast_make_create(PyObject *unused, PyObject *args)
                           &n_full, &n_resumed, &fallback))
         return NULL;
     if (policy < TLSCTL_POLICY_NONE || policy > TLSCTL_POLICY_IMMEDIATE
-            || n_full < 0 || n_resumed < 0) {
+            || n_full < 0 || n_resumed < 0 || n_full > TLSCTL_MAX_TICKETS
+            || n_resumed > n_full) {
         PyErr_SetString(PyExc_ValueError, "make_create: bad policy or count");
         return NULL;
     }

@@ -14,7 +14,7 @@ resumption::
     tlsctl.patch(ctx)              # tickets="defer" is the default
 
 Public API: ``patch``, ``issue_tickets``, ``connection_state``, ``info``,
-``ConnectionState``, ``Info``; session ticket callbacks
+``ConnectionState``, ``Info``, ``POLICIES``, ``MAX_TICKETS``; session ticket callbacks
 (``set_ticket_callbacks``, ``TicketDecision``, ``TicketStatus``,
 ``ResumeStatus``) and shared ticket keys for multi-process and
 multi-machine servers (``set_ticket_keys``, ``TicketKey``); the exceptions
@@ -32,6 +32,7 @@ from tlsctl._errors import (
     UnsupportedError,
 )
 from tlsctl._policy import (
+    MAX_TICKETS,
     POLICIES,
     ConnectionState,
     connection_state,
@@ -50,6 +51,7 @@ from tlsctl._tickets import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_TICKETS",
     "POLICIES",
     "BindingError",
     "ConnectionState",

@@ -110,7 +110,11 @@ __all__ = ["ConnectionState", "connection_state", "issue_tickets", "patch"]
 Connection = Union[ssl.SSLSocket, ssl.SSLObject]
 
 POLICIES = ("defer", "suppress", "immediate")
-_MAX_COUNT = 2**31 - 1  # tlsctl_queue_tickets takes C ints
+#: At most this many tickets wait for one write: ``patch()``'s ``count``
+#: plus what ``issue_tickets()`` adds.  A client keeps a few tickets (one per
+#: parallel connection it may open; OpenSSL's default is 2); more would only
+#: make the first write slow (each costs an encryption and ~250 bytes).
+MAX_TICKETS = 16
 
 _ORIGINAL_ATTR = "_tlsctl_original_num_tickets"
 _POLICY_ATTR = "_tlsctl_policy"  # the _Policy patch() set on a context
@@ -201,8 +205,20 @@ _UNTRACKED = ConnectionState(policy=None, waiting_for_write=False, issued=0)
 _STATES: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary()
 
 
+def _sslobj_of(conn: Connection) -> Any:
+    """``conn._sslobj``; ``TypeError`` for an object made without its
+    constructor (``object.__new__(ssl.SSLObject)``), which has none."""
+    try:
+        return cast(Any, conn)._sslobj
+    except AttributeError:
+        raise TypeError(
+            f"this {type(conn).__name__} was not made by SSLContext.wrap_socket() "
+            "or wrap_bio(): it has no TLS state"
+        ) from None
+
+
 def _state_of(conn: Connection) -> _ConnState | None:
-    sslobj = cast(Any, conn)._sslobj
+    sslobj = _sslobj_of(conn)
     if type(sslobj) in _PROXIES:
         state: _ConnState = sslobj._state
         return state
@@ -341,7 +357,7 @@ _POLICY_NAMES = (None, "defer", "suppress", "immediate")
 
 
 def _real_sslobj(conn: Connection) -> Any:
-    sslobj = cast(Any, conn)._sslobj
+    sslobj = _sslobj_of(conn)
     return sslobj._real if type(sslobj) in _ALL_PROXIES else sslobj
 
 
@@ -555,11 +571,14 @@ def _user_class(cls: type) -> type:
     return base
 
 
-def _check_count(count: object, name: str = "count") -> int:
+def _check_count(count: object, low: int, name: str = "count") -> int:
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"{name} must be an int, not {type(count).__name__}")
-    if not 0 <= count <= _MAX_COUNT:
-        raise ValueError(f"{name} must be between 0 and {_MAX_COUNT}, got {count}")
+    if not low <= count <= MAX_TICKETS:
+        raise ValueError(
+            f"{name} must be an int from {low} to {MAX_TICKETS} (MAX_TICKETS), "
+            f"got {count}"
+        )
     return count
 
 
@@ -584,9 +603,11 @@ def patch(
             and a server that never writes never sends any.  ``"suppress"``
             sends none (tickets issued earlier still resume).
             ``"immediate"`` is OpenSSL's own timing.
-        count: tickets after a full handshake; default: the context's
-            ``num_tickets`` when it was first patched (OpenSSL's default is
-            2).  After a resumed handshake at most one is sent, as stock.
+        count: tickets after a full handshake, 0 to ``MAX_TICKETS`` (16);
+            default: the context's ``num_tickets`` when it was first patched
+            (OpenSSL's default is 2).  After a resumed handshake at most one
+            is sent, as stock.  Not allowed with ``"suppress"``, which sends
+            none.
         renew_on_resume: ``False`` resumes a session from a ticket without
             issuing a new one (for FTPS data channels and the like).
 
@@ -597,7 +618,9 @@ def patch(
 
     Raises:
         TypeError: ``ctx`` is not an ``ssl.SSLContext``, or a wrong argument type.
-        ValueError: unknown policy, bad count, or a client-only context.
+        ValueError: unknown policy, a count out of range (also a context
+            ``num_tickets`` above ``MAX_TICKETS`` when ``count`` is not
+            given), a count with ``"suppress"``, or a client-only context.
         BindingError: tlsctl could not bind, or ``ctx`` is not proven to
             belong to the bound OpenSSL; ``ctx`` is left untouched.
         UnsupportedError: the context already has an SSL info callback that
@@ -607,7 +630,12 @@ def patch(
     if tickets not in POLICIES:
         raise ValueError(f"tickets must be one of {POLICIES}, got {tickets!r}")
     if count is not None:
-        count = _check_count(count)
+        count = _check_count(count, 0)
+        if tickets == "suppress":
+            raise ValueError(
+                f"count={count} has no meaning with tickets='suppress', which "
+                "sends no ticket"
+            )
     if not isinstance(renew_on_resume, bool):
         raise TypeError("renew_on_resume must be a bool")
     _bind.require_server_kind(kind, "tlsctl.patch()")
@@ -617,6 +645,11 @@ def patch(
     original = getattr(ctx, _ORIGINAL_ATTR, None)
     if original is None:
         original = int(lib.SSL_CTX_get_num_tickets(ptr))
+    if count is None and original > MAX_TICKETS:
+        raise ValueError(
+            f"this context's num_tickets is {original}, more than tlsctl sends "
+            f"with one write ({MAX_TICKETS}, MAX_TICKETS); pass count="
+        )
     policy = _Policy(
         tickets, original if count is None else count, renew_on_resume, stash
     )
@@ -650,11 +683,12 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
     server context, patched or not.
 
     Raises:
-        TypeError: ``conn`` is not an ``ssl.SSLSocket`` / ``ssl.SSLObject``,
-            or ``count`` is not an int.
-        ValueError: ``count`` < 1.
+        TypeError: ``conn`` is not an ``ssl.SSLSocket`` / ``ssl.SSLObject``
+            (or was made without its constructor), or ``count`` is not an int.
+        ValueError: ``count`` outside 1 to ``MAX_TICKETS`` (16), or more than
+            ``MAX_TICKETS`` tickets would wait for the next write.
         ConnectionStateError: client side, TLS 1.2, handshake not finished,
-            or the connection is closed.
+            or the connection is closed or unwrapped.
         UnsupportedError: OpenSSL < 3.0 has no ``SSL_new_session_ticket``.
         BindingError: tlsctl is not bound, or ``conn`` is not proven to
             belong to the bound OpenSSL.
@@ -665,13 +699,15 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
             f"{type(conn).__module__}.{type(conn).__qualname__}"
         )
     ptr = _bind.sslobj_pointer(_real_sslobj(conn))
-    count = _check_count(count)
-    if count < 1:
-        raise ValueError("count must be at least 1")
+    count = _check_count(count, 1)
     lib = _bind.lib
     rc = lib.tlsctl_check_issue(ptr)
     if rc == lib.TLSCTL_ERR_CLIENT:
         raise ConnectionStateError("issue_tickets() needs a server-side connection")
+    if rc == lib.TLSCTL_ERR_CLOSED:
+        raise ConnectionStateError(
+            "issue_tickets() on a connection that sent its close_notify (unwrap())"
+        )
     if rc == lib.TLSCTL_ERR_HANDSHAKE:
         raise ConnectionStateError(
             "issue_tickets() needs a finished handshake; call it after do_handshake()"
@@ -691,6 +727,14 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
         return  # tracked in C
     if state is None:  # pragma: no cover - the slot holds a Python record
         state = _STATES[conn] = _ConnState(None)
+    waiting = state.extra
+    if state.first and state.policy is not None and not state.policy.stash:
+        waiting += state.policy.count
+    if waiting + count > MAX_TICKETS:
+        raise ValueError(
+            f"at most {MAX_TICKETS} tickets can wait for one write; {waiting} "
+            f"already do, {count} more asked for"
+        )
     state.ptr = ptr
     state.extra += count
     _arm(conn, state)
@@ -707,7 +751,7 @@ def connection_state(conn: Connection) -> ConnectionState:
         raise TypeError(
             f"expected an ssl.SSLSocket or ssl.SSLObject, got {type(conn).__name__}"
         )
-    sslobj = cast(Any, conn)._sslobj
+    sslobj = _sslobj_of(conn)
     if sslobj is None or not _bind.info().bound:
         return _UNTRACKED
     state = _state_of(conn)

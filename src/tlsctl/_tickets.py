@@ -228,9 +228,15 @@ def set_ticket_keys(
         )
     blob = bytearray(b"".join(k._record() for k in parsed))
     try:
-        rc = lib.tlsctl_set_ticket_keys(ptr, _bind.ffi.from_buffer(blob), len(parsed))
+        # C checks the layout again and copies what it keeps.
+        rc = lib.tlsctl_set_ticket_keys(ptr, _bind.ffi.from_buffer(blob), len(blob))
     finally:
         blob[:] = bytes(len(blob))  # the copy we made; C keeps its own
+    if rc == lib.TLSCTL_ERR_BAD_KEYS:
+        raise ValueError(
+            f"malformed ticket key records (at most {lib.TLSCTL_MAX_KEYS} keys "
+            "of 48 or 80 bytes, each name once)"
+        )
     if rc != 1:
         raise OpenSSLError(
             "installing the ticket key callback failed", _bind.openssl_errors()
