@@ -52,6 +52,14 @@ noise:
 * resumed handshakes/s, shared keys: the same, where "patched" is a context
   given shared keys with ``tlsctl.set_ticket_keys`` (the key lookup runs in
   C) and "stock" one with OpenSSL's built-in keys;
+* junk-PSK hellos/s, on_resume (CPU): the server's CPU time
+  (``time.thread_time``) in ``do_handshake`` for one crafted 63 KB TLS 1.3
+  ClientHello offering 9,000 one-byte PSK identities (``clienthello.py``
+  beside this file), up to its ServerHello; "patched" is a plain context
+  given ``tlsctl.set_ticket_callbacks(on_resume=...)`` (answering
+  IGNORE_RENEW), "stock" one without.  OpenSSL calls the decrypt callback
+  once per identity, so without a bound on the Python calls this is an
+  amplification (target: at most 2x stock CPU, a ratio of 0.5);
 * RSS per 1,000 idle connections: resident memory of 1,000 server
   connections after their handshakes (memory-BIO pairs, clients included
   on both sides, so the difference is the server's), measured in fresh
@@ -80,11 +88,15 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
+import clienthello  # beside this file (bench/ is sys.path[0])
 import tlsctl
 from tlsctl import scenarios
 
 BY_HAND = "full handshakes/s, technique by hand"
 BY_HAND_RESUMED = "resumed handshakes/s, technique by hand"
+JUNK_PSK = "junk-PSK hellos/s, on_resume (CPU)"
+JUNK_IDENTITIES = 9000  # one byte each: a 63 KB ClientHello
+JUNK_PER_ROUND = 10  # hellos per side and round (unbounded: ~20-40 ms each)
 # None: a reference row (the technique without tlsctl), no target of its own.
 TARGETS: dict[str, float | None] = {
     "full handshakes/s": 0.98,
@@ -94,6 +106,8 @@ TARGETS: dict[str, float | None] = {
     "resumed handshakes/s, shared keys": 0.98,
     "1 KiB writes/s": 0.98,
     "bulk MB/s": 0.99,
+    # Server CPU for a hello of junk PSK identities: at most 2x stock.
+    JUNK_PSK: 0.5,
 }
 RSS_METRIC = "RSS per 1,000 idle conns"
 RSS_TARGET_BYTES = 256  # per connection
@@ -176,6 +190,24 @@ def one_by_hand(
     if session is not None and not pair.client.session_reused:
         raise RuntimeError("the benchmark's handshakes did not resume")
     return pair
+
+
+def junk_psk_hello(server: ssl.SSLContext, hello: bytes) -> int:
+    """Feed ``hello`` (records) to a new server connection; returns the
+    thread CPU time, in ns, of the ``do_handshake`` that answers it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = server.wrap_bio(incoming, outgoing, server_side=True)
+    incoming.write(hello)
+    start = time.thread_time_ns()
+    try:
+        conn.do_handshake()
+    except ssl.SSLWantReadError:  # answered; waits for the client's Finished
+        elapsed = time.thread_time_ns() - start
+    else:
+        raise RuntimeError("a handshake finished on a ClientHello alone")
+    if not outgoing.pending:
+        raise RuntimeError("the server did not answer the junk-PSK hello")
+    return elapsed
 
 
 def handshakes(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
@@ -279,12 +311,15 @@ def _paired_rounds(
     label: str,
     per_round: int = HANDSHAKES,
     setup: Callable[[], None] | None = None,
+    self_timed: bool = False,
 ) -> tuple[float, float, float, float]:
     """Inside a round the two sides alternate operation by operation, each
     timed on its own, so both see the same state of the machine; the
     round's ratio is its total stock time / total patched time (= patched
     rate / stock rate).  Rates are operations per second.  ``setup`` runs
-    before each round, untimed."""
+    before each round, untimed.  ``self_timed``: each operation returns
+    its own time in ns (the part of it that is measured, on its own clock)
+    instead of being timed whole with ``perf_counter_ns``."""
     clock = time.perf_counter_ns
     for _ in range(per_round):  # warm-up, discarded
         one_stock()
@@ -300,14 +335,17 @@ def _paired_rounds(
                 (one_stock, one_patched) if stock_first else (one_patched, one_stock)
             )
             a = clock()
-            first()
+            first_ns = first()
             b = clock()
-            second()
+            second_ns = second()
             c = clock()
+            if not self_timed:
+                first_ns, second_ns = b - a, c - b
+            assert isinstance(first_ns, int) and isinstance(second_ns, int)
             if stock_first:
-                t_stock, t_patched = t_stock + b - a, t_patched + c - b
+                t_stock, t_patched = t_stock + first_ns, t_patched + second_ns
             else:
-                t_patched, t_stock = t_patched + b - a, t_stock + c - b
+                t_patched, t_stock = t_patched + first_ns, t_stock + second_ns
         stock.append(per_round * 1e9 / t_stock)
         patched.append(per_round * 1e9 / t_patched)
         ratios.append(t_stock / t_patched)
@@ -345,6 +383,29 @@ def _contexts() -> Contexts:
 
 
 Result = tuple[float, float, float, float]
+
+
+def junk_psk(rounds: int, progress: Progress) -> Result:
+    """The JUNK_PSK row: one crafted hello, fed to plain contexts with and
+    without an ``on_resume`` callback."""
+    certs = scenarios.make_certs(client_sans=1)
+    stock = scenarios.server_context(certs)
+    patched = tlsctl.set_ticket_callbacks(
+        scenarios.server_context(certs),
+        on_resume=lambda conn, appdata, status: tlsctl.TicketDecision.IGNORE_RENEW,
+    )
+    hello = clienthello.records(
+        clienthello.client_hello(clienthello.junk_identities(JUNK_IDENTITIES))
+    )
+    return _paired_rounds(
+        lambda: junk_psk_hello(stock, hello),
+        lambda: junk_psk_hello(patched, hello),
+        rounds,
+        progress,
+        JUNK_PSK,
+        JUNK_PER_ROUND,
+        self_timed=True,
+    )
 
 
 def wall_metrics() -> list[str]:
@@ -395,6 +456,7 @@ def wall_clock(rounds: int, progress: Progress) -> dict[str, Result]:
     results["resumed handshakes/s, shared keys"] = _paired_rounds(
         resumed(stock_ctx), resumed(keyed_ctx), rounds, progress, "shared keys"
     )
+    results[JUNK_PSK] = junk_psk(rounds, progress)
     # A sweep writes once on each of the CONNECTIONS connections of its side.
     for size, metric, per_round in (
         (1024, "1 KiB writes/s", 10000 // CONNECTIONS),
@@ -526,8 +588,13 @@ def plot_ratios(
     for i, t in enumerate(targets):
         if t is not None:
             ax.plot([t, t], [i - 0.4, i + 0.4], color="black", linewidth=2)
+    left = 0.85
+    for i, (r, t) in enumerate(zip(ratios, targets)):
+        if r < left:  # off the scale (the junk-PSK row): say it in words
+            target = "" if t is None else f" (target {t:.2f})"
+            ax.text(left + 0.005, i, f"{r:.3f}{target}", va="center")
     ax.axvline(1.0, color="grey", linestyle=":")
-    ax.set_xlim(0.85, 1.1)
+    ax.set_xlim(left, 1.1)
     ax.invert_yaxis()
     ax.set_xlabel(
         "patched / stock (above 1 is better; black bar = target; "

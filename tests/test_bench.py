@@ -39,6 +39,7 @@ def test_bench_smoke_prints_every_metric_and_writes_charts(tmp_path: Path) -> No
         "resumed handshakes/s, shared keys",
         "1 KiB writes/s",
         "bulk MB/s",
+        "junk-PSK hellos/s, on_resume (CPU)",
         "RSS per 1,000 idle conns",
         "256 KiB, read delay",
     ):
