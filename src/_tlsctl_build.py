@@ -1432,25 +1432,60 @@ static int tlsctl_keys_mode(void)
     return TLSCTL_KEYS_NONE;
 }
 
+/* The key of connections whose key context has no shared keys (moved to
+ * another context before their handshake started): random, made once per
+ * process, so such tickets resume within the process, like OpenSSL's own
+ * keys.  Never "no ticket": OpenSSL 1.1.1 then sends a malformed TLS 1.3
+ * NewSessionTicket (a zero-length ticket; the client fails with
+ * LENGTH_MISMATCH, measured on 1.1.1w).  Guarded by tlsctl_exts_lock. */
+static tlsctl_key tlsctl_fallback_key;
+static int tlsctl_fallback_ready = 0;
+
+static int tlsctl_fallback_pick(const unsigned char *name, int enc,
+                                tlsctl_key *out)
+{
+    int rc = -1;
+    pthread_mutex_lock(&tlsctl_exts_lock);
+    if (!tlsctl_fallback_ready
+            && p_RAND_bytes(tlsctl_fallback_key.name, TLSCTL_KEY_NAME_LEN) == 1
+            && p_RAND_bytes(tlsctl_fallback_key.hmac, 32) == 1
+            && p_RAND_bytes(tlsctl_fallback_key.aes, 32) == 1) {
+        tlsctl_fallback_key.size = 80;
+        tlsctl_fallback_ready = 1;
+    }
+    if (tlsctl_fallback_ready) {
+        rc = 0;
+        if (enc || memcmp(name, tlsctl_fallback_key.name, TLSCTL_KEY_NAME_LEN) == 0) {
+            memcpy(out, &tlsctl_fallback_key, sizeof(*out));
+            rc = 1;
+        }
+    }
+    pthread_mutex_unlock(&tlsctl_exts_lock);
+    return rc;
+}
+
 /* Copy the key for this operation out from under the lock.  Returns 1,
- * or 0: no key (decrypt: unknown key name, a full handshake; encrypt: the
- * connection's key context has no shared keys, so no ticket is issued,
- * which OpenSSL allows, rather than failing the connection). */
+ * 0 (decrypt: unknown key name, a full handshake) or -1. */
 static int tlsctl_key_pick(SSL *s, const unsigned char *name, int enc,
                            tlsctl_key *out, size_t *index)
 {
     tlsctl_ctx_ext *ext = tlsctl_keys_ext_of(s);
-    int rc = 0, i;
-    if (ext == NULL)
-        return rc;
-    pthread_mutex_lock(&ext->lock);
-    i = enc ? (ext->nkeys > 0 ? 0 : -1) : tlsctl_key_find(ext, name);
-    if (i >= 0) {
-        memcpy(out, &ext->keys[i], sizeof(*out));
-        *index = (size_t)i;
-        rc = 1;
+    int rc = 0, i = -1, keys = 0;
+    if (ext != NULL) {
+        pthread_mutex_lock(&ext->lock);
+        keys = ext->nkeys > 0;
+        i = enc ? (keys ? 0 : -1) : tlsctl_key_find(ext, name);
+        if (i >= 0) {
+            memcpy(out, &ext->keys[i], sizeof(*out));
+            *index = (size_t)i;
+            rc = 1;
+        }
+        pthread_mutex_unlock(&ext->lock);
     }
-    pthread_mutex_unlock(&ext->lock);
+    if (!keys) {
+        *index = 0;
+        rc = tlsctl_fallback_pick(name, enc, out);
+    }
     return rc;
 }
 
