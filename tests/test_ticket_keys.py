@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import ssl
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -93,6 +95,69 @@ def test_set_ticket_keys_bad_inputs(
         tlsctl.set_ticket_keys(client_ctx(), [KEY80])
     with pytest.raises(TypeError, match=r"ssl\.SSLContext"):
         tlsctl.set_ticket_keys(object(), [KEY80])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["_data", "id", "size", "export", "other"])
+def test_ticket_key_is_immutable(name: str, server_ctx: CtxFactory) -> None:
+    key = TicketKey(KEY80)
+    with pytest.raises(AttributeError, match="immutable"):
+        setattr(key, name, b"x")
+    with pytest.raises(AttributeError, match="immutable"):
+        delattr(key, name)
+    assert key.export() == KEY80 and key.size == 80
+    assert key.id == TicketKey(KEY80).id
+    with contextlib.suppress(AttributeError):
+        key.__init__(KEY48)  # type: ignore[call-arg]  # no second initialisation
+    assert key.export() == KEY80
+    tlsctl.set_ticket_keys(server_ctx(), [key])
+
+
+def test_ticket_key_is_final(server_ctx: CtxFactory) -> None:
+    with pytest.raises(TypeError, match="cannot be subclassed"):
+
+        class Evil(TicketKey):  # type: ignore[misc]
+            def _record(self) -> bytes:
+                return b"\x50"
+
+    if sys.version_info >= (3, 11):  # typing.final marks the class from 3.11
+        assert getattr(TicketKey, "__final__", False) is True
+
+    class Impostor:  # passes isinstance(x, TicketKey) through __class__
+        __class__ = TicketKey  # type: ignore[assignment]
+
+        def _record(self) -> bytes:
+            return b"\x50"
+
+        def export(self) -> bytes:
+            return KEY80
+
+    assert isinstance(Impostor(), TicketKey)
+    with pytest.raises(TypeError, match="not Impostor"):
+        tlsctl.set_ticket_keys(server_ctx(), [Impostor()])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"x", b"", bytes(47), bytes(81), bytes(300), "x" * 80, None, "unset"],
+    ids=["1-byte", "empty", "47-byte", "81-byte", "300-byte", "str", "None", "unset"],
+)
+def test_set_ticket_keys_rejects_a_key_changed_behind_its_back(
+    data: object, server_ctx: CtxFactory
+) -> None:
+    """Immutability can still be bypassed with object.__setattr__; such a key
+    never reaches C as a malformed record."""
+    if data == "unset":
+        key = object.__new__(TicketKey)  # never initialised
+    else:
+        key = TicketKey(KEY80)
+        object.__setattr__(key, "_data", data)
+    from tlsctl import _bind, _tickets
+
+    assert _tickets._RECORD_SIZE == _bind.lib.TLSCTL_KEY_RECORD
+    ctx = server_ctx()
+    with pytest.raises(ValueError, match="malformed") as info:
+        tlsctl.set_ticket_keys(ctx, [TicketKey(KEY48), key])
+    assert "keys[1]" in str(info.value)
 
 
 # --- behaviour on real handshakes -----------------------------------------

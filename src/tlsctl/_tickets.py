@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, final
 
 from tlsctl import _bind, _policy
 from tlsctl._errors import OpenSSLError, UnsupportedError
@@ -118,6 +118,7 @@ class ResumeStatus:
         return self.code == TicketStatus.SUCCESS_RENEW
 
 
+@final
 class TicketKey:
     """One session ticket key: a 16-byte name, an HMAC secret and an AES key.
 
@@ -128,11 +129,19 @@ class TicketKey:
     ``TicketKey.from_file()`` reads a key file, so nginx-style rotation
     tooling (``openssl rand 80 > key``) can feed tlsctl.  The bytes never
     appear in ``repr()``; ``id`` is a fingerprint of the name, safe to log.
+
+    A ``TicketKey`` is immutable (setting or deleting any attribute raises
+    ``AttributeError``) and final (subclassing it raises ``TypeError``): the
+    bytes checked when it was made are the bytes ``set_ticket_keys`` hands
+    to OpenSSL.  It cannot be pickled or copied by pickling; ``export()`` the
+    bytes deliberately instead.
     """
 
     __slots__ = ("__weakref__", "_data", "id")
+    _data: bytes
+    id: str
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    def __new__(cls, data: bytes | bytearray | memoryview) -> TicketKey:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"a ticket key is bytes, not {type(data).__name__}")
         raw = bytes(data)
@@ -141,8 +150,21 @@ class TicketKey:
                 f"a ticket key is 80 bytes (or nginx's 48-byte format), "
                 f"got {len(raw)} bytes"
             )
-        self._data = raw
-        self.id: str = _fingerprint(raw[:16])
+        self = super().__new__(cls)
+        object.__setattr__(self, "_data", raw)
+        object.__setattr__(self, "id", _fingerprint(raw[:16]))
+        return self
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError(
+            "TicketKey cannot be subclassed: set_ticket_keys() trusts its internals"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"TicketKey is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"TicketKey is immutable: cannot delete {name!r}")
 
     @classmethod
     def generate(cls) -> TicketKey:
@@ -185,6 +207,28 @@ class TicketKey:
         raise TypeError("TicketKey is not picklable; use export() deliberately")
 
 
+_RECORD_SIZE = 81  # the C shim's TLSCTL_KEY_RECORD
+
+
+def _checked_record(key: TicketKey, index: int) -> bytes:
+    """``TicketKey._record`` of ``key`` (the class's own function, whatever
+    the instance holds), proven to have the C shim's layout: immutability
+    can still be bypassed with ``object.__setattr__``."""
+    try:
+        record = TicketKey._record(key)
+    except (AttributeError, TypeError, ValueError):
+        record = None
+    if (
+        type(record) is not bytes
+        or len(record) != _RECORD_SIZE
+        or record[0] not in _KEY_SIZES
+    ):
+        raise ValueError(
+            f"keys[{index}] is a malformed TicketKey (changed after it was made?)"
+        )
+    return record
+
+
 def set_ticket_keys(
     ctx: ssl.SSLContext, keys: Sequence[TicketKey | bytes]
 ) -> ssl.SSLContext:
@@ -205,8 +249,10 @@ def set_ticket_keys(
     Raises:
         TypeError: ``ctx`` is not an ``ssl.SSLContext``, or a key is neither
             a ``TicketKey`` nor bytes.
-        ValueError: no keys, a key of the wrong size, two keys with the same
-            name, or a client-only context.
+        ValueError: no keys, a key of the wrong size, a ``TicketKey`` whose
+            internals were changed (each key's record is checked before it
+            reaches C), two keys with the same name, or a client-only
+            context.
         UnsupportedError: the bound OpenSSL offers no ticket key callback.
         BindingError: tlsctl is not bound, or ``ctx`` is not proven to
             belong to the bound OpenSSL.
@@ -214,11 +260,13 @@ def set_ticket_keys(
     ptr, kind = _bind.ctx_pointer(ctx)
     if isinstance(keys, (bytes, bytearray, memoryview, TicketKey, str)):
         raise TypeError("keys must be a sequence of TicketKey (or bytes) objects")
-    parsed = [k if isinstance(k, TicketKey) else TicketKey(k) for k in keys]
+    # type(), not isinstance(): an object can claim TicketKey as __class__.
+    parsed = [k if type(k) is TicketKey else TicketKey(k) for k in keys]
     if not parsed:
         raise ValueError("set_ticket_keys() needs at least one key")
-    ids = [k.id for k in parsed]
-    if len(set(ids)) != len(ids):
+    records = [_checked_record(k, i) for i, k in enumerate(parsed)]
+    names = [r[1:17] for r in records]
+    if len(set(names)) != len(names):
         raise ValueError("two ticket keys have the same name")
     _bind.require_server_kind(kind, "tlsctl.set_ticket_keys()")
     lib = _bind.lib
@@ -226,7 +274,7 @@ def set_ticket_keys(
         raise UnsupportedError(
             f"{_bind.info().openssl_version} offers no session ticket key callback"
         )
-    blob = bytearray(b"".join(k._record() for k in parsed))
+    blob = bytearray(b"".join(records))
     try:
         rc = lib.tlsctl_set_ticket_keys(ptr, _bind.ffi.from_buffer(blob), len(parsed))
     finally:
