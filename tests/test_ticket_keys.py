@@ -7,6 +7,7 @@ import pickle
 import ssl
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -158,6 +159,27 @@ def test_set_ticket_keys_rejects_a_key_changed_behind_its_back(
     with pytest.raises(ValueError, match="malformed") as info:
         tlsctl.set_ticket_keys(ctx, [TicketKey(KEY48), key])
     assert "keys[1]" in str(info.value)
+
+
+def test_set_ticket_keys_needs_an_iterable(server_ctx: CtxFactory) -> None:
+    ctx = server_ctx()
+    for bad, name in ((None, "NoneType"), (42, "int"), (KEY80, "bytes")):
+        with pytest.raises(TypeError) as info:
+            tlsctl.set_ticket_keys(ctx, bad)  # type: ignore[arg-type]
+        assert str(info.value) == (
+            f"keys must be a sequence of TicketKey (or bytes) objects, not {name}"
+        )
+    # Any iterable is read once, in order (documented).
+    key = TicketKey(KEY80)
+    keys: list[TicketKey | bytes] = [key, KEY48]
+    assert tlsctl.set_ticket_keys(ctx, (k for k in keys)) is ctx
+
+    def failing() -> Iterator[TicketKey]:
+        yield key
+        raise TypeError("boom")  # its own error, not "not a sequence"
+
+    with pytest.raises(TypeError, match=r"^boom$"):
+        tlsctl.set_ticket_keys(ctx, failing())
 
 
 # --- behaviour on real handshakes -----------------------------------------

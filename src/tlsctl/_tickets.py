@@ -36,7 +36,7 @@ import hashlib
 import os
 import ssl
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union, final
@@ -230,7 +230,7 @@ def _checked_record(key: TicketKey, index: int) -> bytes:
 
 
 def set_ticket_keys(
-    ctx: ssl.SSLContext, keys: Sequence[TicketKey | bytes]
+    ctx: ssl.SSLContext, keys: Iterable[TicketKey | bytes]
 ) -> ssl.SSLContext:
     """Encrypt and decrypt session tickets with keys shared across processes.
 
@@ -242,13 +242,19 @@ def set_ticket_keys(
     Calling it again replaces the list (rotation): put the new key first and
     keep the previous one second for as long as its tickets should resume.
 
+    ``keys`` is a list or tuple of ``TicketKey`` objects, or of bytes in a
+    format ``TicketKey`` takes; any other iterable (a generator) is read
+    once, in order.  A single key is not a list of keys: wrap it,
+    ``[key]``.
+
     Works on TLS 1.2 and 1.3, OpenSSL 1.1.1 and 3.x; the key lookup runs in
     C for every handshake.  Without this call the context keeps OpenSSL's
     own per-context random keys.  Returns ``ctx``.
 
     Raises:
-        TypeError: ``ctx`` is not an ``ssl.SSLContext``, or a key is neither
-            a ``TicketKey`` nor bytes.
+        TypeError: ``ctx`` is not an ``ssl.SSLContext``, ``keys`` is not
+            iterable (or is a single key: bytes or a ``TicketKey``), or a key
+            is neither a ``TicketKey`` nor bytes.
         ValueError: no keys, a key of the wrong size, a ``TicketKey`` whose
             internals were changed (each key's record is checked before it
             reaches C), two keys with the same name, or a client-only
@@ -258,10 +264,19 @@ def set_ticket_keys(
             belong to the bound OpenSSL.
     """
     ptr, kind = _bind.ctx_pointer(ctx)
-    if isinstance(keys, (bytes, bytearray, memoryview, TicketKey, str)):
-        raise TypeError("keys must be a sequence of TicketKey (or bytes) objects")
+    items: Iterator[TicketKey | bytes] | None = None
+    if not isinstance(keys, (bytes, bytearray, memoryview, TicketKey, str)):
+        try:
+            items = iter(keys)
+        except TypeError:  # not iterable; an iterator's own errors propagate
+            pass
+    if items is None:
+        raise TypeError(
+            f"keys must be a sequence of TicketKey (or bytes) objects, "
+            f"not {type(keys).__name__}"
+        )
     # type(), not isinstance(): an object can claim TicketKey as __class__.
-    parsed = [k if type(k) is TicketKey else TicketKey(k) for k in keys]
+    parsed = [k if type(k) is TicketKey else TicketKey(k) for k in items]
     if not parsed:
         raise ValueError("set_ticket_keys() needs at least one key")
     records = [_checked_record(k, i) for i, k in enumerate(parsed)]
