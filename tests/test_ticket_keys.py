@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import ssl
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -180,6 +182,76 @@ def test_set_ticket_keys_needs_an_iterable(server_ctx: CtxFactory) -> None:
 
     with pytest.raises(TypeError, match=r"^boom$"):
         tlsctl.set_ticket_keys(ctx, failing())
+
+
+def _from_file_in_child(path: Path) -> subprocess.CompletedProcess[str]:
+    """TicketKey.from_file(path) in a child process with 1 GiB of address
+    space and a deadline, so that reading a FIFO or a device to its end
+    fails this test instead of hanging it or eating the machine's memory.
+    Exit status 3: it raised ValueError (printed)."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "import tlsctl\n"
+        "try:\n"
+        "    tlsctl.TicketKey.from_file(sys.argv[1])\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"TicketKey.from_file({str(path)!r}) hung")
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device", "huge file"])
+def test_from_file_refuses_without_reading_everything(
+    kind: str, tmp_path: Path
+) -> None:
+    if kind == "FIFO":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)  # no writer: opening it for reading would block
+    elif kind == "character device":
+        path = Path("/dev/zero")  # endless
+    else:
+        path = tmp_path / "huge"
+        path.touch()
+        os.truncate(path, 1 << 36)  # 64 GiB, sparse: only its size is read
+    proc = _from_file_in_child(path)
+    assert proc.returncode == 3, proc.stderr
+    message = proc.stdout.strip()
+    assert str(path) in message
+    assert kind in message if kind != "huge file" else "80 or 48 bytes" in message
+
+
+def test_from_file_refuses_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="directory") as info:
+        TicketKey.from_file(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_from_file_follows_symlinks(tmp_path: Path) -> None:
+    """The layout of a Kubernetes Secret volume: key -> ..data/key,
+    ..data -> ..2024_01_01_00_00_00.1/ (a symlink to a folder)."""
+    real = tmp_path / "..2024_01_01_00_00_00.1"
+    real.mkdir()
+    (real / "key").write_bytes(KEY80)
+    (tmp_path / "..data").symlink_to(real.name)
+    link = tmp_path / "key"
+    link.symlink_to(Path("..data") / "key")
+    assert TicketKey.from_file(link).id == TicketKey(KEY80).id
+    assert TicketKey.from_file(str(link)).export() == KEY80
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to("nowhere")
+    with pytest.raises(FileNotFoundError) as info:
+        TicketKey.from_file(dangling)
+    assert info.value.filename == str(dangling)
 
 
 # --- behaviour on real handshakes -----------------------------------------

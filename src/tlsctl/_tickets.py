@@ -35,10 +35,10 @@ import enum
 import hashlib
 import os
 import ssl
+import stat
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Union, final
 
 from tlsctl import _bind, _policy
@@ -87,6 +87,25 @@ _KEY_SIZES = (48, 80)
 
 def _fingerprint(name: bytes) -> str:
     return hashlib.sha256(b"tlsctl ticket key name\0" + name).hexdigest()[:16]
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def _require_regular(path: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((k for test, k in _FILE_KINDS if test(mode)), "special file")
+    raise ValueError(
+        f"{path!r} is a {kind}, not a regular file: a ticket key file is a "
+        f"regular file of 80 or 48 bytes"
+    )
 
 
 @dataclass(frozen=True)
@@ -173,12 +192,45 @@ class TicketKey:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TicketKey:
-        """Read an nginx ``ssl_session_ticket_key`` file (48 or 80 bytes)."""
-        data = Path(path).read_bytes()
+        """Read an nginx ``ssl_session_ticket_key`` file (48 or 80 bytes).
+
+        ``path`` must name a regular file; symbolic links are followed (a
+        Kubernetes Secret volume shows each key as ``key -> ..data/key``).
+        Anything else (a FIFO, a device such as ``/dev/zero``, a directory,
+        a socket) is refused without being read, and at most 81 bytes of a
+        regular file are read, so a wrong path can neither hang the caller
+        nor fill its memory.
+
+        Raises:
+            ValueError: ``path`` is not a regular file, or it does not hold
+                exactly 80 or 48 bytes.  The message names the path, never
+                the bytes.
+            OSError: the file cannot be opened or read, e.g.
+                ``FileNotFoundError`` (``.filename`` is the path) or
+                ``PermissionError``.
+        """
+        name = os.fspath(path)
+        # stat() before open(): a device or FIFO is never even opened.
+        _require_regular(name, os.stat(name).st_mode)
+        fd = os.open(
+            name,
+            os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+        )
+        try:
+            _require_regular(name, os.fstat(fd).st_mode)  # what was opened
+            limit = max(_KEY_SIZES) + 1
+            data = b""
+            while len(data) < limit:
+                chunk = os.read(fd, limit - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
         if len(data) not in _KEY_SIZES:
+            size = f"more than {max(_KEY_SIZES)}" if len(data) >= limit else len(data)
             raise ValueError(
-                f"{os.fspath(path)!r}: a ticket key file holds 80 or 48 bytes, "
-                f"this one {len(data)}"
+                f"{name!r}: a ticket key file holds 80 or 48 bytes, this one {size}"
             )
         return cls(data)
 
