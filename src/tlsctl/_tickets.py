@@ -27,6 +27,10 @@ Shared keys (``set_ticket_keys``)
     Key bytes cross into C once per call and are wiped there when replaced
     or freed.  ``TicketKey`` never shows its bytes in ``repr`` or in an
     exception message; ``TicketKey.id`` is a fingerprint safe to log.
+    ``TicketKey`` is immutable and final, ``set_ticket_keys`` builds each
+    record with ``TicketKey._record`` itself and checks its layout before
+    anything reaches C, and ``TicketKey.from_file`` reads regular files
+    only, at most 81 bytes.
 """
 
 from __future__ import annotations
@@ -152,8 +156,14 @@ class TicketKey:
     A ``TicketKey`` is immutable (setting or deleting any attribute raises
     ``AttributeError``) and final (subclassing it raises ``TypeError``): the
     bytes checked when it was made are the bytes ``set_ticket_keys`` hands
-    to OpenSSL.  It cannot be pickled or copied by pickling; ``export()`` the
-    bytes deliberately instead.
+    to OpenSSL (and ``set_ticket_keys`` checks each key's layout again, in
+    case immutability was bypassed with ``object.__setattr__``).  It cannot
+    be pickled or copied by pickling; ``export()`` the bytes deliberately
+    instead.
+
+    Raises:
+        TypeError: ``data`` is not bytes, bytearray or memoryview.
+        ValueError: ``data`` is neither 80 nor 48 bytes long.
     """
 
     __slots__ = ("__weakref__", "_data", "id")
@@ -175,14 +185,17 @@ class TicketKey:
         return self
 
     def __init_subclass__(cls, **kwargs: object) -> None:
+        """Refused: a subclass could override what ``set_ticket_keys`` reads."""
         raise TypeError(
             "TicketKey cannot be subclassed: set_ticket_keys() trusts its internals"
         )
 
     def __setattr__(self, name: str, value: object) -> None:
+        """Refused: a ``TicketKey`` is immutable."""
         raise AttributeError(f"TicketKey is immutable: cannot set {name!r}")
 
     def __delattr__(self, name: str) -> None:
+        """Refused: a ``TicketKey`` is immutable."""
         raise AttributeError(f"TicketKey is immutable: cannot delete {name!r}")
 
     @classmethod
@@ -256,6 +269,7 @@ class TicketKey:
         return f"<TicketKey id={self.id} size={self.size}>"
 
     def __reduce__(self) -> Any:
+        """Refused: pickling would copy the key bytes out of sight."""
         raise TypeError("TicketKey is not picklable; use export() deliberately")
 
 
