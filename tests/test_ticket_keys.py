@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import ssl
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,6 +98,163 @@ def test_set_ticket_keys_bad_inputs(
         tlsctl.set_ticket_keys(client_ctx(), [KEY80])
     with pytest.raises(TypeError, match=r"ssl\.SSLContext"):
         tlsctl.set_ticket_keys(object(), [KEY80])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["_data", "id", "size", "export", "other"])
+def test_ticket_key_is_immutable(name: str, server_ctx: CtxFactory) -> None:
+    key = TicketKey(KEY80)
+    with pytest.raises(AttributeError, match="immutable"):
+        setattr(key, name, b"x")
+    with pytest.raises(AttributeError, match="immutable"):
+        delattr(key, name)
+    assert key.export() == KEY80 and key.size == 80
+    assert key.id == TicketKey(KEY80).id
+    with contextlib.suppress(AttributeError):
+        key.__init__(KEY48)  # type: ignore[call-arg]  # no second initialisation
+    assert key.export() == KEY80
+    tlsctl.set_ticket_keys(server_ctx(), [key])
+
+
+def test_ticket_key_is_final(server_ctx: CtxFactory) -> None:
+    with pytest.raises(TypeError, match="cannot be subclassed"):
+
+        class Evil(TicketKey):  # type: ignore[misc]
+            def _record(self) -> bytes:
+                return b"\x50"
+
+    if sys.version_info >= (3, 11):  # typing.final marks the class from 3.11
+        assert getattr(TicketKey, "__final__", False) is True
+
+    class Impostor:  # passes isinstance(x, TicketKey) through __class__
+        __class__ = TicketKey  # type: ignore[assignment]
+
+        def _record(self) -> bytes:
+            return b"\x50"
+
+        def export(self) -> bytes:
+            return KEY80
+
+    assert isinstance(Impostor(), TicketKey)
+    with pytest.raises(TypeError, match="not Impostor"):
+        tlsctl.set_ticket_keys(server_ctx(), [Impostor()])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"x", b"", bytes(47), bytes(81), bytes(300), "x" * 80, None, "unset"],
+    ids=["1-byte", "empty", "47-byte", "81-byte", "300-byte", "str", "None", "unset"],
+)
+def test_set_ticket_keys_rejects_a_key_changed_behind_its_back(
+    data: object, server_ctx: CtxFactory
+) -> None:
+    """Immutability can still be bypassed with object.__setattr__; such a key
+    never reaches C as a malformed record."""
+    if data == "unset":
+        key = object.__new__(TicketKey)  # never initialised
+    else:
+        key = TicketKey(KEY80)
+        object.__setattr__(key, "_data", data)
+    from tlsctl import _bind, _tickets
+
+    assert _tickets._RECORD_SIZE == _bind.lib.TLSCTL_KEY_RECORD
+    ctx = server_ctx()
+    with pytest.raises(ValueError, match="malformed") as info:
+        tlsctl.set_ticket_keys(ctx, [TicketKey(KEY48), key])
+    assert "keys[1]" in str(info.value)
+
+
+def test_set_ticket_keys_needs_an_iterable(server_ctx: CtxFactory) -> None:
+    ctx = server_ctx()
+    for bad, name in ((None, "NoneType"), (42, "int"), (KEY80, "bytes")):
+        with pytest.raises(TypeError) as info:
+            tlsctl.set_ticket_keys(ctx, bad)  # type: ignore[arg-type]
+        assert str(info.value) == (
+            f"keys must be a sequence of TicketKey (or bytes) objects, not {name}"
+        )
+    # Any iterable is read once, in order (documented).
+    key = TicketKey(KEY80)
+    keys: list[TicketKey | bytes] = [key, KEY48]
+    assert tlsctl.set_ticket_keys(ctx, (k for k in keys)) is ctx
+
+    def failing() -> Iterator[TicketKey]:
+        yield key
+        raise TypeError("boom")  # its own error, not "not a sequence"
+
+    with pytest.raises(TypeError, match=r"^boom$"):
+        tlsctl.set_ticket_keys(ctx, failing())
+
+
+def _from_file_in_child(path: Path) -> subprocess.CompletedProcess[str]:
+    """TicketKey.from_file(path) in a child process with 1 GiB of address
+    space and a deadline, so that reading a FIFO or a device to its end
+    fails this test instead of hanging it or eating the machine's memory.
+    Exit status 3: it raised ValueError (printed)."""
+    code = (
+        "import resource, sys\n"
+        "try:\n"
+        "    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "except (ValueError, OSError):\n"
+        "    pass  # not settable here (macOS): the deadline still holds\n"
+        "import tlsctl\n"
+        "try:\n"
+        "    tlsctl.TicketKey.from_file(sys.argv[1])\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"TicketKey.from_file({str(path)!r}) hung")
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device", "huge file"])
+def test_from_file_refuses_without_reading_everything(
+    kind: str, tmp_path: Path
+) -> None:
+    if kind == "FIFO":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)  # no writer: opening it for reading would block
+    elif kind == "character device":
+        path = Path("/dev/zero")  # endless
+    else:
+        path = tmp_path / "huge"
+        path.touch()
+        os.truncate(path, 1 << 36)  # 64 GiB, sparse: only its size is read
+    proc = _from_file_in_child(path)
+    assert proc.returncode == 3, proc.stderr
+    message = proc.stdout.strip()
+    assert str(path) in message
+    assert kind in message if kind != "huge file" else "80 or 48 bytes" in message
+
+
+def test_from_file_refuses_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="directory") as info:
+        TicketKey.from_file(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_from_file_follows_symlinks(tmp_path: Path) -> None:
+    """The layout of a Kubernetes Secret volume: key -> ..data/key,
+    ..data -> ..2024_01_01_00_00_00.1/ (a symlink to a folder)."""
+    real = tmp_path / "..2024_01_01_00_00_00.1"
+    real.mkdir()
+    (real / "key").write_bytes(KEY80)
+    (tmp_path / "..data").symlink_to(real.name)
+    link = tmp_path / "key"
+    link.symlink_to(Path("..data") / "key")
+    assert TicketKey.from_file(link).id == TicketKey(KEY80).id
+    assert TicketKey.from_file(str(link)).export() == KEY80
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to("nowhere")
+    with pytest.raises(FileNotFoundError) as info:
+        TicketKey.from_file(dangling)
+    assert info.value.filename == str(dangling)
 
 
 # --- behaviour on real handshakes -----------------------------------------

@@ -3,16 +3,21 @@
 ``demo`` runs the bug scenarios on 127.0.0.1 with a stock and a patched
 server context side by side and prints a table.  ``doctor`` prints what was
 bound and runs one live patched handshake.  ``ticket-key FILE`` writes a
-fresh 80-byte session ticket key file (nginx's format, mode 0600) for
+fresh 80-byte session ticket key file (nginx's format, mode 0600, replaced
+atomically; ``-`` writes the bytes to stdout) for
 ``tlsctl.TicketKey.from_file``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import ssl
+import stat
 import sys
+import tempfile
 
 import tlsctl
 from tlsctl import scenarios
@@ -164,18 +169,126 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     print(line)
 
 
+_KEY_ERROR = "tlsctl ticket-key: error:"
+_KINDS = (
+    (stat.S_ISLNK, "symbolic link"),
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+class _Refused(Exception):
+    """One line for stderr: why the key was not written."""
+
+
 def _ticket_key(path: str, force: bool) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        print(f"{path} exists; pass --force to replace it", file=sys.stderr)
-        return 1
     key = tlsctl.TicketKey.generate()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.export())
-    print(f"wrote {key!r} to {path}")
+    try:
+        if path == "-":
+            _key_to_stdout(key)
+            print(f"wrote {key!r} to stdout", file=sys.stderr)
+        else:
+            _key_to_file(key, path, force)
+            print(f"wrote {key!r} to {path}")
+    except _Refused as exc:
+        print(f"{_KEY_ERROR} {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _key_to_stdout(key: tlsctl.TicketKey) -> None:
+    if sys.stdout.isatty():
+        raise _Refused(
+            "refusing to write the raw key bytes to a terminal; pipe or redirect stdout"
+        )
+    try:
+        sys.stdout.buffer.write(key.export())
+        sys.stdout.buffer.flush()
+    except OSError as exc:
+        raise _Refused(f"cannot write to stdout: {exc.strerror or exc}") from None
+
+
+def _key_to_file(key: tlsctl.TicketKey, path: str, force: bool) -> None:
+    """Write ``key`` to a private temporary file next to ``path`` and move it
+    into place atomically: ``path`` is never seen half written, never
+    world-readable, and a symbolic link or special file there is refused,
+    never followed."""
+    shown = repr(path)
+    folder = os.path.dirname(path) or os.curdir
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise _Refused(f"cannot write {shown}: {exc.strerror}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = next((k for test, k in _KINDS if test(mode)), "special file")
+        raise _Refused(
+            f"{shown} is a {kind}; not replacing it (--force only replaces "
+            f"regular files)"
+        )
+    if mode is not None and not force:
+        raise _Refused(f"{shown} exists; pass --force to replace it")
+    try:
+        fd, tmp = tempfile.mkstemp(
+            dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+        )
+    except FileNotFoundError:
+        raise _Refused(
+            f"cannot write {shown}: folder {folder!r} does not exist"
+        ) from None
+    except OSError as exc:
+        raise _Refused(f"cannot write {shown}: {exc.strerror}") from None
+    try:
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o600)  # mkstemp's mode already; whatever the umask
+            f.write(key.export())
+            f.flush()
+            os.fsync(fd)
+        if force:
+            os.replace(tmp, path)  # a symlink put there meanwhile is replaced
+        else:
+            _link_new(tmp, path)
+        _fsync_folder(folder)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, FileExistsError):
+            raise _Refused(f"{shown} exists; pass --force to replace it") from None
+        if isinstance(exc, OSError):
+            raise _Refused(f"cannot write {shown}: {exc.strerror or exc}") from None
+        raise
+
+
+def _link_new(tmp: str, path: str) -> None:
+    """Give ``tmp`` the name ``path`` unless something has that name: a hard
+    link fails atomically if anything (even a dangling symlink) appeared at
+    ``path`` since it was checked."""
+    try:
+        os.link(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        # A file system without hard links: check again, then rename.
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # not syncable here
+            raise
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,10 +301,26 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=int, default=256 * 1024, help="upload bytes")
     sub.add_parser("doctor", help="print what was bound and run a live handshake")
     key = sub.add_parser(
-        "ticket-key", help="write a fresh 80-byte session ticket key file"
+        "ticket-key",
+        help="write a fresh 80-byte session ticket key file",
+        description="Write a fresh 80-byte session ticket key (nginx's "
+        "ssl_session_ticket_key format) for tlsctl.TicketKey.from_file.",
     )
-    key.add_argument("file")
-    key.add_argument("--force", action="store_true", help="replace FILE")
+    key.add_argument(
+        "file",
+        metavar="FILE",
+        help="the key file to write: mode 0600, moved into place atomically "
+        "from a temporary file in the same folder.  '-' writes the raw 80 "
+        "bytes to stdout instead (refused when stdout is a terminal), e.g. "
+        "python -m tlsctl ticket-key - | kubectl create secret generic "
+        "tickets --from-file=key=/dev/stdin; write ./- for a file named '-'",
+    )
+    key.add_argument(
+        "--force",
+        action="store_true",
+        help="replace FILE if it is a regular file (a symbolic link or "
+        "special file is always refused)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args.connections, args.size)

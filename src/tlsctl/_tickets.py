@@ -27,6 +27,10 @@ Shared keys (``set_ticket_keys``)
     Key bytes cross into C once per call and are wiped there when replaced
     or freed.  ``TicketKey`` never shows its bytes in ``repr`` or in an
     exception message; ``TicketKey.id`` is a fingerprint safe to log.
+    ``TicketKey`` is immutable and final, ``set_ticket_keys`` builds each
+    record with ``TicketKey._record`` itself and checks its layout before
+    anything reaches C, and ``TicketKey.from_file`` reads regular files
+    only, at most 81 bytes.
 """
 
 from __future__ import annotations
@@ -35,11 +39,11 @@ import enum
 import hashlib
 import os
 import ssl
+import stat
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, final
 
 from tlsctl import _bind, _policy
 from tlsctl._errors import OpenSSLError, UnsupportedError
@@ -89,6 +93,25 @@ def _fingerprint(name: bytes) -> str:
     return hashlib.sha256(b"tlsctl ticket key name\0" + name).hexdigest()[:16]
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def _require_regular(path: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((k for test, k in _FILE_KINDS if test(mode)), "special file")
+    raise ValueError(
+        f"{path!r} is a {kind}, not a regular file: a ticket key file is a "
+        f"regular file of 80 or 48 bytes"
+    )
+
+
 @dataclass(frozen=True)
 class ResumeStatus:
     """The ``status`` argument of ``on_resume``.
@@ -118,6 +141,7 @@ class ResumeStatus:
         return self.code == TicketStatus.SUCCESS_RENEW
 
 
+@final
 class TicketKey:
     """One session ticket key: a 16-byte name, an HMAC secret and an AES key.
 
@@ -128,11 +152,25 @@ class TicketKey:
     ``TicketKey.from_file()`` reads a key file, so nginx-style rotation
     tooling (``openssl rand 80 > key``) can feed tlsctl.  The bytes never
     appear in ``repr()``; ``id`` is a fingerprint of the name, safe to log.
+
+    A ``TicketKey`` is immutable (setting or deleting any attribute raises
+    ``AttributeError``) and final (subclassing it raises ``TypeError``): the
+    bytes checked when it was made are the bytes ``set_ticket_keys`` hands
+    to OpenSSL (and ``set_ticket_keys`` checks each key's layout again, in
+    case immutability was bypassed with ``object.__setattr__``).  It cannot
+    be pickled or copied by pickling; ``export()`` the bytes deliberately
+    instead.
+
+    Raises:
+        TypeError: ``data`` is not bytes, bytearray or memoryview.
+        ValueError: ``data`` is neither 80 nor 48 bytes long.
     """
 
     __slots__ = ("__weakref__", "_data", "id")
+    _data: bytes
+    id: str
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    def __new__(cls, data: bytes | bytearray | memoryview) -> TicketKey:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"a ticket key is bytes, not {type(data).__name__}")
         raw = bytes(data)
@@ -141,8 +179,24 @@ class TicketKey:
                 f"a ticket key is 80 bytes (or nginx's 48-byte format), "
                 f"got {len(raw)} bytes"
             )
-        self._data = raw
-        self.id: str = _fingerprint(raw[:16])
+        self = super().__new__(cls)
+        object.__setattr__(self, "_data", raw)
+        object.__setattr__(self, "id", _fingerprint(raw[:16]))
+        return self
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Refused: a subclass could override what ``set_ticket_keys`` reads."""
+        raise TypeError(
+            "TicketKey cannot be subclassed: set_ticket_keys() trusts its internals"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Refused: a ``TicketKey`` is immutable."""
+        raise AttributeError(f"TicketKey is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        """Refused: a ``TicketKey`` is immutable."""
+        raise AttributeError(f"TicketKey is immutable: cannot delete {name!r}")
 
     @classmethod
     def generate(cls) -> TicketKey:
@@ -151,12 +205,45 @@ class TicketKey:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TicketKey:
-        """Read an nginx ``ssl_session_ticket_key`` file (48 or 80 bytes)."""
-        data = Path(path).read_bytes()
+        """Read an nginx ``ssl_session_ticket_key`` file (48 or 80 bytes).
+
+        ``path`` must name a regular file; symbolic links are followed (a
+        Kubernetes Secret volume shows each key as ``key -> ..data/key``).
+        Anything else (a FIFO, a device such as ``/dev/zero``, a directory,
+        a socket) is refused without being read, and at most 81 bytes of a
+        regular file are read, so a wrong path can neither hang the caller
+        nor fill its memory.
+
+        Raises:
+            ValueError: ``path`` is not a regular file, or it does not hold
+                exactly 80 or 48 bytes.  The message names the path, never
+                the bytes.
+            OSError: the file cannot be opened or read, e.g.
+                ``FileNotFoundError`` (``.filename`` is the path) or
+                ``PermissionError``.
+        """
+        name = os.fspath(path)
+        # stat() before open(): a device or FIFO is never even opened.
+        _require_regular(name, os.stat(name).st_mode)
+        fd = os.open(
+            name,
+            os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+        )
+        try:
+            _require_regular(name, os.fstat(fd).st_mode)  # what was opened
+            limit = max(_KEY_SIZES) + 1
+            data = b""
+            while len(data) < limit:
+                chunk = os.read(fd, limit - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(fd)
         if len(data) not in _KEY_SIZES:
+            size = f"more than {max(_KEY_SIZES)}" if len(data) >= limit else len(data)
             raise ValueError(
-                f"{os.fspath(path)!r}: a ticket key file holds 80 or 48 bytes, "
-                f"this one {len(data)}"
+                f"{name!r}: a ticket key file holds 80 or 48 bytes, this one {size}"
             )
         return cls(data)
 
@@ -182,11 +269,34 @@ class TicketKey:
         return f"<TicketKey id={self.id} size={self.size}>"
 
     def __reduce__(self) -> Any:
+        """Refused: pickling would copy the key bytes out of sight."""
         raise TypeError("TicketKey is not picklable; use export() deliberately")
 
 
+_RECORD_SIZE = 81  # the C shim's TLSCTL_KEY_RECORD
+
+
+def _checked_record(key: TicketKey, index: int) -> bytes:
+    """``TicketKey._record`` of ``key`` (the class's own function, whatever
+    the instance holds), proven to have the C shim's layout: immutability
+    can still be bypassed with ``object.__setattr__``."""
+    try:
+        record = TicketKey._record(key)
+    except (AttributeError, TypeError, ValueError):
+        record = None
+    if (
+        type(record) is not bytes
+        or len(record) != _RECORD_SIZE
+        or record[0] not in _KEY_SIZES
+    ):
+        raise ValueError(
+            f"keys[{index}] is a malformed TicketKey (changed after it was made?)"
+        )
+    return record
+
+
 def set_ticket_keys(
-    ctx: ssl.SSLContext, keys: Sequence[TicketKey | bytes]
+    ctx: ssl.SSLContext, keys: Iterable[TicketKey | bytes]
 ) -> ssl.SSLContext:
     """Encrypt and decrypt session tickets with keys shared across processes.
 
@@ -198,27 +308,46 @@ def set_ticket_keys(
     Calling it again replaces the list (rotation): put the new key first and
     keep the previous one second for as long as its tickets should resume.
 
+    ``keys`` is a list or tuple of ``TicketKey`` objects, or of bytes in a
+    format ``TicketKey`` takes; any other iterable (a generator) is read
+    once, in order.  A single key is not a list of keys: wrap it,
+    ``[key]``.
+
     Works on TLS 1.2 and 1.3, OpenSSL 1.1.1 and 3.x; the key lookup runs in
     C for every handshake.  Without this call the context keeps OpenSSL's
     own per-context random keys.  Returns ``ctx``.
 
     Raises:
-        TypeError: ``ctx`` is not an ``ssl.SSLContext``, or a key is neither
-            a ``TicketKey`` nor bytes.
-        ValueError: no keys, a key of the wrong size, two keys with the same
-            name, or a client-only context.
+        TypeError: ``ctx`` is not an ``ssl.SSLContext``, ``keys`` is not
+            iterable (or is a single key: bytes or a ``TicketKey``), or a key
+            is neither a ``TicketKey`` nor bytes.
+        ValueError: no keys, a key of the wrong size, a ``TicketKey`` whose
+            internals were changed (each key's record is checked before it
+            reaches C), two keys with the same name, or a client-only
+            context.
         UnsupportedError: the bound OpenSSL offers no ticket key callback.
         BindingError: tlsctl is not bound, or ``ctx`` is not proven to
             belong to the bound OpenSSL.
     """
     ptr, kind = _bind.ctx_pointer(ctx)
-    if isinstance(keys, (bytes, bytearray, memoryview, TicketKey, str)):
-        raise TypeError("keys must be a sequence of TicketKey (or bytes) objects")
-    parsed = [k if isinstance(k, TicketKey) else TicketKey(k) for k in keys]
+    items: Iterator[TicketKey | bytes] | None = None
+    if not isinstance(keys, (bytes, bytearray, memoryview, TicketKey, str)):
+        try:
+            items = iter(keys)
+        except TypeError:  # not iterable; an iterator's own errors propagate
+            pass
+    if items is None:
+        raise TypeError(
+            f"keys must be a sequence of TicketKey (or bytes) objects, "
+            f"not {type(keys).__name__}"
+        )
+    # type(), not isinstance(): an object can claim TicketKey as __class__.
+    parsed = [k if type(k) is TicketKey else TicketKey(k) for k in items]
     if not parsed:
         raise ValueError("set_ticket_keys() needs at least one key")
-    ids = [k.id for k in parsed]
-    if len(set(ids)) != len(ids):
+    records = [_checked_record(k, i) for i, k in enumerate(parsed)]
+    names = [r[1:17] for r in records]
+    if len(set(names)) != len(names):
         raise ValueError("two ticket keys have the same name")
     _bind.require_server_kind(kind, "tlsctl.set_ticket_keys()")
     lib = _bind.lib
@@ -226,7 +355,7 @@ def set_ticket_keys(
         raise UnsupportedError(
             f"{_bind.info().openssl_version} offers no session ticket key callback"
         )
-    blob = bytearray(b"".join(k._record() for k in parsed))
+    blob = bytearray(b"".join(records))
     try:
         # C checks the layout again and copies what it keeps.
         rc = lib.tlsctl_set_ticket_keys(ptr, _bind.ffi.from_buffer(blob), len(blob))
