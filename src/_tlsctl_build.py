@@ -45,6 +45,7 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "BIO_FLAGS_SHOULD_RETRY": 0x08,
     "SSL_CB_ACCEPT_LOOP": 0x2001,
     "SSL_CB_ACCEPT_EXIT": 0x2002,
+    "SSL_CB_HANDSHAKE_DONE": 0x20,
     "CRYPTO_EX_INDEX_SSL_CTX": 1,
     "SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB": 72,
     "EVP_MAX_IV_LENGTH": 16,
@@ -87,6 +88,7 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     # The stash (OpenSSL 1.1.1's stand-in for SSL_new_session_ticket).
     ("SSL_state_string", "const char *", "const SSL *", True),
     ("SSL_get_wbio", "BIO *", "const SSL *", True),
+    ("SSL_get_rfd", "int", "const SSL *", True),
     ("SSL_set0_wbio", "void", "SSL *, BIO *", True),
     ("SSL_set_info_callback", "void", "SSL *, tlsctl_info_fn", True),
     ("SSL_get_info_callback", "tlsctl_info_fn", "const SSL *", True),
@@ -426,6 +428,8 @@ int tlsctl_stash_install(SSL *ssl);
 int tlsctl_ctx_has_info_callback(SSL_CTX *ctx);
 int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records);
 int tlsctl_stash_remove(SSL *ssl);
+int tlsctl_capture(SSL *ssl, int on);
+int tlsctl_quickack_install(SSL *ssl);
 int tlsctl_set_dispatcher(uintptr_t dispatch_object);
 int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref, int on_issue,
                          int on_resume);
@@ -498,6 +502,9 @@ C_BODY = r"""
 #include <stdint.h>
 #include <limits.h>
 #include <time.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #define TLSCTL_KIND_UNKNOWN 0
 #define TLSCTL_KIND_GENERIC 1
@@ -803,12 +810,58 @@ static tlsctl_stash *tlsctl_stash_of(const SSL *s)
     return p_BIO_get_data(b);
 }
 
+/* TCP_QUICKACK on the socket of a TLS 1.3 server connection whose handshake
+ * just read the client's Finished (see 10.): Linux then sends the pending
+ * ACK of that Finished at once instead of delaying it ~40 ms.  Elsewhere,
+ * and on memory BIOs (no descriptor in the chain), nothing happens. */
+static void tlsctl_quickack(const SSL *s)
+{
+#ifdef TCP_QUICKACK
+    int fd, one = 1;
+    if (p_SSL_version(s) != TLS1_3_VERSION || (fd = p_SSL_get_rfd(s)) < 0)
+        return;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
+#else
+    (void)s;
+#endif
+}
+
+static void tlsctl_quickack_cb(const SSL *s, int where, int ret)
+{
+    (void)ret;
+    if ((where & SSL_CB_HANDSHAKE_DONE) && p_SSL_is_server(s))
+        tlsctl_quickack(s);
+}
+
+/* For a server connection on a socket whose handshake sends no ticket
+ * (defer, suppress): TCP_QUICKACK now if its handshake already finished
+ * (SSLSocket._create runs it), else make tlsctl_quickack_cb its info
+ * callback.  1 when done or installed, 0 when not needed or when another
+ * info callback is set (never shadowed). */
+static int tlsctl_quickack_install(SSL *ssl)
+{
+    BIO *w;
+    if (tlsctl_bound && p_SSL_is_init_finished(ssl)) {
+        tlsctl_quickack(ssl);
+        return 1;
+    }
+    if (!tlsctl_bound || p_SSL_get_info_callback(ssl) != NULL
+            || p_SSL_CTX_get_info_callback(p_SSL_get_SSL_CTX(ssl)) != NULL
+            || (w = p_SSL_get_wbio(ssl)) == NULL
+            || p_BIO_method_type(w) == BIO_TYPE_MEM)
+        return 0;
+    p_SSL_set_info_callback(ssl, tlsctl_quickack_cb);
+    return 1;
+}
+
 static void tlsctl_info_cb(const SSL *s, int where, int ret)
 {
     tlsctl_stash *st;
     (void)ret;
     if (!p_SSL_is_server(s))
         return;
+    if (where & SSL_CB_HANDSHAKE_DONE)
+        tlsctl_quickack(s);  /* the stash holds the tickets back too */
     if (where == SSL_CB_ACCEPT_LOOP) {
         /* "TRFIN" is TLS_ST_SR_FINISHED, whose enum VALUE differs between
          * versions (32 in 1.1.1 and 3.0, 36 in 3.5); the string does not. */
@@ -839,25 +892,61 @@ static int tlsctl_stash_init(void)
         && p_BIO_meth_set_destroy(tlsctl_stash_method, tlsctl_stash_destroy);
 }
 
+/* Put a stash filter in front of ssl's write BIO; returns its state, or
+ * NULL when OpenSSL failed. */
+static tlsctl_stash *tlsctl_stash_push(SSL *ssl)
+{
+    BIO *w, *f;
+    if (!tlsctl_stash_init() || (w = p_SSL_get_wbio(ssl)) == NULL
+            || (f = p_BIO_new(tlsctl_stash_method)) == NULL)
+        return NULL;
+    /* SSL_set0_wbio frees the SSL's reference to w; the chain keeps ours. */
+    p_BIO_up_ref(w);
+    p_BIO_push(f, w);
+    p_SSL_set0_wbio(ssl, f);
+    return p_BIO_get_data(f);
+}
+
 /* Put the stash in front of a server SSL's write BIO and make
  * tlsctl_info_cb its info callback.  Call before its handshake starts.
  * Returns 1, 0 when it already has an info callback (ours or another's),
  * or TLSCTL_ERR_OPENSSL. */
 static int tlsctl_stash_install(SSL *ssl)
 {
-    BIO *w, *f;
     if (!tlsctl_bound)
         return TLSCTL_ERR_NOT_BOUND;
     if (p_SSL_get_info_callback(ssl) != NULL)
         return 0;
-    if (!tlsctl_stash_init() || (w = p_SSL_get_wbio(ssl)) == NULL
-            || (f = p_BIO_new(tlsctl_stash_method)) == NULL)
+    if (tlsctl_stash_push(ssl) == NULL)
         return TLSCTL_ERR_OPENSSL;
-    /* SSL_set0_wbio frees the SSL's reference to w; the chain keeps ours. */
-    p_BIO_up_ref(w);
-    p_BIO_push(f, w);
-    p_SSL_set0_wbio(ssl, f);
     p_SSL_set_info_callback(ssl, tlsctl_info_cb);
+    return 1;
+}
+
+/* One write for the tickets and the first data on a socket (see 10.):
+ * on = 1 makes the connection's stash filter (pushed if absent) capture
+ * what the caller's next OpenSSL call writes (the queued tickets, by the
+ * handshake driver: captured writes always succeed, so a partial ticket
+ * record can never be left behind); on = 0 stops capturing, and the next
+ * record written (the data) goes out in one write() with the held
+ * tickets in front of it.  Returns 1, 0 on a memory BIO (nothing to do:
+ * it takes every byte, and SSL_write puts the tickets ahead of the data
+ * in the same buffer), or TLSCTL_ERR_OPENSSL. */
+static int tlsctl_capture(SSL *ssl, int on)
+{
+    tlsctl_stash *st;
+    BIO *w;
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if ((st = tlsctl_stash_of(ssl)) == NULL) {
+        if (!on)
+            return 1;
+        if ((w = p_SSL_get_wbio(ssl)) == NULL || p_BIO_method_type(w) == BIO_TYPE_MEM)
+            return 0;
+        if ((st = tlsctl_stash_push(ssl)) == NULL)
+            return TLSCTL_ERR_OPENSSL;
+    }
+    st->capturing = on;
     return 1;
 }
 
@@ -900,7 +989,8 @@ static int tlsctl_stash_remove(SSL *ssl)
      * next alive as the SSL's own wbio. */
     p_BIO_up_ref(next);
     p_SSL_set0_wbio(ssl, next);
-    p_SSL_set_info_callback(ssl, NULL);
+    if (p_SSL_get_info_callback(ssl) == tlsctl_info_cb)
+        p_SSL_set_info_callback(ssl, NULL);
     return 1;
 }
 
@@ -1821,6 +1911,18 @@ static int tlsctl_fw_call(PyObject *obj, PyObject *method, PyObject *arg,
     return 0;
 }
 
+/* Raise tlsctl's OpenSSLError with OpenSSL's error queue (through the
+ * Python function tlsctl_fast_init was given); returns NULL. */
+static PyObject *tlsctl_raise_openssl(void)
+{
+    PyObject *r = PyObject_CallObject(tlsctl_raise_queue_error, NULL);
+    if (r != NULL) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_RuntimeError, "queueing tickets failed");
+    }
+    return NULL;
+}
+
 static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
 {
     tlsctl_fw *fw = (tlsctl_fw *)self;
@@ -1839,11 +1941,7 @@ static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
         if (rc < 0) {
             if (tlsctl_fw_disarm(fw) < 0)
                 return NULL;
-            result = PyObject_CallObject(tlsctl_raise_queue_error, NULL);
-            Py_XDECREF(result);
-            if (result != NULL)
-                PyErr_SetString(PyExc_RuntimeError, "queueing tickets failed");
-            return NULL;
+            return tlsctl_raise_openssl();
         }
         fw->queue = 0;
         fw->n_full = fw->n_resumed = 0;
@@ -1856,13 +1954,20 @@ static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
         }
     }
     if (fw->flushing) {
-        /* Through the handshake driver, not SSL_write: see _policy. */
-        if (tlsctl_fw_call(fw->real, tlsctl_s_do_handshake, NULL, NULL) < 0)
+        /* The handshake driver writes the queued tickets into the stash
+         * filter (captured, so it cannot stop half-way); the data record
+         * then takes them along in one write() (see 10. and _policy). */
+        if (tlsctl_capture(fw->ssl, 1) < 0)
+            return tlsctl_raise_openssl();
+        rc = tlsctl_fw_call(fw->real, tlsctl_s_do_handshake, NULL, NULL);
+        tlsctl_capture(fw->ssl, 0);
+        if (rc < 0)
             return NULL;
         fw->flushing = 0;
     }
     if (tlsctl_fw_call(fw->real, tlsctl_s_write, data, &result) < 0)
         return NULL;
+    tlsctl_stash_remove(fw->ssl);  /* sent: the filter has nothing to do */
     if (tlsctl_fw_disarm(fw) < 0) {
         Py_DECREF(result);
         return NULL;
@@ -2030,8 +2135,11 @@ static PyObject *tlsctl_fast_create(PyObject *self, PyObject *args,
         r = PyObject_CallFunctionObjArgs(PyTuple_GetItem(self, 4), conn, NULL);
         rc = r == NULL ? -1 : 0;
         Py_XDECREF(r);
-    } else if (policy == TLSCTL_POLICY_DEFER) {
-        rc = tlsctl_fw_install(conn, real, ssl, (int)n_full, (int)n_resumed);
+    } else {
+        if (policy == TLSCTL_POLICY_DEFER || policy == TLSCTL_POLICY_SUPPRESS)
+            tlsctl_quickack_install(ssl);
+        if (policy == TLSCTL_POLICY_DEFER)
+            rc = tlsctl_fw_install(conn, real, ssl, (int)n_full, (int)n_resumed);
     }
     Py_DECREF(real);
     if (rc < 0) {

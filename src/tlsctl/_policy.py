@@ -265,6 +265,8 @@ class _FirstWriteProxy:
             raise
         if stash and conn is not None:
             _after_stash_write(self)
+        elif state.ptr is not None:
+            _bind.lib.tlsctl_stash_remove(state.ptr)  # see _before_write
         _settle(self)
         return result
 
@@ -416,9 +418,23 @@ def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
         # SSL_write returns WANT_WRITE, and its retry with the caller's
         # (shorter) buffer then fails ssl3_write_bytes' length check
         # (SSL_R_BAD_LENGTH), because the pending record is the ticket.
-        # SSL_do_handshake retries cleanly.  On a non-blocking socket this
-        # raises SSLWantWriteError from the caller's write, which retries.
-        sslobj.do_handshake()
+        # On a socket the stash filter captures them (a captured write
+        # always succeeds) and the caller's data record then takes them
+        # along in one write() (tlsctl_capture).  With the stash mechanism
+        # its own filter already coalesces what it releases.
+        lib = _bind.lib
+        stash = state.policy is not None and state.policy.stash
+        capture = 0 if stash else lib.tlsctl_capture(state.ptr, 1)
+        if capture < 0:
+            raise OpenSSLError(
+                "holding the tickets for the first write failed",
+                _bind.openssl_errors(),
+            )
+        try:
+            sslobj.do_handshake()
+        finally:
+            if capture:
+                lib.tlsctl_capture(state.ptr, 0)
         state.flushing = False
 
 
@@ -474,6 +490,9 @@ def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
     if policy is not None and policy.stash:
         _install_stash(conn)
     state = _ConnState(policy)
+    if policy is not None and not policy.stash and policy.tickets != "immediate":
+        # the stash's own info callback does this (see _binding, 10.)
+        _bind.lib.tlsctl_quickack_install(_bind.sslobj_pointer(_real_sslobj(conn)))
     if callbacks:
         state.guard = True
         state.conn = weakref.ref(conn)  # for the dispatcher
