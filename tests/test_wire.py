@@ -41,7 +41,7 @@ def _serve_one(raw: socket.socket, ctx: ssl.SSLContext, mode: str) -> None:
         raw.settimeout(10)
     if mode != "nonblocking":
         with ctx.wrap_socket(raw, server_side=True) as conn:
-            line = scenarios.recv_line(conn)  # type: ignore[arg-type]
+            line = scenarios.recv_line(conn)
             conn.sendall(b"pong:" + line)
         return
     raw.setblocking(False)
@@ -62,8 +62,12 @@ def _serve_one(raw: socket.socket, ctx: ssl.SSLContext, mode: str) -> None:
         while not line.endswith(b"\n"):
             line += wait(lambda: conn.recv(1024))
         reply = memoryview(b"pong:" + line)
+
+        def send() -> int:
+            return conn.send(reply)
+
         while reply:
-            reply = reply[wait(lambda rest=reply: conn.send(rest)) :]
+            reply = reply[wait(send) :]
 
 
 def _first_response_ms(
@@ -174,7 +178,7 @@ def _writes_of_first_write(tmp_path: Path, patched: bool, certs: Any) -> list[in
         socket.create_connection((LOCALHOST, port)), server_hostname="localhost"
     ) as conn:
         conn.sendall(b"ping\n")
-        assert scenarios.recv_line(conn) == b"pong\n"  # type: ignore[arg-type]
+        assert scenarios.recv_line(conn) == b"pong\n"
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()
     lines = trace.read_text().splitlines()
