@@ -429,6 +429,7 @@ int tlsctl_ctx_has_info_callback(SSL_CTX *ctx);
 int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records);
 int tlsctl_stash_remove(SSL *ssl);
 int tlsctl_capture(SSL *ssl, int on);
+int tlsctl_deferred_tickets(SSL *ssl, long count);
 int tlsctl_quickack_install(SSL *ssl);
 int tlsctl_set_dispatcher(uintptr_t dispatch_object);
 int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref, int on_issue,
@@ -1836,9 +1837,29 @@ static int tlsctl_name_kind(PyObject *name)
     return TLSCTL_NAME_OTHER;
 }
 
+/* The handshake finished with another version than TLS 1.3: the proxy
+ * has nothing to hold (tickets are TLS 1.3's post-handshake messages). */
+static int tlsctl_fw_not_tls13(tlsctl_fw *fw)
+{
+    return !fw->flushing && p_SSL_is_init_finished(fw->ssl)
+        && p_SSL_version(fw->ssl) != TLS1_3_VERSION;
+}
+
+static int tlsctl_fw_disarm(tlsctl_fw *fw);
+
 static PyObject *tlsctl_fw_getattro(PyObject *self, PyObject *name)
 {
     tlsctl_fw *fw = (tlsctl_fw *)self;
+    if (tlsctl_fw_not_tls13(fw)) {
+        /* A TLS 1.2 connection: put the real object back at the first
+         * look after the handshake, so the connection costs what stock
+         * costs from then on. */
+        if (tlsctl_fw_disarm(fw) < 0)
+            return NULL;
+        fw->queue = 0;
+        Py_CLEAR(fw->do_handshake);
+        return PyObject_GetAttr(fw->real, name);
+    }
     switch (tlsctl_name_kind(name)) {
     case TLSCTL_NAME_WRITE:
         return PyObject_GenericGetAttr(self, name);
@@ -2100,95 +2121,110 @@ static PyObject *tlsctl_fast_arm(PyObject *unused, PyObject *args)
     return result;
 }
 
-/* The _create classmethod of a tlsctl factory class on a context without
- * ticket callbacks (see _policy._make_factory).  self is the tuple
- * (base_create, policy, n_full, n_resumed, fallback): base_create makes
- * the connection as the user's class would; a server connection is then
- * tracked in C and, for "defer", gets a proxy.  fallback(conn) handles a
- * connection whose SSL cannot be proven here (it raises the reason). */
-static PyObject *tlsctl_fast_create(PyObject *self, PyObject *args,
-                                    PyObject *kwargs)
+/* The tickets a defer connection sends after a full handshake: count, or
+ * (count < 0) its context's num_tickets now, so a later
+ * `ctx.num_tickets = n` applies to new connections; at most
+ * TLSCTL_MAX_TICKETS. */
+static int tlsctl_deferred_count(SSL *ssl, long count)
 {
-    PyObject *rest, *conn, *real, *r;
+    size_t n = count >= 0 ? (size_t)count
+                          : p_SSL_CTX_get_num_tickets(p_SSL_get_SSL_CTX(ssl));
+    return n > TLSCTL_MAX_TICKETS ? TLSCTL_MAX_TICKETS : (int)n;
+}
+
+/* apply(conn): tlsctl's policy for a server connection that
+ * SSLContext.wrap_socket / wrap_bio just made on a patched context without
+ * ticket callbacks (see 9. and _policy).  self is the tuple (policy,
+ * count, renew, fallback) given to make_apply; count < 0 follows the
+ * context's num_tickets.  The connection is tracked in C; for defer and
+ * suppress its own num_tickets becomes 0 (its handshake sends none; the
+ * context's value, the user's knob, is left alone) and it gets
+ * TCP_QUICKACK (see 10.); for immediate with a count, its num_tickets is
+ * that count; for defer, a first-write proxy.  fallback(conn) handles a
+ * connection whose SSL cannot be proven here (it raises the reason).
+ * Called before the handshake starts. */
+static PyObject *tlsctl_fast_apply(PyObject *self, PyObject *conn)
+{
+    PyObject *real, *r;
     SSL *ssl;
-    long policy, n_full, n_resumed;
-    int rc = 0;
-    rest = PyTuple_GetSlice(args, 1, PyTuple_Size(args));  /* drop cls */
-    if (rest == NULL)
+    long policy, count;
+    int renew, n, rc = 0;
+    if ((real = PyObject_GetAttr(conn, tlsctl_s_sslobj)) == NULL)
         return NULL;
-    conn = PyObject_Call(PyTuple_GetItem(self, 0), rest, kwargs);
-    Py_DECREF(rest);
-    if (conn == NULL)
-        return NULL;
-    if ((real = PyObject_GetAttr(conn, tlsctl_s_sslobj)) == NULL) {
-        Py_DECREF(conn);
-        return NULL;
-    }
-    policy = PyLong_AsLong(PyTuple_GetItem(self, 1));
-    n_full = PyLong_AsLong(PyTuple_GetItem(self, 2));
-    n_resumed = PyLong_AsLong(PyTuple_GetItem(self, 3));
+    policy = PyLong_AsLong(PyTuple_GetItem(self, 0));
+    count = PyLong_AsLong(PyTuple_GetItem(self, 1));
+    renew = PyObject_IsTrue(PyTuple_GetItem(self, 2));
     if (real == Py_None) {
-        rc = 0;  /* not connected yet: SSLSocket._create made no SSL */
+        rc = 0;  /* not connected: no SSL yet */
     } else if ((ssl = tlsctl_real_ssl(real)) != NULL && !p_SSL_is_server(ssl)) {
         rc = 0;  /* the client role is left exactly as stock */
     } else if (ssl == NULL || !tlsctl_conn_track(ssl, (int)policy, 0)) {
-        r = PyObject_CallFunctionObjArgs(PyTuple_GetItem(self, 4), conn, NULL);
+        r = PyObject_CallFunctionObjArgs(PyTuple_GetItem(self, 3), conn, NULL);
         rc = r == NULL ? -1 : 0;
         Py_XDECREF(r);
+    } else if (policy == TLSCTL_POLICY_IMMEDIATE) {
+        if (count >= 0)
+            p_SSL_set_num_tickets(ssl, (size_t)count);
     } else {
-        if (policy == TLSCTL_POLICY_DEFER || policy == TLSCTL_POLICY_SUPPRESS)
-            tlsctl_quickack_install(ssl);
-        if (policy == TLSCTL_POLICY_DEFER)
-            rc = tlsctl_fw_install(conn, real, ssl, (int)n_full, (int)n_resumed);
+        p_SSL_set_num_tickets(ssl, 0);
+        tlsctl_quickack_install(ssl);
+        if (policy == TLSCTL_POLICY_DEFER) {
+            n = tlsctl_deferred_count(ssl, count);
+            rc = tlsctl_fw_install(conn, real, ssl, n, renew && n > 0 ? 1 : 0);
+        }
     }
     Py_DECREF(real);
-    if (rc < 0) {
-        Py_DECREF(conn);
+    if (rc < 0)
         return NULL;
-    }
-    return conn;
+    Py_RETURN_NONE;
 }
 
-static PyMethodDef tlsctl_fast_create_def = {
-    "_create", (PyCFunction)(void (*)(void))tlsctl_fast_create,
-    METH_VARARGS | METH_KEYWORDS,
-    "Create a connection as the user's class does; then apply tlsctl's "
-    "policy to a server connection (in C)."
+static PyMethodDef tlsctl_fast_apply_def = {
+    "apply", tlsctl_fast_apply, METH_O,
+    "Apply tlsctl's policy to a server connection just made (in C)."
 };
 
-/* make_create(base_create, policy, n_full, n_resumed, fallback): the
- * function a factory class wraps in classmethod() as its _create. */
-static PyObject *tlsctl_fast_make_create(PyObject *unused, PyObject *args)
+/* make_apply(policy, count, renew, fallback): the function the wrap_socket
+ * / wrap_bio hooks call with each new connection of a context. */
+static PyObject *tlsctl_fast_make_apply(PyObject *unused, PyObject *args)
 {
-    PyObject *base_create, *fallback;
-    int policy, n_full, n_resumed;
+    PyObject *fallback;
+    int policy, count, renew;
     (void)unused;
-    if (!PyArg_ParseTuple(args, "OiiiO:make_create", &base_create, &policy,
-                          &n_full, &n_resumed, &fallback))
+    if (!PyArg_ParseTuple(args, "iipO:make_apply", &policy, &count, &renew,
+                          &fallback))
         return NULL;
-    if (policy < TLSCTL_POLICY_NONE || policy > TLSCTL_POLICY_IMMEDIATE
-            || n_full < 0 || n_resumed < 0 || n_full > TLSCTL_MAX_TICKETS
-            || n_resumed > n_full) {
-        PyErr_SetString(PyExc_ValueError, "make_create: bad policy or count");
+    if (policy < TLSCTL_POLICY_DEFER || policy > TLSCTL_POLICY_IMMEDIATE
+            || count < -1 || count > TLSCTL_MAX_TICKETS) {
+        PyErr_SetString(PyExc_ValueError, "make_apply: bad policy or count");
         return NULL;
     }
-    return PyCFunction_NewEx(&tlsctl_fast_create_def, args, NULL);
+    return PyCFunction_NewEx(&tlsctl_fast_apply_def, args, NULL);
 }
 
-/* waiting(sslobj) -> bool: a proxy with tickets still to queue or write. */
+/* The count of the tickets a defer connection on a Python path (ticket
+ * callbacks, the stash) sends: see tlsctl_deferred_count. */
+static int tlsctl_deferred_tickets(SSL *ssl, long count)
+{
+    return tlsctl_deferred_count(ssl, count);
+}
+
+/* waiting(sslobj) -> bool: a proxy with tickets still to queue or write
+ * (never a TLS 1.2 connection: no ticket is ever held for it). */
 static PyObject *tlsctl_fast_waiting(PyObject *unused, PyObject *sslobj)
 {
     tlsctl_fw *fw = (tlsctl_fw *)sslobj;
     (void)unused;
-    if (Py_TYPE(sslobj) == tlsctl_fw_type && (fw->queue || fw->flushing))
+    if (Py_TYPE(sslobj) == tlsctl_fw_type && (fw->queue || fw->flushing)
+            && !tlsctl_fw_not_tls13(fw))
         Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 }
 
 static PyMethodDef tlsctl_fast_functions[] = {
     {"arm", tlsctl_fast_arm, METH_VARARGS, "arm(conn, n) -> bool"},
-    {"make_create", tlsctl_fast_make_create, METH_VARARGS,
-     "make_create(base_create, policy, n_full, n_resumed, fallback)"},
+    {"make_apply", tlsctl_fast_make_apply, METH_VARARGS,
+     "make_apply(policy, count, renew, fallback)"},
     {"waiting", tlsctl_fast_waiting, METH_O, "waiting(sslobj) -> bool"},
     {NULL, NULL, 0, NULL}
 };

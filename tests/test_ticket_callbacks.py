@@ -15,7 +15,7 @@ import pytest
 
 import tlsctl
 from conftest import BioPair, bio_pair, connect
-from tlsctl import ResumeStatus, TicketDecision, TicketStatus
+from tlsctl import ResumeStatus, TicketDecision, TicketStatus, _wrap
 from tlsctl.scenarios import LOCALHOST, TicketCounter
 
 CtxFactory = Callable[..., ssl.SSLContext]
@@ -351,10 +351,11 @@ def test_replacing_and_removing_callbacks(
     assert alive() is None  # replaced: the old callback and its capture are gone
     _session(server, client_ctx())
     assert calls
-    assert server.sslobject_class is not ssl.SSLObject
+    assert _wrap.PLAN_ATTR in vars(server)
 
     tlsctl.set_ticket_callbacks(server)  # removes them
-    assert server.sslobject_class is ssl.SSLObject  # the user's class back
+    assert _wrap.PLAN_ATTR not in vars(server)  # stock again
+    assert server.sslobject_class is ssl.SSLObject  # never touched
     assert server.sslsocket_class is ssl.SSLSocket
     calls.clear()
     _session(server, client_ctx())

@@ -39,6 +39,7 @@ else:
 
 __all__ = [
     "SSL_SOCKET_TYPE",
+    "STDLIB_CONTEXT",
     "Info",
     "ctx_pointer",
     "fast",
@@ -48,11 +49,33 @@ __all__ = [
     "lib",
     "openssl_errors",
     "require_server_kind",
+    "serving_context",
     "sslobj_pointer",
 ]
 
 _MIN_VERSION = 0x10101000  # OpenSSL 1.1.1
 SSL_SOCKET_TYPE: Any = _ssl._SSLSocket  # type: ignore[attr-defined]
+
+
+def _find_stdlib_context() -> type[ssl.SSLContext]:
+    """The ssl module's own SSLContext class, found once, at import.
+
+    Not ``ssl.SSLContext`` looked up at call time: truststore's
+    ``inject_into_ssl()`` replaces that name with its subclass (and
+    ``extract_from_ssl()`` puts it back), possibly before tlsctl is
+    imported.  The real class is the one in the MRO defined in the ssl
+    module directly on top of ``_ssl._SSLContext``."""
+    for cls in ssl.SSLContext.__mro__:
+        if (
+            cls.__module__ == "ssl"
+            and cls.__qualname__ == "SSLContext"
+            and _ssl._SSLContext in cls.__bases__
+        ):
+            return cls
+    raise ImportError("the ssl module's SSLContext class cannot be found")
+
+
+STDLIB_CONTEXT = _find_stdlib_context()
 
 # Filled by the C module at binding (tlsctl_fast_init): "FirstWriteProxy",
 # the C proxy type; "make_create", which makes a factory class's _create;
@@ -179,14 +202,14 @@ def _self_test() -> str | None:
     same through C, its method must be ``TLS_server_method()``, and an
     ``SSL`` made from a client context must point back at that context.
     """
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server = STDLIB_CONTEXT(ssl.PROTOCOL_TLS_SERVER)
     server.num_tickets = 7
     sptr = lib.tlsctl_ctx_of(id(server))
     if lib.tlsctl_ctx_method_kind(sptr) != lib.TLSCTL_KIND_SERVER:
         return "SSLContext does not hold an SSL_CTX from the bound library"
     if lib.SSL_CTX_get_num_tickets(sptr) != 7:
         return "SSL_CTX_get_num_tickets disagrees with SSLContext.num_tickets"
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client = STDLIB_CONTEXT(ssl.PROTOCOL_TLS_CLIENT)
     conn = client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="x")
     cptr = lib.tlsctl_ctx_of(id(client))
     if lib.tlsctl_ctx_method_kind(cptr) != lib.TLSCTL_KIND_CLIENT:
@@ -233,7 +256,7 @@ def ctx_pointer(ctx: object) -> tuple[Any, int]:
     OpenSSL.  Nothing is called on the context before that proof.
     """
     # type(), not isinstance(): a Mock(spec=ssl.SSLContext) fakes __class__.
-    if not issubclass(type(ctx), ssl.SSLContext):
+    if not issubclass(type(ctx), STDLIB_CONTEXT):
         raise TypeError(
             f"expected an ssl.SSLContext, got {type(ctx).__module__}."
             f"{type(ctx).__qualname__} (only the stdlib ssl module's objects "
@@ -250,6 +273,22 @@ def ctx_pointer(ctx: object) -> tuple[Any, int]:
             "it was left untouched"
         )
     return ptr, kind
+
+
+def serving_context(ctx: Any) -> Any:
+    """The stdlib context whose ``wrap_socket`` / ``wrap_bio`` make ``ctx``'s
+    connections: ``ctx`` itself, or for a truststore ``SSLContext`` (a
+    subclass that makes its connections through an inner stdlib context,
+    ``_ctx``) that inner context.  Anything else is returned as is, for
+    ``ctx_pointer`` to judge."""
+    inner = getattr(ctx, "_ctx", None) if type(ctx) is not STDLIB_CONTEXT else None
+    if (
+        inner is not None
+        and type(ctx).__module__.split(".")[0] == "truststore"
+        and issubclass(type(inner), STDLIB_CONTEXT)
+    ):
+        return inner
+    return ctx
 
 
 def require_server_kind(kind: int, what: str) -> None:

@@ -98,7 +98,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Union, cast
 
-from tlsctl import _bind
+from tlsctl import _bind, _wrap
 from tlsctl._errors import (
     ConnectionStateError,
     OpenSSLError,
@@ -116,7 +116,6 @@ POLICIES = ("defer", "suppress", "immediate")
 #: make the first write slow (each costs an encryption and ~250 bytes).
 MAX_TICKETS = 16
 
-_ORIGINAL_ATTR = "_tlsctl_original_num_tickets"
 _POLICY_ATTR = "_tlsctl_policy"  # the _Policy patch() set on a context
 _CALLBACKS_ATTR = "_tlsctl_callbacks"  # the holder set_ticket_callbacks() set
 
@@ -124,14 +123,9 @@ _CALLBACKS_ATTR = "_tlsctl_callbacks"  # the holder set_ticket_callbacks() set
 @dataclass(frozen=True)
 class _Policy:
     tickets: str
-    count: int
+    count: int | None  # None: the context's num_tickets, read per connection
     renew_on_resume: bool
     stash: bool  # "defer" through the C stash instead of SSL_new_session_ticket
-
-    @property
-    def resumed_count(self) -> int:
-        # Stock OpenSSL sends at most one ticket after a resumed handshake.
-        return min(self.count, 1) if self.renew_on_resume else 0
 
 
 def _no_connection() -> None:
@@ -150,6 +144,7 @@ class _ConnState:
 
     __slots__ = (
         "conn",
+        "count",
         "exc",
         "extra",
         "first",
@@ -158,11 +153,15 @@ class _ConnState:
         "issued",
         "policy",
         "ptr",
+        "resumed",
     )
 
     def __init__(self, policy: _Policy | None) -> None:
         self.policy = policy
         self.first = policy is not None and policy.tickets == "defer"
+        # native defer: tickets at the first write after a full / resumed
+        # handshake (stock sends at most one after a resumed one)
+        self.count = self.resumed = 0
         self.extra = 0  # tickets asked for with issue_tickets(), not yet queued
         self.issued = 0  # tickets tlsctl queued so far
         self.flushing = False  # queued tickets not yet fully written
@@ -391,8 +390,8 @@ def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
     if not state.flushing:
         full = resumed = state.extra
         if state.first and state.policy is not None and not state.policy.stash:
-            full += state.policy.count
-            resumed += state.policy.resumed_count
+            full += state.count
+            resumed += state.resumed
         lib = _bind.lib
         rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed)
         if rc == lib.TLSCTL_ERR_HANDSHAKE:
@@ -447,33 +446,6 @@ def _install_stash(conn: Connection) -> None:
         )
 
 
-def _create_socket_prepared(
-    base: type, kwargs: dict[str, Any], prepare: Callable[[Any], None]
-) -> Any:
-    """SSLSocket._create when a server connection must be prepared before its
-    handshake (stash installed, callback record attached), which _create
-    would run itself: hold that back, prepare, then do what _create does
-    (ssl.py, 3.9 .. 3.14)."""
-    handshake = kwargs.get("do_handshake_on_connect", True)
-    conn = base._create(**dict(kwargs, do_handshake_on_connect=False))  # type: ignore[attr-defined]
-    conn.do_handshake_on_connect = handshake
-    if conn._sslobj is None:  # not connected yet: no SSL, nothing to prepare
-        return conn
-    try:
-        prepare(conn)
-        if handshake:
-            if conn.gettimeout() == 0.0:
-                raise ValueError(
-                    "do_handshake_on_connect should not be specified for "
-                    "non-blocking sockets"
-                )
-            conn.do_handshake()
-    except BaseException:  # stock closes on OSError/ValueError; a callback
-        conn.close()  # may raise anything, and the socket must not leak
-        raise
-    return conn
-
-
 def _after_stash_write(proxy: _FirstWriteProxy) -> None:
     state = proxy._state
     if state.ptr is None:
@@ -485,19 +457,30 @@ def _after_stash_write(proxy: _FirstWriteProxy) -> None:
 
 
 def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
-    """Set up a new server-side connection on a context with ticket
-    callbacks or the stash, before its handshake."""
-    if policy is not None and policy.stash:
-        _install_stash(conn)
+    """The plan of a context with ticket callbacks or the stash: set up a
+    new server connection before its handshake (see ``_wrap``)."""
+    ptr = _bind.sslobj_pointer(_real_sslobj(conn))
+    lib = _bind.lib
     state = _ConnState(policy)
-    if policy is not None and not policy.stash and policy.tickets != "immediate":
-        # the stash's own info callback does this (see _binding, 10.)
-        _bind.lib.tlsctl_quickack_install(_bind.sslobj_pointer(_real_sslobj(conn)))
+    if policy is not None:
+        count = -1 if policy.count is None else policy.count
+        if policy.stash:  # OpenSSL makes the tickets, the stash holds them
+            lib.SSL_set_num_tickets(ptr, lib.tlsctl_deferred_tickets(ptr, count))
+            _install_stash(conn)  # its info callback also sets TCP_QUICKACK
+        elif policy.tickets == "immediate":
+            if count >= 0:
+                lib.SSL_set_num_tickets(ptr, count)
+        else:  # no ticket in the handshake; see _binding, 9. and 10.
+            lib.SSL_set_num_tickets(ptr, 0)
+            lib.tlsctl_quickack_install(ptr)
+            if policy.tickets == "defer":
+                state.count = int(lib.tlsctl_deferred_tickets(ptr, count))
+                state.resumed = min(state.count, 1) if policy.renew_on_resume else 0
     if callbacks:
         state.guard = True
         state.conn = weakref.ref(conn)  # for the dispatcher
-        state.ptr = _bind.sslobj_pointer(_real_sslobj(conn))
-        if _bind.lib.tlsctl_conn_register(state.ptr, id(state)) != 1:
+        state.ptr = ptr
+        if lib.tlsctl_conn_register(ptr, id(state)) != 1:
             raise OpenSSLError(
                 "attaching tlsctl's record to a new connection failed",
                 _bind.openssl_errors(),
@@ -508,86 +491,43 @@ def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
 
 
 def _refuse_unproven(conn: Any) -> None:
-    """The C ``_create``'s fallback for a connection it could not track:
-    close it and raise the reason (its SSL is not proven, or OpenSSL could
-    not store tlsctl's per-connection data)."""
-    try:
-        _bind.sslobj_pointer(conn._sslobj)
-        raise OpenSSLError(
-            "attaching tlsctl's state to a new connection failed",
-            _bind.openssl_errors(),
-        )
-    finally:
-        if isinstance(conn, ssl.SSLSocket):
-            conn.close()
-
-
-def _python_create(base: type, policy: _Policy | None, callbacks: bool) -> Any:
-    """``_create`` for contexts with ticket callbacks or the stash: the
-    connection gets a ``_ConnState`` (and a Python proxy while armed)."""
-    early = callbacks or (policy is not None and policy.stash)
-    early_socket = early and issubclass(base, ssl.SSLSocket)
-
-    def prepare(conn: Connection) -> None:
-        _prepare(conn, policy, callbacks)
-
-    def _create(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if early_socket and not args and kwargs.get("server_side"):
-            return _create_socket_prepared(base, kwargs, prepare)
-        conn = base._create(*args, **kwargs)  # type: ignore[attr-defined]
-        if conn.server_side and conn._sslobj is not None:
-            prepare(conn)
-        return conn
-
-    return _create
-
-
-def _make_factory(base: type, policy: _Policy | None, callbacks: bool) -> type:
-    if policy is not None and not callbacks and not policy.stash:
-        # All in C: no Python frame per connection (see the module docstring).
-        create: Any = _bind.fast["make_create"](
-            base._create,  # type: ignore[attr-defined]
-            _POLICY_NAMES.index(policy.tickets),
-            policy.count,
-            policy.resumed_count,
-            _refuse_unproven,
-        )
-    else:
-        create = _python_create(base, policy, callbacks)
-    what = [f"tickets={policy.tickets!r}"] if policy else []
-    what += ["ticket callbacks"] if callbacks else []
-    return type(
-        base.__name__,
-        (base,),
-        {
-            "__module__": base.__module__,
-            "__doc__": f"tlsctl factory creating {base.__qualname__} "
-            f"connections with {' and '.join(what)}",
-            "_create": classmethod(create),
-            "_tlsctl_base": base,
-        },
+    """The C ``apply``'s fallback for a connection it could not track: raise
+    the reason (its SSL is not proven, or OpenSSL could not store tlsctl's
+    per-connection data); ``_wrap`` closes a socket."""
+    _bind.sslobj_pointer(conn._sslobj)
+    raise OpenSSLError(
+        "attaching tlsctl's state to a new connection failed",
+        _bind.openssl_errors(),
     )
 
 
-def install_factories(ctx: ssl.SSLContext) -> None:
-    """(Re)build ``ctx``'s connection classes from its tlsctl settings: the
-    policy ``patch()`` set and whether ``set_ticket_callbacks()`` set
-    callbacks.  With neither, the user's own classes are put back."""
-    policy: _Policy | None = getattr(ctx, _POLICY_ATTR, None)
-    callbacks = getattr(ctx, _CALLBACKS_ATTR, None) is not None
-    socket_class = _user_class(ctx.sslsocket_class)
-    object_class = _user_class(ctx.sslobject_class)
-    if policy is not None or callbacks:
-        socket_class = _make_factory(socket_class, policy, callbacks)
-        object_class = _make_factory(object_class, policy, callbacks)
-    ctx.sslsocket_class = socket_class
-    ctx.sslobject_class = object_class
+def install_plan(ctx: ssl.SSLContext) -> None:
+    """(Re)make the plan ``_wrap``'s hooks apply to ``ctx``'s new server
+    connections, from its tlsctl settings: the policy ``patch()`` set and
+    whether ``set_ticket_callbacks()`` set callbacks.  With neither, the
+    context has no plan (stock)."""
+    settings = ctx.__dict__
+    policy: _Policy | None = settings.get(_POLICY_ATTR)
+    callbacks = settings.get(_CALLBACKS_ATTR) is not None
+    plan: Any
+    if policy is None and not callbacks:
+        settings.pop(_wrap.PLAN_ATTR, None)
+        return
+    if policy is not None and not callbacks and not policy.stash:
+        # All in C: no Python frame per connection (see the module docstring).
+        plan = _bind.fast["make_apply"](
+            _POLICY_NAMES.index(policy.tickets),
+            -1 if policy.count is None else policy.count,
+            policy.renew_on_resume,
+            _refuse_unproven,
+        )
+    else:
 
+        def plan(conn: Connection) -> None:
+            _prepare(conn, policy, callbacks)
 
-def _user_class(cls: type) -> type:
-    """The class the user set, looking through a factory of ours."""
-    base: type = cls.__dict__.get("_tlsctl_base", cls)
-    return base
+    _wrap.install()
+    settings[_wrap.PLAN_ATTR] = plan
 
 
 def _check_count(count: object, low: int, name: str = "count") -> int:
@@ -645,7 +585,8 @@ def patch(
         UnsupportedError: the context already has an SSL info callback that
             is not tlsctl's (only with the stash, on OpenSSL 1.1.1).
     """
-    ptr, kind = _bind.ctx_pointer(ctx)
+    target = _bind.serving_context(ctx)
+    ptr, kind = _bind.ctx_pointer(target)
     if tickets not in POLICIES:
         raise ValueError(f"tickets must be one of {POLICIES}, got {tickets!r}")
     if count is not None:
@@ -661,21 +602,13 @@ def patch(
     lib = _bind.lib
     stash = tickets == "defer" and _bind.info().mechanism == "stash"
 
-    original = getattr(ctx, _ORIGINAL_ATTR, None)
-    if original is None:
-        original = int(lib.SSL_CTX_get_num_tickets(ptr))
-    if count is None and original > MAX_TICKETS:
+    num_tickets = int(lib.SSL_CTX_get_num_tickets(ptr))
+    if count is None and num_tickets > MAX_TICKETS:
         raise ValueError(
-            f"this context's num_tickets is {original}, more than tlsctl sends "
+            f"this context's num_tickets is {num_tickets}, more than tlsctl sends "
             f"with one write ({MAX_TICKETS}, MAX_TICKETS); pass count="
         )
-    policy = _Policy(
-        tickets, original if count is None else count, renew_on_resume, stash
-    )
-    # The stash lets OpenSSL make its tickets and holds the bytes back.
-    num = policy.count if tickets == "immediate" or stash else 0
-    if lib.SSL_CTX_set_num_tickets(ptr, num) != 1:
-        raise OpenSSLError("SSL_CTX_set_num_tickets failed", _bind.openssl_errors())
+    policy = _Policy(tickets, count, renew_on_resume, stash)
     if stash and lib.tlsctl_ctx_has_info_callback(ptr):
         raise UnsupportedError(
             "this context has an SSL info callback that is not tlsctl's; the "
@@ -687,9 +620,8 @@ def patch(
             "SSL_CTX_set_session_ticket_cb failed", _bind.openssl_errors()
         )
 
-    setattr(ctx, _POLICY_ATTR, policy)
-    setattr(ctx, _ORIGINAL_ATTR, original)
-    install_factories(ctx)
+    target.__dict__[_POLICY_ATTR] = policy
+    install_plan(target)
     return ctx
 
 
@@ -748,7 +680,7 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
         state = _STATES[conn] = _ConnState(None)
     waiting = state.extra
     if state.first and state.policy is not None and not state.policy.stash:
-        waiting += state.policy.count
+        waiting += state.count
     if waiting + count > MAX_TICKETS:
         raise ValueError(
             f"at most {MAX_TICKETS} tickets can wait for one write; {waiting} "

@@ -329,7 +329,7 @@ def set_ticket_keys(
         BindingError: tlsctl is not bound, or ``ctx`` is not proven to
             belong to the bound OpenSSL.
     """
-    ptr, kind = _bind.ctx_pointer(ctx)
+    ptr, kind = _bind.ctx_pointer(_bind.serving_context(ctx))
     items: Iterator[TicketKey | bytes] | None = None
     if not isinstance(keys, (bytes, bytearray, memoryview, TicketKey, str)):
         try:
@@ -425,7 +425,8 @@ def set_ticket_callbacks(
         BindingError: tlsctl is not bound, or ``ctx`` is not proven to
             belong to the bound OpenSSL.
     """
-    ptr, kind = _bind.ctx_pointer(ctx)
+    target = _bind.serving_context(ctx)
+    ptr, kind = _bind.ctx_pointer(target)
     for name, fn in (("on_issue", on_issue), ("on_resume", on_resume)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, not {type(fn).__name__}")
@@ -433,8 +434,7 @@ def set_ticket_callbacks(
     lib = _bind.lib
     if on_issue is None and on_resume is None:
         rc = lib.tlsctl_set_callbacks(ptr, 0, 0, 0)
-        if hasattr(ctx, _policy._CALLBACKS_ATTR):
-            delattr(ctx, _policy._CALLBACKS_ATTR)
+        target.__dict__.pop(_policy._CALLBACKS_ATTR, None)
     else:
         holder = _Callbacks(on_issue, on_resume)
         ref = weakref.ref(holder)
@@ -442,12 +442,12 @@ def set_ticket_callbacks(
             ptr, id(ref), on_issue is not None, on_resume is not None
         )
         if rc == 1:
-            setattr(ctx, _policy._CALLBACKS_ATTR, holder)
+            target.__dict__[_policy._CALLBACKS_ATTR] = holder
     if rc != 1:
         raise OpenSSLError(
             "SSL_CTX_set_session_ticket_cb failed", _bind.openssl_errors()
         )
-    _policy.install_factories(ctx)
+    _policy.install_plan(target)
     return ctx
 
 
