@@ -1,0 +1,336 @@
+"""TCP_QUICKACK after the handshake on memory-BIO servers (tlsctl._quickack).
+
+A client without TCP_NODELAY waits for the ACK of its Finished before its
+first request leaves (Nagle); a ``defer`` server sends nothing after the
+handshake, so without the hook that ACK waits for Linux's delayed-ACK timer
+(~40 ms; measured 42-43 ms for every server here).  The latency tests assert
+the median first response of 5 connections is below 20 ms, the threshold
+the issue prescribes (half the stall).  The servers and the client are
+``bench/quickack_latency.py``'s, which prints the full table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import types
+import warnings
+from typing import Any, Callable
+
+import pytest
+
+import tlsctl
+from conftest import bio_pair, needs_defer
+from quickack_latency import (
+    LOCALHOST,
+    REQUEST,
+    RESPONSE,
+    nagle_client,
+    run_asyncio,
+    run_trio,
+)
+from tlsctl import _quickack, scenarios
+
+pytestmark = [
+    pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound"),
+    needs_defer,
+]
+linux_only = pytest.mark.skipif(
+    not hasattr(socket, "TCP_QUICKACK"), reason="no TCP_QUICKACK (Linux only)"
+)
+
+CONNECTIONS = 5
+THRESHOLD = 0.020  # seconds; the stall is ~40 ms
+
+
+@pytest.fixture(scope="module")
+def certs() -> scenarios.Certs:
+    return scenarios.make_certs(client_sans=1)
+
+
+def _patched(certs: scenarios.Certs, **kw: Any) -> ssl.SSLContext:
+    ctx = tlsctl.patch(scenarios.server_context(certs), **kw)
+    _quickack.install()  # tlsctl.patch() will call it
+    return ctx
+
+
+def _client(certs: scenarios.Certs) -> Callable[[int], list[float]]:
+    client_ctx = scenarios.client_context(certs)
+
+    def client(port: int) -> list[float]:
+        return nagle_client(port, client_ctx, CONNECTIONS, nodelay=False)
+
+    return client
+
+
+def _assert_no_stall(latencies: list[float]) -> None:
+    assert len(latencies) == CONNECTIONS
+    ms = [f"{v * 1e3:.2f}" for v in latencies]
+    assert statistics.median(latencies) < THRESHOLD, f"latencies (ms): {ms}"
+
+
+# ------------------------------------------------------------- latency
+
+
+@linux_only
+@pytest.mark.parametrize("api", ["start_server", "create_server"])
+def test_asyncio_first_response_without_stall(certs: scenarios.Certs, api: str) -> None:
+    _assert_no_stall(run_asyncio(_patched(certs), _client(certs), api=api))
+    assert _quickack.status()["asyncio"] == "active"
+
+
+@linux_only
+def test_trio_first_response_without_stall(certs: scenarios.Certs) -> None:
+    pytest.importorskip("trio", reason="trio is not installed")
+    _assert_no_stall(run_trio(_patched(certs), _client(certs)))
+    assert _quickack.status()["trio"] == "active"
+
+
+@linux_only
+@pytest.mark.parametrize("api", ["start_server", "create_server"])
+def test_uvloop_remedy_in_the_application(certs: scenarios.Certs, api: str) -> None:
+    """uvloop cannot be hooked (Cython SSLProtocol); the documented remedy,
+    the application setting TCP_QUICKACK in connection_made (or first thing
+    in its start_server handler), removes the stall."""
+    pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
+    ctx = _patched(certs)
+    assert _quickack.status()["uvloop"].startswith("unavailable: ")
+    latencies = run_asyncio(ctx, _client(certs), api=api, uvloop=True, remedy=True)
+    _assert_no_stall(latencies)
+
+
+# ------------------------------------------------- who gets the option
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The local address of every socket the hooks set TCP_QUICKACK on."""
+    seen: list[Any] = []
+    real = _quickack.quickack
+
+    def spy(obj: Any) -> bool:
+        if hasattr(obj, "get_extra_info"):
+            seen.append(obj.get_extra_info("sockname"))
+        else:
+            seen.append(obj.getsockname())
+        return real(obj)
+
+    monkeypatch.setattr(_quickack, "quickack", spy)
+    return seen
+
+
+def _generic_client_context(certs: scenarios.Certs) -> ssl.SSLContext:
+    """A patched PROTOCOL_TLS context used on the client side."""
+    with warnings.catch_warnings():  # deprecated since 3.10; both roles on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS)
+    certs.ca.configure_trust(ctx)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return tlsctl.patch(ctx)
+
+
+async def _asyncio_round_trips(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, n: int
+) -> int:
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readline()
+        writer.write(RESPONSE)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, LOCALHOST, 0, ssl=server_ctx)
+    port: int = server.sockets[0].getsockname()[1]
+    async with server:
+        for _ in range(n):
+            reader, writer = await asyncio.open_connection(
+                LOCALHOST, port, ssl=client_ctx, server_hostname="localhost"
+            )
+            writer.write(REQUEST)
+            assert await asyncio.wait_for(reader.readline(), 10) == RESPONSE
+            writer.close()
+    return port
+
+
+@linux_only
+def test_asyncio_hook_touches_only_patched_server_connections(
+    certs: scenarios.Certs, calls: list[Any]
+) -> None:
+    patched = _patched(certs)
+    client = _generic_client_context(certs)
+    port = asyncio.run(_asyncio_round_trips(patched, client, 3))
+    # Three server sockets; the client side (a patched context too) none.
+    assert [address[1] for address in calls] == [port] * 3
+    calls.clear()
+    stock = scenarios.server_context(certs)
+    asyncio.run(_asyncio_round_trips(stock, client, 2))
+    assert calls == []
+
+
+@linux_only
+@pytest.mark.parametrize("tickets", ["defer", "suppress", "immediate", None])
+def test_trio_hook_only_for_policies_without_handshake_tickets(
+    certs: scenarios.Certs, calls: list[Any], tickets: str | None
+) -> None:
+    pytest.importorskip("trio", reason="trio is not installed")
+    ctx = scenarios.server_context(certs)
+    if tickets is not None:
+        ctx = _patched(certs, tickets=tickets)
+    _quickack.install()
+    latencies = run_trio(ctx, _client(certs))
+    assert len(latencies) == CONNECTIONS
+    expected = CONNECTIONS if tickets in ("defer", "suppress") else 0
+    assert len(calls) == expected
+
+
+@pytest.mark.parametrize(
+    ("tickets", "version", "expected"),
+    [
+        ("defer", ssl.TLSVersion.TLSv1_3, True),
+        ("suppress", ssl.TLSVersion.TLSv1_3, True),
+        ("immediate", ssl.TLSVersion.TLSv1_3, False),
+        (None, ssl.TLSVersion.TLSv1_3, False),  # stock context
+        ("defer", ssl.TLSVersion.TLSv1_2, False),  # tlsctl leaves TLS 1.2 stock
+    ],
+    ids=["defer", "suppress", "immediate", "stock", "defer-TLSv1.2"],
+)
+def test_which_connections_need_it(
+    certs: scenarios.Certs, tickets: str | None, version: ssl.TLSVersion, expected: bool
+) -> None:
+    server = scenarios.server_context(certs, maximum_version=version)
+    if tickets is not None:
+        tlsctl.patch(server, tickets=tickets)
+    _quickack.install()
+    pair = bio_pair(server, scenarios.client_context(certs))
+    assert not _quickack._needs_quickack(pair.server)  # handshake not done
+    pair.handshake()
+    assert _quickack._needs_quickack(pair.server) is expected
+    assert not _quickack._needs_quickack(pair.client)
+    generic = _generic_client_context(certs)
+    pair = bio_pair(tlsctl.patch(scenarios.server_context(certs)), generic)
+    pair.handshake()
+    assert not _quickack._needs_quickack(pair.client)  # client side of a patched ctx
+
+
+# ------------------------------------------------------------ quickack()
+
+
+@linux_only
+def test_quickack_on_sockets_and_transports() -> None:
+    listener = socket.create_server((LOCALHOST, 0))
+    with listener, socket.create_connection(listener.getsockname()) as tcp:
+        assert _quickack.quickack(tcp) is True
+
+        class Transport:  # the one method quickack() uses of a transport
+            def get_extra_info(self, name: str) -> Any:
+                return tcp if name == "socket" else None
+
+        assert _quickack.quickack(Transport()) is True
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert _quickack.quickack(a) is False  # not TCP: ignored
+    closed = socket.socket()
+    closed.close()
+    assert _quickack.quickack(closed) is False  # setsockopt's OSError ignored
+    assert _quickack.quickack(object()) is False
+
+
+def test_without_tcp_quickack_nothing_is_available(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_quickack, "_QUICKACK", None)
+    a, b = socket.socketpair()
+    with a, b:
+        assert _quickack.quickack(a) is False
+    assert set(_quickack.status().values()) == {
+        "unavailable: no socket.TCP_QUICKACK (Linux only)"
+    }
+
+
+# -------------------------------------------------------- installation
+
+
+@linux_only
+def test_install_is_idempotent() -> None:
+    import asyncio.sslproto
+
+    _quickack.install()
+    hooked = asyncio.sslproto.SSLProtocol._on_handshake_complete
+    _quickack.install()
+    assert asyncio.sslproto.SSLProtocol._on_handshake_complete is hooked
+    assert _quickack._hook_asyncio(asyncio.sslproto) == "active"  # not twice
+    assert asyncio.sslproto.SSLProtocol._on_handshake_complete is hooked
+    assert not hasattr(hooked.__wrapped__, "__wrapped__")
+
+
+def test_unexpected_private_hooks_are_left_alone() -> None:
+    """A framework whose private hook changed is reported, not wrapped."""
+
+    class SSLProtocol:
+        def _on_handshake_complete(self, exc: Any, extra: Any) -> None: ...
+
+    class SSLStream:
+        def _do_handshake(self) -> None: ...  # not a coroutine function
+
+    fake = types.ModuleType("fake")
+    assert _quickack._hook_asyncio(fake).startswith("unavailable: ")
+    assert _quickack._hook_trio(fake).startswith("unavailable: ")
+    fake.SSLProtocol = SSLProtocol  # type: ignore[attr-defined]
+    fake.SSLStream = SSLStream  # type: ignore[attr-defined]
+    original = (SSLProtocol._on_handshake_complete, SSLStream._do_handshake)
+    assert "unexpected signature" in _quickack._hook_asyncio(fake)
+    assert "unexpected signature" in _quickack._hook_trio(fake)
+    assert (SSLProtocol._on_handshake_complete, SSLStream._do_handshake) == original
+
+
+_CHILD = """
+import sys
+import tlsctl
+from tlsctl import _quickack as q
+frameworks = ("asyncio", "trio", "uvloop")
+assert not any(m.split(".")[0] in frameworks for m in sys.modules), sorted(sys.modules)
+print(q.status())
+import asyncio.sslproto
+original = asyncio.sslproto.SSLProtocol._on_handshake_complete
+print(q.status())
+assert not hasattr(original, "__wrapped__")  # import tlsctl alone hooks nothing
+assert q._finder not in sys.meta_path
+q.install()
+print(q.status())
+assert asyncio.sslproto.SSLProtocol._on_handshake_complete.__wrapped__ is original
+import trio
+print(q.status())
+assert trio.SSLStream._do_handshake.__wrapped__
+loader = trio._ssl.__spec__.loader
+assert type(loader).__module__.startswith("_frozen_importlib"), loader
+assert trio._ssl.__loader__ is loader
+assert q._finder not in sys.meta_path  # removed once nothing is watched
+"""
+
+
+@linux_only
+def test_frameworks_imported_after_install_are_hooked_on_import() -> None:
+    pytest.importorskip("trio", reason="trio is not installed")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(dict.fromkeys(("asyncio", "trio", "uvloop"), "not imported"))
+    assert eval(lines[1])["asyncio"] == "not installed"
+    assert eval(lines[2]) == {
+        "asyncio": "active",
+        "trio": "not imported",
+        "uvloop": "not imported",
+    }
+    assert eval(lines[3])["trio"] == "active"
