@@ -66,7 +66,29 @@ def _doctor() -> int:
         f"{result.replies_ok}/2, tickets delivered {result.tickets}, resumed "
         f"{result.resumed}/1 -> {'OK' if ok else 'FAILED'}"
     )
+    _doctor_quickack()
     return 0 if ok else 1
+
+
+def _doctor_quickack() -> None:
+    """Where tlsctl can spare clients without TCP_NODELAY the delayed-ACK
+    stall (TCP_QUICKACK after the handshake; see the README's FAQ)."""
+    import importlib
+    import socket
+
+    from tlsctl import _quickack
+
+    if not hasattr(socket, "TCP_QUICKACK"):
+        print("  quickack                 unavailable (no TCP_QUICKACK on this system)")
+        return
+    print("  quickack sockets         active (set in C when the handshake is done)")
+    for name in ("asyncio", "trio", "uvloop"):  # what a server here would get
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    for framework, state in _quickack.status().items():
+        print(f"  {'quickack ' + framework:24} {state}")
 
 
 def _demo(connections: int, size: int) -> int:

@@ -98,7 +98,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Union, cast
 
-from tlsctl import _bind, _wrap
+from tlsctl import _bind, _quickack, _wrap
 from tlsctl._errors import (
     ConnectionStateError,
     OpenSSLError,
@@ -622,6 +622,10 @@ def patch(
 
     target.__dict__[_POLICY_ATTR] = policy
     install_plan(target)
+    if tickets != "immediate":
+        # memory-BIO servers: TCP_QUICKACK from asyncio's and trio's own
+        # handshake hooks (sockets do it in C: _binding, 10.)
+        _quickack.install()
     return ctx
 
 
