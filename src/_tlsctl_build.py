@@ -1850,7 +1850,8 @@ static int tlsctl_fw_disarm(tlsctl_fw *fw);
 static PyObject *tlsctl_fw_getattro(PyObject *self, PyObject *name)
 {
     tlsctl_fw *fw = (tlsctl_fw *)self;
-    if (tlsctl_fw_not_tls13(fw)) {
+    int kind = tlsctl_name_kind(name);
+    if (kind != TLSCTL_NAME_REAL && tlsctl_fw_not_tls13(fw)) {
         /* A TLS 1.2 connection: put the real object back at the first
          * look after the handshake, so the connection costs what stock
          * costs from then on. */
@@ -1860,7 +1861,7 @@ static PyObject *tlsctl_fw_getattro(PyObject *self, PyObject *name)
         Py_CLEAR(fw->do_handshake);
         return PyObject_GetAttr(fw->real, name);
     }
-    switch (tlsctl_name_kind(name)) {
+    switch (kind) {
     case TLSCTL_NAME_WRITE:
         return PyObject_GenericGetAttr(self, name);
     case TLSCTL_NAME_REAL:

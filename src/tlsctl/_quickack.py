@@ -371,7 +371,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
 def _find_after(
     me: object, fullname: str, path: Sequence[str] | None, target: ModuleType | None
 ) -> importlib.machinery.ModuleSpec | None:
-    finders = list(sys.meta_path)
+    finders: list[object] = list(sys.meta_path)
     start = finders.index(me) + 1 if me in finders else 0
     for finder in finders[start:]:
         find_spec = getattr(finder, "find_spec", None)
