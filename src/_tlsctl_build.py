@@ -439,6 +439,7 @@ int tlsctl_keys_mode(void);
 int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
                            size_t nbytes);
 size_t tlsctl_ticket_key_count(SSL_CTX *ctx);
+int tlsctl_clear_ticket_keys(SSL_CTX *ctx);
 int tlsctl_test_hold_keys(SSL_CTX *ctx, unsigned int milliseconds);
 int tlsctl_test_keys_busy(SSL_CTX *ctx);
 int tlsctl_guard_done(SSL *ssl);
@@ -1726,6 +1727,36 @@ static size_t tlsctl_ticket_key_count(SSL_CTX *ctx)
     n = ext->nkeys;
     pthread_mutex_unlock(&ext->lock);
     return n;
+}
+
+/* Undo tlsctl_set_ticket_keys: OpenSSL's own keys again (injection's
+ * extract_from_ssl); the keys are wiped.  1, or TLSCTL_ERR_OPENSSL. */
+static int tlsctl_clear_ticket_keys(SSL_CTX *ctx)
+{
+    tlsctl_ctx_ext *ext = tlsctl_ext_of(ctx);
+    tlsctl_key *old;
+    tlsctl_key_ref *old_by_name;
+    size_t old_n;
+    long ok;
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if (ext == NULL || ext->nkeys == 0)
+        return 1;
+    if (tlsctl_keys_mode() == TLSCTL_KEYS_EVP)
+        ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, NULL);
+    else
+        ok = p_SSL_CTX_callback_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, NULL);
+    p_SSL_CTX_set_client_hello_cb(ctx, NULL, NULL);
+    pthread_mutex_lock(&ext->lock);
+    old = ext->keys;
+    old_by_name = ext->by_name;
+    old_n = ext->nkeys;
+    ext->keys = NULL;
+    ext->by_name = NULL;
+    ext->nkeys = 0;
+    pthread_mutex_unlock(&ext->lock);
+    tlsctl_keys_free(old, old_by_name, old_n);
+    return ok == 1 ? 1 : TLSCTL_ERR_OPENSSL;
 }
 
 /* For the fork regression test only: hold ctx's key lock for a while (cffi

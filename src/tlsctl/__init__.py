@@ -18,7 +18,9 @@ Public API: ``patch``, ``issue_tickets``, ``connection_state``, ``info``,
 (``set_ticket_callbacks``, ``TicketDecision``, ``TicketStatus``,
 ``ResumeStatus``) and shared ticket keys for multi-process and
 multi-machine servers (``set_ticket_keys``, ``TicketKey``); the exceptions
-rooted at ``TlsctlError``.
+rooted at ``TlsctlError``; ``inject_into_ssl`` / ``extract_from_ssl`` for
+every server context of the process (``python -m tlsctl run -- COMMAND``
+does it for a whole process tree).
 ``python -m tlsctl doctor`` shows what was bound; ``python -m tlsctl demo``
 shows the bugs and the fix side by side.
 """
@@ -31,6 +33,7 @@ from tlsctl._errors import (
     TlsctlError,
     UnsupportedError,
 )
+from tlsctl._inject import extract_from_ssl, inject_into_ssl
 from tlsctl._policy import (
     MAX_TICKETS,
     POLICIES,
@@ -66,7 +69,9 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "connection_state",
+    "extract_from_ssl",
     "info",
+    "inject_into_ssl",
     "issue_tickets",
     "patch",
     "set_ticket_callbacks",

@@ -1,11 +1,13 @@
-"""Command line: ``python -m tlsctl {demo,doctor,ticket-key}``.
+"""Command line: ``python -m tlsctl {demo,doctor,ticket-key,run}`` (also
+installed as the ``tlsctl`` command).
 
 ``demo`` runs the bug scenarios on 127.0.0.1 with a stock and a patched
 server context side by side and prints a table.  ``doctor`` prints what was
 bound and runs one live patched handshake.  ``ticket-key FILE`` writes a
 fresh 80-byte session ticket key file (nginx's format, mode 0600, replaced
 atomically; ``-`` writes the bytes to stdout) for
-``tlsctl.TicketKey.from_file``.
+``tlsctl.TicketKey.from_file``.  ``run [OPTIONS] -- COMMAND`` runs COMMAND
+with tlsctl injected into it and every Python process it starts.
 """
 
 from __future__ import annotations
@@ -313,6 +315,61 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def _run(
+    tickets: str,
+    count: int | None,
+    renew_on_resume: bool,
+    ticket_keys: list[str] | None,
+    command: list[str],
+) -> int:
+    """Exec COMMAND with injection on in its whole process tree: this
+    package's ``site-hook`` folder (a ``sitecustomize``) first on
+    PYTHONPATH and the settings in ``TLSCTL_INJECT*`` (see ``_inject``)."""
+    from tlsctl import _inject, _policy
+
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        print(
+            "tlsctl run: error: no COMMAND given (tlsctl run -- COMMAND ...)",
+            file=sys.stderr,
+        )
+        return 2
+    try:  # fail here, once, rather than in every process of the tree
+        _policy.check_settings(tickets, count, renew_on_resume)
+        for path in ticket_keys or ():
+            tlsctl.TicketKey.from_file(path)
+    except (OSError, TypeError, ValueError) as exc:
+        print(f"tlsctl run: error: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site-hook")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (hook, env.get("PYTHONPATH")) if p
+    )
+    env[_inject.ENV_POLICY] = tickets
+    env[_inject.ENV_RENEW] = "1" if renew_on_resume else "0"
+    for name, value in (
+        (_inject.ENV_COUNT, None if count is None else str(count)),
+        (
+            _inject.ENV_KEYS,
+            os.pathsep.join(os.path.abspath(p) for p in ticket_keys)
+            if ticket_keys
+            else None,
+        ),
+    ):
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        print(f"tlsctl run: error: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 0  # pragma: no cover - exec does not return
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tlsctl", description=__doc__.split("\n")[0]
@@ -343,7 +400,52 @@ def main(argv: list[str] | None = None) -> int:
         help="replace FILE if it is a regular file (a symbolic link or "
         "special file is always refused)",
     )
+    run = sub.add_parser(
+        "run",
+        help="run COMMAND with tlsctl injected into every server context",
+        description="Run COMMAND (a server: uvicorn, hypercorn, gunicorn, "
+        "...) with tlsctl.inject_into_ssl() in effect in it and in every "
+        "Python process it starts (multiprocessing spawn and fork, "
+        "subprocesses of Python), through a sitecustomize module put first "
+        "on PYTHONPATH (an existing sitecustomize still runs).",
+    )
+    run.add_argument(
+        "--tickets",
+        choices=tlsctl.POLICIES,
+        default="defer",
+        help="the ticket policy (default: %(default)s)",
+    )
+    run.add_argument(
+        "--count",
+        type=int,
+        help="tickets after a full handshake (default: each context's "
+        "num_tickets, OpenSSL's default 2)",
+    )
+    run.add_argument(
+        "--no-renew-on-resume",
+        action="store_true",
+        help="no new ticket after a resumed handshake",
+    )
+    run.add_argument(
+        "--ticket-keys",
+        nargs="+",
+        metavar="FILE",
+        help="session ticket key files shared by every process (first "
+        "encrypts, all decrypt; make one with 'tlsctl ticket-key FILE'); "
+        "default: a random key per process",
+    )
+    run.add_argument(
+        "command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]"
+    )
     args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(
+            args.tickets,
+            args.count,
+            not args.no_renew_on_resume,
+            args.ticket_keys,
+            args.command_args,
+        )
     if args.command == "demo":
         return _demo(args.connections, args.size)
     if args.command == "ticket-key":

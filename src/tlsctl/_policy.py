@@ -587,17 +587,7 @@ def patch(
     """
     target = _bind.serving_context(ctx)
     ptr, kind = _bind.ctx_pointer(target)
-    if tickets not in POLICIES:
-        raise ValueError(f"tickets must be one of {POLICIES}, got {tickets!r}")
-    if count is not None:
-        count = _check_count(count, 0)
-        if tickets == "suppress":
-            raise ValueError(
-                f"count={count} has no meaning with tickets='suppress', which "
-                "sends no ticket"
-            )
-    if not isinstance(renew_on_resume, bool):
-        raise TypeError("renew_on_resume must be a bool")
+    count = check_settings(tickets, count, renew_on_resume)
     _bind.require_server_kind(kind, "tlsctl.patch()")
     lib = _bind.lib
     stash = tickets == "defer" and _bind.info().mechanism == "stash"
@@ -627,6 +617,36 @@ def patch(
         # handshake hooks (sockets do it in C: _binding, 10.)
         _quickack.install()
     return ctx
+
+
+def unpatch(ctx: ssl.SSLContext) -> None:
+    """Take ``patch()``'s policy off ``ctx``: its new connections are stock
+    again (ticket callbacks stay).  For ``extract_from_ssl``."""
+    target = _bind.serving_context(ctx)
+    ptr, _ = _bind.ctx_pointer(target)
+    if target.__dict__.pop(_POLICY_ATTR, None) is None:
+        return
+    _bind.lib.tlsctl_set_renewal(ptr, _bind.lib.TLSCTL_RENEW_STOCK)
+    install_plan(target)
+
+
+def check_settings(
+    tickets: object, count: object, renew_on_resume: object
+) -> int | None:
+    """``patch()``'s argument checks (also ``inject_into_ssl``'s); returns
+    the count."""
+    if tickets not in POLICIES:
+        raise ValueError(f"tickets must be one of {POLICIES}, got {tickets!r}")
+    if count is not None:
+        count = _check_count(count, 0)
+        if tickets == "suppress":
+            raise ValueError(
+                f"count={count} has no meaning with tickets='suppress', which "
+                "sends no ticket"
+            )
+    if not isinstance(renew_on_resume, bool):
+        raise TypeError("renew_on_resume must be a bool")
+    return count
 
 
 def issue_tickets(conn: Connection, count: int = 1) -> None:

@@ -12,8 +12,10 @@ whatever ``ssl.SSLContext`` names at the time: truststore swaps that name),
 with the two functions below.  A context that tlsctl configured carries its
 *plan* (``PLAN_ATTR`` in its ``__dict__``): a callable that applies its
 policy to a new server connection (``_binding``'s C ``apply``, or
-``_policy._prepare`` for ticket callbacks and the stash).  For any other
-context, and for the client side, the hooks only call the original.
+``_policy._prepare`` for ticket callbacks and the stash).  While injection
+is on (``_inject``), a context without a plan gets one, or ``False``
+(stock), from ``adopter`` at its first server-side connection.  For any
+other context, and for the client side, the hooks only call the original.
 
 Why here and not in ``sslsocket_class`` / ``sslobject_class`` (earlier
 versions installed factory classes there): those are the user's knobs.  A
@@ -35,7 +37,7 @@ exactly the stock behaviour; the hooks keep the originals' signatures.
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, Callable
 
 from tlsctl._bind import STDLIB_CONTEXT
 
@@ -45,6 +47,11 @@ PLAN_ATTR = "_tlsctl_plan"
 
 # The methods the hooks replaced (set by install()).
 _original: dict[str, Any] = {}
+
+# While injection is on (_inject), the function that makes the plan of a
+# context serving its first server-side connection: the plan, or False
+# (stock from then on; a plan of None means "not examined yet").
+adopter: Callable[[Any], Any] | None = None
 
 
 def _wrap_socket(
@@ -57,7 +64,9 @@ def _wrap_socket(
     session: ssl.SSLSession | None = None,
 ) -> ssl.SSLSocket:
     plan = self.__dict__.get(PLAN_ATTR) if server_side else None
-    if plan is None:
+    if plan is None and server_side and adopter is not None:
+        plan = adopter(self)
+    if not plan:
         conn: ssl.SSLSocket = _original["wrap_socket"](
             self,
             sock,
@@ -102,7 +111,9 @@ def _wrap_bio(
     )
     if server_side:
         plan = self.__dict__.get(PLAN_ATTR)
-        if plan is not None:
+        if plan is None and adopter is not None:
+            plan = adopter(self)
+        if plan:
             plan(conn)
     return conn
 
