@@ -66,7 +66,11 @@ Fork
     lock while the process is copied.  After the fork, in the parent *and*
     in the child, each watcher that was running gets a fresh thread.  So a
     watcher made in a pre-forking master (gunicorn's ``preload_app``) keeps
-    reloading in every worker.
+    reloading in every worker.  A fork waits for a check in progress (a
+    few ``stat`` calls and reads of at most 81 bytes).  Python 3.12 sees a
+    single-threaded process at the fork; 3.13+ counts threads after the
+    parent's hooks ran, so its ``DeprecationWarning`` about forking a
+    multi-threaded process names the parent's restarted watcher thread.
 
 Only POSIX paths are handled (tlsctl supports POSIX systems only).
 """
@@ -400,7 +404,11 @@ class KeyWatcher:
 
         log = logging.getLogger(_LOGGER)
         if loaded:
-            log.info("ticket keys reloaded from %s: %s", self._paths, loaded)
+            log.info(
+                "ticket keys reloaded: %s (from %s)",
+                ", ".join(loaded),
+                ", ".join(self._paths),
+            )
         for message in reports:
             text = f"{message}; the last good ticket keys stay in use"
             log.warning("%s", text)
@@ -475,9 +483,12 @@ def _before_fork() -> None:
     _REGISTRY.acquire()
     for watcher in list(_RUNNING):
         watcher._state.acquire()
-        watcher._pause()
-        watcher._lock.acquire()
         _FORKING.append(watcher)
+        try:
+            watcher._pause()
+        except Exception:  # pragma: no cover - join() of a started thread
+            pass  # the child starts a fresh thread all the same
+        watcher._lock.acquire()  # no check in progress (reload() included)
 
 
 def _after_fork() -> None:
