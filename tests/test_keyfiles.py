@@ -250,6 +250,9 @@ def test_the_signature_covers_the_symlink_chain(tmp_path: Path) -> None:
     assert [getattr(before, f) for f in fields] == [getattr(after, f) for f in fields]
     assert _link_chain(path) != chain
     assert _signature(path) != sig
+    sig = _signature(path)
+    os.chmod(two / "key", 0o400)  # fixing a permission is a change too
+    assert _signature(path) != sig
     # A relative path with ".." and a loop resolve like the kernel does.
     assert _link_chain(str(tmp_path / "..v1" / ".." / "key")) == _link_chain(path)
     (tmp_path / "loop").symlink_to("loop")
@@ -618,6 +621,7 @@ def test_first_load_formats_and_arguments(
     watcher = watch((c for c in [server, server]), tmp_path / "k48", interval=1)
     assert ids(watcher.keys) == [k48.id] and watcher.contexts == [server]
     assert watcher.paths == (str(tmp_path / "k48"),) and watcher.interval == 1.0
+    watcher.stop()
     with _chdir(tmp_path):
         watcher = watch(server, ["k80", "k48"])
     assert watcher.paths == (str(tmp_path / "k80"), str(tmp_path / "k48"))
@@ -677,6 +681,24 @@ def test_a_bad_first_load_raises_and_starts_nothing(
         with pytest.raises(error, match=match):
             watch_ticket_keys(ctx, paths, **kw)
     assert len(watcher_threads()) == before
+
+
+def test_one_watcher_per_context(
+    tmp_path: Path, watch: Watch, server_ctx: CtxFactory
+) -> None:
+    """Two watchers of one context would install their files' keys in turn."""
+    a, b = TicketKey.generate(), TicketKey.generate()
+    (tmp_path / "a").write_bytes(a.export())
+    (tmp_path / "b").write_bytes(b.export())
+    one, two = server_ctx(), server_ctx()
+    first = watch([one, two], tmp_path / "a", interval=FAST)
+    for ctx in (one, [two], [server_ctx(), one]):
+        with pytest.raises(ValueError, match="already watched by <KeyWatcher"):
+            watch_ticket_keys(ctx, tmp_path / "b")
+    assert ids(first.keys) == [a.id]
+    first.stop()
+    second = watch(two, tmp_path / "b", interval=FAST)
+    assert ids(second.keys) == [b.id] and second.running
 
 
 def test_importing_it_costs_little() -> None:

@@ -102,6 +102,7 @@ _LOGGER = "tlsctl"
 _MAX_LINKS = 40  # Linux's MAXSYMLINKS: more is ELOOP
 _INSTALL = "<set_ticket_keys>"  # the key of ``errors`` when installing failed
 _INTERNAL = "<watcher>"  # ... and when the check itself failed unexpectedly
+_WATCHER_ATTR = "_tlsctl_key_watcher"  # a weak reference to a context's watcher
 
 
 class KeyFileWarning(UserWarning):
@@ -587,6 +588,19 @@ def _paths(paths: object) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _refuse_watched(contexts: Sequence[ssl.SSLContext]) -> None:
+    """``ValueError`` if a context already has a watcher that was not
+    stopped: two would install their own files' keys in turn."""
+    for ctx in contexts:
+        ref = getattr(ctx, _WATCHER_ATTR, None)
+        other = ref() if isinstance(ref, weakref.ref) else None
+        if isinstance(other, KeyWatcher) and not other._stopped:
+            raise ValueError(
+                f"this context is already watched by {other!r}; stop() it "
+                f"first (one watcher per context)"
+            )
+
+
 def _check_interval(interval: object) -> float:
     import threading
 
@@ -622,8 +636,9 @@ def watch_ticket_keys(
 
     ``ctx`` is one server context or a sequence of them (an SNI setup's
     contexts): all of them get the same keys, so a ticket issued through
-    one resumes through any.  Relative paths are resolved against the
-    current directory now.
+    one resumes through any.  A context has one watcher at a time (stop the
+    old one to watch other files).  Relative paths are resolved against
+    the current directory now.
 
     The files are read once, synchronously, before this returns; then a
     daemon thread checks them every ``interval`` seconds (their ``stat``
@@ -645,13 +660,15 @@ def watch_ticket_keys(
             ``interval`` not a number.
         ValueError: no context, no path, a non-positive ``interval``, a key
             file that is not a regular file of 80 or 48 bytes, two files
-            with different keys of the same name, a client-only context.
+            with different keys of the same name, a client-only context, a
+            context that already has a running watcher.
         OSError: a key file cannot be read, e.g. ``FileNotFoundError``.
         UnsupportedError, BindingError: as ``set_ticket_keys``.
     """
     contexts = _contexts(ctx)
     names = _paths(paths)
     seconds = _check_interval(interval)
+    _refuse_watched(contexts)
     for c in contexts:  # every context proven usable before any is changed
         _bind.require_server_kind(_bind.ctx_pointer(c)[1], "tlsctl.watch_ticket_keys()")
     sigs = [_signature(p) for p in names]  # before the reads
@@ -664,7 +681,11 @@ def watch_ticket_keys(
     watcher = KeyWatcher._new(contexts, names, seconds, sigs, slots, keys)
     with _REGISTRY:
         _install_fork_hooks()
+        _refuse_watched(contexts)  # again: another thread may have won the race
         with watcher._state:
             watcher._start()
         _RUNNING.add(watcher)
+        _RUNNING.difference_update([w for w in _RUNNING if w._stopped])
+        for c in contexts:
+            setattr(c, _WATCHER_ATTR, weakref.ref(watcher))
     return watcher
