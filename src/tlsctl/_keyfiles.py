@@ -57,7 +57,10 @@ Contexts and lifetime
     The watcher keeps weak references to its contexts: once every one of
     them is gone, its thread ends by itself and drops its keys.  Otherwise
     it runs until ``stop()`` (or the end of a ``with`` block); being a
-    daemon thread, it never keeps the interpreter alive.
+    daemon thread, it never keeps the interpreter alive.  A context has
+    one running watcher at most (two would install their own files' keys
+    in turn).  ``threading`` and ``logging`` are imported by the first
+    watcher, not by importing this module (``ssl`` imports neither).
 
 Fork
     ``os.register_at_fork`` hooks (installed once) quiesce every running
@@ -69,8 +72,9 @@ Fork
     reloading in every worker.  A fork waits for a check in progress (a
     few ``stat`` calls and reads of at most 81 bytes).  Python 3.12 sees a
     single-threaded process at the fork; 3.13+ counts threads after the
-    parent's hooks ran, so its ``DeprecationWarning`` about forking a
-    multi-threaded process names the parent's restarted watcher thread.
+    parent's hooks ran, so it still issues its ``DeprecationWarning``
+    about forking a multi-threaded process (the thread it counts is the
+    parent's restarted watcher, which has nothing in progress).
 
 Only POSIX paths are handled (tlsctl supports POSIX systems only).
 """
