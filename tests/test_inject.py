@@ -136,7 +136,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="tickets='suppress'"):
         tlsctl.inject_into_ssl(tickets="suppress", count=1)
     with pytest.raises(TypeError, match="not a single one"):
-        tlsctl.inject_into_ssl(ticket_keys="/etc/key")  # type: ignore[arg-type]
+        tlsctl.inject_into_ssl(ticket_keys="/etc/key")
     with pytest.raises(FileNotFoundError):
         tlsctl.inject_into_ssl(ticket_keys=["/nonexistent/key"])
     assert _inject.injected() is None  # nothing half-done
@@ -188,7 +188,8 @@ if __name__ == "__main__":
     check(sys.argv[1])
     if sys.argv[1] == "parent":
         import multiprocessing, subprocess
-        p = multiprocessing.get_context("spawn").Process(target=check, args=("spawned",))
+        spawn = multiprocessing.get_context("spawn")
+        p = spawn.Process(target=check, args=("spawned",))
         p.start()
         p.join()
         subprocess.run([sys.executable, __file__, "exec"], check=True)

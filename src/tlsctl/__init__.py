@@ -17,7 +17,8 @@ Public API: ``patch``, ``issue_tickets``, ``connection_state``, ``info``,
 ``ConnectionState``, ``Info``, ``POLICIES``, ``MAX_TICKETS``; session ticket callbacks
 (``set_ticket_callbacks``, ``TicketDecision``, ``TicketStatus``,
 ``ResumeStatus``) and shared ticket keys for multi-process and
-multi-machine servers (``set_ticket_keys``, ``TicketKey``); the exceptions
+multi-machine servers (``set_ticket_keys``, ``TicketKey``, and from files,
+reloaded on change: ``watch_ticket_keys``); the exceptions
 rooted at ``TlsctlError``; ``inject_into_ssl`` / ``extract_from_ssl`` for
 every server context of the process (``python -m tlsctl run -- COMMAND``
 does it for a whole process tree).
@@ -34,6 +35,7 @@ from tlsctl._errors import (
     UnsupportedError,
 )
 from tlsctl._inject import extract_from_ssl, inject_into_ssl
+from tlsctl._keyfiles import KeyFileWarning, KeyWatcher, watch_ticket_keys
 from tlsctl._policy import (
     MAX_TICKETS,
     POLICIES,
@@ -60,6 +62,8 @@ __all__ = [
     "ConnectionState",
     "ConnectionStateError",
     "Info",
+    "KeyFileWarning",
+    "KeyWatcher",
     "OpenSSLError",
     "ResumeStatus",
     "TicketDecision",
@@ -76,4 +80,5 @@ __all__ = [
     "patch",
     "set_ticket_callbacks",
     "set_ticket_keys",
+    "watch_ticket_keys",
 ]

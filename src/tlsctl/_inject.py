@@ -37,8 +37,8 @@ adoption runs at most once per context and settings change.
 
 from __future__ import annotations
 
+import _thread
 import os
-import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -64,7 +64,7 @@ class _Settings(NamedTuple):
     generated: bool  # the keys are injection's own random one
 
 
-_lock = threading.RLock()
+_lock = _thread.RLock()  # not threading: its import costs every process
 _settings: _Settings | None = None
 _adopted: weakref.WeakSet[Any] = weakref.WeakSet()
 _refused: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -79,16 +79,16 @@ removes itself once nothing is left to watch.
 
 from __future__ import annotations
 
-import functools
-import importlib.abc
-import importlib.machinery
-import inspect
+import _thread
 import socket
 import sys
-import threading
-from collections.abc import Sequence
-from types import ModuleType
-from typing import Any, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (nothing here at run time: import cost, see test_import)
+    import importlib.machinery
+    from collections.abc import Sequence
+    from types import ModuleType
+    from typing import Any, Callable
 
 __all__ = ["install", "quickack", "status"]
 
@@ -109,7 +109,7 @@ _UVLOOP_REASON = (
     ".setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)"
 )
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 _installed = False
 _results: dict[str, str] = {}  # framework -> "active" or "unavailable: ..."
 _connection_state: Callable[[Any], Any] | None = None
@@ -188,6 +188,8 @@ def _asyncio_handshake_done(protocol: Any) -> None:
 
 
 def _hook_asyncio(module: ModuleType) -> str:
+    import functools  # here: at hooking time, not at tlsctl's import
+
     cls = getattr(module, "SSLProtocol", None)
     original = getattr(cls, "_on_handshake_complete", None)
     if cls is None or original is None:
@@ -233,6 +235,9 @@ def _trio_handshake_done(stream: Any) -> None:
 
 
 def _hook_trio(module: ModuleType) -> str:
+    import functools
+    import inspect
+
     cls = getattr(module, "SSLStream", None)
     original = getattr(cls, "_do_handshake", None)
     if cls is None or original is None:
@@ -258,6 +263,8 @@ def _hook_trio(module: ModuleType) -> str:
 
 
 def _has_parameters(func: Any, names: Sequence[str]) -> bool:
+    import inspect
+
     try:
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):
@@ -298,7 +305,7 @@ def _hook(framework: str, module: ModuleType) -> None:
         _results[framework] = f"unavailable: {type(exc).__name__}: {exc}"
 
 
-class _HookingLoader(importlib.abc.Loader):
+class _HookingLoader:
     """The watched module's own loader, plus the hook after its code ran."""
 
     def __init__(self, loader: Any, framework: str) -> None:
@@ -323,13 +330,13 @@ class _HookingLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
     """Declines every import; for a watched module, asks the finders after
     it and hands back their spec with a loader that hooks after exec."""
 
     def __init__(self) -> None:
         self._watched: dict[str, str] = {}  # module name -> framework
-        self._busy = threading.local()
+        self._busy = _thread._local()
 
     def watch(self, module_name: str, framework: str) -> None:
         self._watched[module_name] = framework
@@ -364,7 +371,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
             return spec
         if not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _HookingLoader(spec.loader, framework)
+        spec.loader = _HookingLoader(spec.loader, framework)  # type: ignore[assignment]
         return spec
 
 
