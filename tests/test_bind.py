@@ -40,7 +40,6 @@ def test_bound_to_the_interpreters_own_libssl() -> None:
             assert os.path.realpath(info.library) in mapped
             assert len(mapped) == 1, f"more than one libssl mapped: {mapped}"
     assert info.native_tickets == (ssl.OPENSSL_VERSION_NUMBER >= 0x30000000)
-    assert info.stash
     forced = os.environ.get("TLSCTL_MECHANISM")
     assert info.mechanism == (forced or ("native" if info.native_tickets else "stash"))
 
@@ -159,3 +158,33 @@ def test_exception_hierarchy_and_openssl_text() -> None:
     assert str(err) == "call failed (OpenSSL: error:0A000126:SSL routines::x)"
     assert err.openssl_errors == ("error:0A000126:SSL routines::x",)
     assert str(tlsctl.TlsctlError("plain")) == "plain"
+
+
+def test_import_loads_nothing_heavy() -> None:
+    """``import tlsctl`` stays within a few ms of ``import ssl`` (the
+    benchmark measures it): none of these modules, which ssl does not load,
+    may come with it (dataclasses alone pulls in inspect, ast and dis)."""
+    heavy = (
+        "dataclasses",
+        "inspect",
+        "typing",
+        "pathlib",
+        "hashlib",
+        "threading",
+        "logging",
+        "tempfile",
+        "importlib.abc",
+        "encodings.idna",
+    )
+    code = (
+        "import sys, ssl\n"
+        f"heavy = {heavy!r}\n"
+        "before = {m for m in heavy if m in sys.modules}\n"
+        "import tlsctl\n"
+        "print(sorted({m for m in heavy if m in sys.modules} - before))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

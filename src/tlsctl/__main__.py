@@ -36,7 +36,6 @@ def _doctor() -> int:
         "library",
         "via",
         "native_tickets",
-        "stash",
         "mechanism",
     ):
         value = getattr(info, name)

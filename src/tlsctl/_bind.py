@@ -24,10 +24,13 @@ from __future__ import annotations
 import _ssl
 import os
 import ssl
-from dataclasses import dataclass
-from typing import Any
 
 from tlsctl._errors import BindingError, ConnectionStateError, OpenSSLError
+from tlsctl._record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 try:
     from tlsctl._binding import ffi, lib
@@ -90,8 +93,7 @@ def _raise_queue_error() -> None:
     )
 
 
-@dataclass(frozen=True)
-class Info:
+class Info(Record):
     """What tlsctl bound to (``tlsctl.info()``).
 
     Attributes:
@@ -105,14 +107,32 @@ class Info:
             object, or ``"global symbols"`` when ``_ssl`` is built in.
         native_tickets: ``SSL_new_session_ticket`` is available (OpenSSL 3.0+),
             so ``defer`` and ``issue_tickets`` work natively.
-        stash: the ticket stash (the fallback for OpenSSL 1.1.1, which lacks
-            ``SSL_new_session_ticket``) is available.
         mechanism: what ``defer`` uses: ``"native"`` (OpenSSL 3.0+),
             ``"stash"`` (1.1.1), or ``None`` when nothing is bound.  The
             environment variable ``TLSCTL_MECHANISM=stash`` forces the stash
             on OpenSSL 3.x too (read once, at import; a testing aid).
     """
 
+    __slots__ = (
+        "bound",
+        "library",
+        "mechanism",
+        "native_tickets",
+        "openssl_version",
+        "openssl_version_number",
+        "reason",
+        "via",
+    )
+    _fields = (
+        "bound",
+        "reason",
+        "openssl_version",
+        "openssl_version_number",
+        "library",
+        "via",
+        "native_tickets",
+        "mechanism",
+    )
     bound: bool
     reason: str | None
     openssl_version: str
@@ -120,8 +140,29 @@ class Info:
     library: str | None
     via: str | None
     native_tickets: bool
-    stash: bool
     mechanism: str | None
+
+    def __init__(
+        self,
+        bound: bool,
+        reason: str | None,
+        openssl_version: str,
+        openssl_version_number: int,
+        library: str | None,
+        via: str | None,
+        native_tickets: bool,
+        mechanism: str | None,
+    ) -> None:
+        self._set(
+            bound=bound,
+            reason=reason,
+            openssl_version=openssl_version,
+            openssl_version_number=openssl_version_number,
+            library=library,
+            via=via,
+            native_tickets=native_tickets,
+            mechanism=mechanism,
+        )
 
 
 def _bind() -> Info:
@@ -134,7 +175,6 @@ def _bind() -> Info:
             "library": None,
             "via": None,
             "native_tickets": False,
-            "stash": False,
             "mechanism": None,
         }
         fields.update(extra)
@@ -190,7 +230,6 @@ def _bind() -> Info:
         library=library,
         via=via,
         native_tickets=native,
-        stash=True,
         mechanism=mechanism,
     )
 
@@ -210,7 +249,8 @@ def _self_test() -> str | None:
     if lib.SSL_CTX_get_num_tickets(sptr) != 7:
         return "SSL_CTX_get_num_tickets disagrees with SSLContext.num_tickets"
     client = STDLIB_CONTEXT(ssl.PROTOCOL_TLS_CLIENT)
-    conn = client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="x")
+    client.check_hostname = False  # no server_hostname: no IDNA codec import
+    conn = client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
     cptr = lib.tlsctl_ctx_of(id(client))
     if lib.tlsctl_ctx_method_kind(cptr) != lib.TLSCTL_KIND_CLIENT:
         return "client SSLContext has an unexpected method"

@@ -40,11 +40,16 @@ from __future__ import annotations
 import _thread
 import os
 import weakref
-from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable
 
 from tlsctl import _bind, _policy, _tickets, _wrap
 from tlsctl._errors import TlsctlError
+from tlsctl._record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 __all__ = ["extract_from_ssl", "inject_from_environment", "inject_into_ssl"]
 
@@ -56,12 +61,35 @@ ENV_RENEW = "TLSCTL_INJECT_RENEW_ON_RESUME"  # "0" for renew_on_resume=False
 ENV_KEYS = "TLSCTL_INJECT_TICKET_KEYS"  # key files, os.pathsep-separated
 
 
-class _Settings(NamedTuple):
+class _Settings(Record):
+    __slots__ = _fields = (
+        "tickets",
+        "ticket_count",
+        "renew_on_resume",
+        "keys",
+        "generated",
+    )
     tickets: str
     ticket_count: int | None
     renew_on_resume: bool
     keys: tuple[_tickets.TicketKey, ...]
     generated: bool  # the keys are injection's own random one
+
+    def __init__(
+        self,
+        tickets: str,
+        ticket_count: int | None,
+        renew_on_resume: bool,
+        keys: tuple[_tickets.TicketKey, ...],
+        generated: bool,
+    ) -> None:
+        self._set(
+            tickets=tickets,
+            ticket_count=ticket_count,
+            renew_on_resume=renew_on_resume,
+            keys=keys,
+            generated=generated,
+        )
 
 
 _lock = _thread.RLock()  # not threading: its import costs every process

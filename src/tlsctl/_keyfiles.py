@@ -88,18 +88,21 @@ import stat
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Union, final
 
 from tlsctl import _bind
+from tlsctl._record import final
 from tlsctl._tickets import TicketKey, set_ticket_keys
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported lazily: neither is imported by ssl
     import threading
     from types import TracebackType
+    from typing import Union
+
+    StrPath = Union[str, "os.PathLike[str]"]
 
 __all__ = ["KeyFileWarning", "KeyWatcher", "watch_ticket_keys"]
 
-StrPath = Union[str, "os.PathLike[str]"]
 _Signature = tuple[object, ...]
 
 _LOGGER = "tlsctl"

@@ -95,8 +95,6 @@ from __future__ import annotations
 import operator
 import ssl
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Union, cast
 
 from tlsctl import _bind, _quickack, _wrap
 from tlsctl._errors import (
@@ -104,10 +102,20 @@ from tlsctl._errors import (
     OpenSSLError,
     UnsupportedError,
 )
+from tlsctl._record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # nothing from typing at run time: import cost
+    from typing import Any, Callable, Union
+
+    Connection = Union[ssl.SSLSocket, ssl.SSLObject]
 
 __all__ = ["ConnectionState", "connection_state", "issue_tickets", "patch"]
 
-Connection = Union[ssl.SSLSocket, ssl.SSLObject]
+
+def _any(obj: object) -> Any:
+    """``obj`` typed as ``Any`` (``typing.cast`` without importing typing)."""
+    return obj
 
 POLICIES = ("defer", "suppress", "immediate")
 #: At most this many tickets wait for one write: ``patch()``'s ``count``
@@ -120,12 +128,21 @@ _POLICY_ATTR = "_tlsctl_policy"  # the _Policy patch() set on a context
 _CALLBACKS_ATTR = "_tlsctl_callbacks"  # the holder set_ticket_callbacks() set
 
 
-@dataclass(frozen=True)
-class _Policy:
+class _Policy(Record):
+    """What ``patch()`` set on a context."""
+
+    __slots__ = _fields = ("tickets", "count", "renew_on_resume", "stash")
     tickets: str
     count: int | None  # None: the context's num_tickets, read per connection
     renew_on_resume: bool
     stash: bool  # "defer" through the C stash instead of SSL_new_session_ticket
+
+    def __init__(
+        self, tickets: str, count: int | None, renew_on_resume: bool, stash: bool
+    ) -> None:
+        self._set(
+            tickets=tickets, count=count, renew_on_resume=renew_on_resume, stash=stash
+        )
 
 
 def _no_connection() -> None:
@@ -179,8 +196,7 @@ class _ConnState:
         return exc
 
 
-@dataclass(frozen=True)
-class ConnectionState:
+class ConnectionState(Record):
     """What tlsctl knows about one connection (``tlsctl.connection_state``).
 
     Attributes:
@@ -193,9 +209,15 @@ class ConnectionState:
             that OpenSSL sends by itself (``"immediate"``) are not counted.
     """
 
+    __slots__ = _fields = ("policy", "waiting_for_write", "issued")
     policy: str | None
     waiting_for_write: bool
     issued: int
+
+    def __init__(
+        self, policy: str | None, waiting_for_write: bool, issued: int
+    ) -> None:
+        self._set(policy=policy, waiting_for_write=waiting_for_write, issued=issued)
 
 
 # What a connection tlsctl does not (or no longer) track reports.
@@ -208,7 +230,7 @@ def _sslobj_of(conn: Connection) -> Any:
     """``conn._sslobj``; ``TypeError`` for an object made without its
     constructor (``object.__new__(ssl.SSLObject)``), which has none."""
     try:
-        return cast(Any, conn)._sslobj
+        return _any(conn)._sslobj
     except AttributeError:
         raise TypeError(
             f"this {type(conn).__name__} was not made by SSLContext.wrap_socket() "
@@ -363,7 +385,7 @@ def _real_sslobj(conn: Connection) -> Any:
 
 
 def _arm(conn: Connection, state: _ConnState) -> None:
-    any_conn = cast(Any, conn)
+    any_conn = _any(conn)
     if state.conn() is not conn:
         state.conn = weakref.ref(conn)
     if type(any_conn._sslobj) not in _PROXIES:
@@ -372,7 +394,7 @@ def _arm(conn: Connection, state: _ConnState) -> None:
 
 
 def _disarm(conn: Connection, proxy: _FirstWriteProxy) -> None:
-    any_conn = cast(Any, conn)
+    any_conn = _any(conn)
     if any_conn._sslobj is proxy:  # not closed or unwrapped meanwhile
         any_conn._sslobj = proxy._real
     _STATES[conn] = proxy._state
@@ -737,7 +759,7 @@ def connection_state(conn: Connection) -> ConnectionState:
         return ConnectionState(
             _POLICY_NAMES[code & 3], bool(_bind.fast["waiting"](sslobj)), code >> 2
         )
-    armed = type(cast(Any, conn)._sslobj) in _PROXIES
+    armed = type(_any(conn)._sslobj) in _PROXIES
     if state.policy is not None and state.policy.stash and armed:
         ptr = _bind.sslobj_pointer(_real_sslobj(conn))
         held, released = _stash_state_of(ptr)

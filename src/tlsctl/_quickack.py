@@ -82,8 +82,8 @@ from __future__ import annotations
 import _thread
 import socket
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # (nothing here at run time: import cost, see test_import)
     import importlib.machinery
     from collections.abc import Sequence

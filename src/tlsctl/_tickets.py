@@ -36,17 +36,25 @@ Shared keys (``set_ticket_keys``)
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 import ssl
 import stat
 import weakref
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union, final
 
 from tlsctl import _bind, _policy
 from tlsctl._errors import OpenSSLError, UnsupportedError
+from tlsctl._record import Record, final
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # nothing from typing at run time: import cost
+    from collections.abc import Iterable, Iterator
+    from typing import Any, Callable, Optional, Union
+
+    Connection = Union[ssl.SSLSocket, ssl.SSLObject]
+    OnIssue = Callable[[Connection], Optional[bytes]]
+    OnResume = Callable[
+        [Connection, Optional[bytes], "ResumeStatus"], "TicketDecision"
+    ]
 
 __all__ = [
     "ResumeStatus",
@@ -57,8 +65,6 @@ __all__ = [
     "set_ticket_keys",
 ]
 
-Connection = Union[ssl.SSLSocket, ssl.SSLObject]
-OnIssue = Callable[[Connection], Optional[bytes]]
 
 
 class TicketStatus(enum.IntEnum):
@@ -83,13 +89,14 @@ class TicketDecision(enum.IntEnum):
     USE_RENEW = 4  #: resume and send a new ticket
 
 
-OnResume = Callable[[Connection, Optional[bytes], "ResumeStatus"], TicketDecision]
 
 _MAX_APPDATA = 16384  # sealed into every ticket; tickets are at most 64 KiB
 _KEY_SIZES = (48, 80)
 
 
 def _fingerprint(name: bytes) -> str:
+    import hashlib  # here: ~1 ms that an import of tlsctl need not pay
+
     return hashlib.sha256(b"tlsctl ticket key name\0" + name).hexdigest()[:16]
 
 
@@ -112,8 +119,7 @@ def _require_regular(path: str, mode: int) -> None:
     )
 
 
-@dataclass(frozen=True)
-class ResumeStatus:
+class ResumeStatus(Record):
     """The ``status`` argument of ``on_resume``.
 
     Attributes:
@@ -125,10 +131,21 @@ class ResumeStatus:
             ``set_ticket_keys``, or ``None`` (no shared keys, or not listed).
     """
 
+    __slots__ = _fields = ("code", "key_id", "key_index", "key_name")
+    _hidden = ("key_name",)
     code: TicketStatus
     key_id: str | None
     key_index: int | None
-    key_name: bytes | None = field(default=None, repr=False)
+    key_name: bytes | None
+
+    def __init__(
+        self,
+        code: TicketStatus,
+        key_id: str | None,
+        key_index: int | None,
+        key_name: bytes | None = None,
+    ) -> None:
+        self._set(code=code, key_id=key_id, key_index=key_index, key_name=key_name)
 
     @property
     def decrypted(self) -> bool:

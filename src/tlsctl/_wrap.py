@@ -37,9 +37,12 @@ exactly the stock behaviour; the hooks keep the originals' signatures.
 from __future__ import annotations
 
 import ssl
-from typing import Any, Callable
 
 from tlsctl._bind import STDLIB_CONTEXT
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 __all__ = ["PLAN_ATTR", "install", "installed"]
 
