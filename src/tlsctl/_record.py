@@ -50,7 +50,7 @@ class Record:
         return f"{type(self).__name__}({body})"
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
+        if not isinstance(other, Record) or type(other) is not type(self):
             return NotImplemented
         return self._values() == other._values()
 
