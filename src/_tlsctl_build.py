@@ -79,6 +79,10 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     ("SSL_is_init_finished", "int", "const SSL *", True),
     ("SSL_session_reused", "int", "const SSL *", True),
     ("SSL_get_shutdown", "int", "const SSL *", True),
+    # Ticket lifetime (set_ticket_lifetime).
+    ("SSL_CTX_set_timeout", "long", "SSL_CTX *, long", True),
+    ("SSL_CTX_get_timeout", "long", "const SSL_CTX *", True),
+    ("SSL_SESSION_get_time", "long", "const SSL_SESSION *", True),
     ("SSL_CTX_set_num_tickets", "int", "SSL_CTX *, size_t", True),
     ("SSL_CTX_get_num_tickets", "size_t", "const SSL_CTX *", True),
     ("SSL_set_num_tickets", "int", "SSL *, size_t", True),
@@ -181,6 +185,23 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
         "HMAC_CTX *, const void *, int, const EVP_MD *, ENGINE *",
         False,
     ),
+    # HMAC-SHA256 for the derived keys of rotate_ticket_keys (HKDF): the
+    # one-shot EVP_Q_mac on 3.x, the legacy HMAC() on 1.1.1.
+    (
+        "HMAC",
+        "unsigned char *",
+        "const EVP_MD *, const void *, int, const unsigned char *, size_t, "
+        "unsigned char *, unsigned int *",
+        False,
+    ),
+    (
+        "EVP_Q_mac",
+        "unsigned char *",
+        "OSSL_LIB_CTX *, const char *, const char *, const char *, "
+        "const OSSL_PARAM *, const void *, size_t, const unsigned char *, "
+        "size_t, unsigned char *, size_t, size_t *",
+        False,
+    ),
     # OpenSSL >= 3.0.0 only.
     ("SSL_new_session_ticket", "int", "SSL *", False),
     (
@@ -205,6 +226,7 @@ typedef struct evp_md_st EVP_MD;
 typedef struct evp_mac_ctx_st EVP_MAC_CTX;
 typedef struct hmac_ctx_st HMAC_CTX;
 typedef struct engine_st ENGINE;
+typedef struct ossl_lib_ctx_st OSSL_LIB_CTX;
 typedef struct ossl_param_st {
     const char *key;
     unsigned int data_type;
@@ -252,6 +274,7 @@ static const int TLSCTL_ERR_BAD_KEYS;
 static const int TLSCTL_ERR_CLOSED;
 static const int TLSCTL_MAX_TICKETS;
 static const int TLSCTL_MAX_KEYS;
+static const int TLSCTL_MAX_KEEP;
 static const int TLSCTL_MAX_RESUME_CALLS;
 static const int TLSCTL_EVENT_ISSUE;
 static const int TLSCTL_EVENT_RESUME;
@@ -298,6 +321,11 @@ int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
                            size_t nbytes);
 size_t tlsctl_ticket_key_count(SSL_CTX *ctx);
 int tlsctl_clear_ticket_keys(SSL_CTX *ctx);
+int tlsctl_set_rotation(SSL_CTX *ctx, const unsigned char *master,
+                        size_t master_len, unsigned long long every,
+                        unsigned int keep);
+long long tlsctl_rotation_window(SSL_CTX *ctx);
+int tlsctl_set_lifetime(SSL_CTX *ctx, long seconds);
 int tlsctl_test_hold_keys(SSL_CTX *ctx, unsigned int milliseconds);
 int tlsctl_test_keys_busy(SSL_CTX *ctx);
 int tlsctl_guard_done(SSL *ssl);

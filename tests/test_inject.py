@@ -58,7 +58,9 @@ def test_contexts_made_before_and_after_are_adopted(
     assert _deferred(after, client_ctx()) == 2
     assert tlsctl.connection_state(connect(after, client_ctx()).server).issued == 2
     info = _inject.injected()
-    assert info is not None and info["contexts"] == 2 and info["generated_keys"]
+    assert info is not None and info["contexts"] == 2
+    assert info["generated_master"] and info["rotate_every"] == 3600
+    assert info["keep"] == 2 and info["ticket_keys"] is None
     assert before.num_tickets == 2  # the user's knob, untouched
 
 
@@ -237,6 +239,7 @@ def test_launcher_injects_the_whole_process_tree(tmp_path: Path) -> None:
     for line in lines:
         assert line["held"], line
         assert line["injected"]["ticket_keys"] == [key_id], line
+        assert line["injected"]["watched"] == [str(key)], line
         assert line["site"] == "yes", line
 
 
@@ -278,13 +281,61 @@ def test_environment_switch_fails_loudly_on_a_bad_key_file(tmp_path: Path) -> No
     assert proc.returncode == 2 and "served" not in proc.stdout
     assert "tlsctl run: injection failed" in proc.stderr
     ok = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent("""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
             from tlsctl import _inject
             print(_inject.injected()["tickets"])
-        """)],
+        """),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
         env=dict(env, TLSCTL_INJECT="suppress", TLSCTL_INJECT_TICKET_KEYS=""),
     )
     assert ok.stdout.strip() == "suppress", ok.stderr
+
+
+def test_master_rotation_lifetime_and_watched_files(
+    server_ctx: CtxFactory, client_ctx: CtxFactory, tmp_path: Path
+) -> None:
+    """Injection takes issue 16's options: keys derived from a master (two
+    processes with the same master share them: here two contexts), a
+    ticket lifetime, and key files reloaded when replaced."""
+    master = TicketKey.generate()
+    tlsctl.inject_into_ssl(
+        ticket_key_master=master, rotate_every=60, ticket_lifetime=90
+    )
+    a, b = server_ctx(), server_ctx()
+    client = client_ctx()
+    session = connect(a, client).client.session
+    assert session is not None and session.ticket_lifetime_hint == 90
+    assert connect(b, client, session).client.session_reused
+    reference = tlsctl.rotate_ticket_keys(server_ctx(), every=60, master=master)
+    assert connect(reference, client, session).client.session_reused
+    info = _inject.injected()
+    assert info is not None and info["master"] == master.id
+    assert not info["generated_master"]
+    tlsctl.extract_from_ssl()
+    assert connect(a, client).client.session.ticket_lifetime_hint == 7200  # type: ignore[union-attr]
+
+    k1, k2 = TicketKey.generate(), TicketKey.generate()
+    path = tmp_path / "ticket.key"
+    path.write_bytes(k1.export())
+    tlsctl.inject_into_ssl(ticket_keys=[path])
+    c = server_ctx()
+    counter = TicketCounter(client)
+    connect(c, client)
+    assert counter.key_names[-1] == k1.export()[:16]
+    (tmp_path / "new").write_bytes(k2.export())
+    os.replace(tmp_path / "new", path)  # as Vault Agent / consul-template do
+    info = _inject.injected()
+    assert info is not None and info["watched"] == [str(path)]
+    import time
+
+    deadline = time.monotonic() + 10
+    while counter.key_names[-1] != k2.export()[:16]:
+        assert time.monotonic() < deadline, "the injected key file was not reloaded"
+        time.sleep(0.05)
+        connect(c, client)

@@ -196,9 +196,7 @@ def _writes_of_first_write(tmp_path: Path, patched: bool, certs: Any) -> list[in
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
-def test_tickets_and_first_data_leave_in_one_write(
-    tmp_path: Path, certs: Any
-) -> None:
+def test_tickets_and_first_data_leave_in_one_write(tmp_path: Path, certs: Any) -> None:
     """Native defer on a socket wrote ticket, ticket, data: three write()
     calls (a peer could reset between them).  Now one, as stock's first
     write is (stock sent its tickets during the handshake)."""

@@ -13,6 +13,8 @@
 #define TLSCTL_KEY_RECORD 81  /* size byte (48 or 80), name, hmac[32], aes[32] */
 #define TLSCTL_KEY_NAME_LEN 16  /* TLSEXT_KEYNAME_LENGTH (ssl_local.h) */
 #define TLSCTL_MAX_KEYS 65536
+#define TLSCTL_MASTER_MAX 80     /* a TicketKey's bytes, or 80 random ones */
+#define TLSCTL_MAX_KEEP 64       /* previous rotation windows kept */
 /* OpenSSL calls the decrypt callback once per PSK identity of a
  * ClientHello (thousands fit in one).  Python's on_resume runs at most
  * this often per connection; a ticket past that is not used (a full
@@ -40,7 +42,17 @@ typedef struct tlsctl_ctx_ext {
     int on_issue, on_resume;     /* Python callables present (read w/o GIL) */
     PyObject *holder_ref;        /* weakref to the Python holder; GIL */
     struct tlsctl_ctx_ext *prev, *next;  /* every live ext (for fork) */
+    /* rotate_ticket_keys (guarded by lock): keys derived from master for
+     * the time window time(NULL) / every, remade lazily when it changes */
+    int rotating;
+    uint64_t every;
+    unsigned int keep;
+    unsigned char master[TLSCTL_MASTER_MAX];
+    size_t master_len;
+    int64_t window;
 } tlsctl_ctx_ext;
+
+static void tlsctl_rotate_locked(tlsctl_ctx_ext *ext);  /* rotation, below */
 
 /* The SSL ex_data slot holds either the Python record of a connection on
  * a context with ticket callbacks (a PyObject *, even address) or, for a
@@ -116,6 +128,7 @@ static void tlsctl_ctx_ext_free(void *parent, void *ptr, void *ad, int idx,
         ext->next->prev = ext->prev;
     pthread_mutex_unlock(&tlsctl_exts_lock);
     tlsctl_keys_free(ext->keys, ext->by_name, ext->nkeys);
+    p_OPENSSL_cleanse(ext->master, sizeof(ext->master));
     tlsctl_decref(ext->holder_ref);
     pthread_mutex_destroy(&ext->lock);
     free(ext);
@@ -276,6 +289,7 @@ static int tlsctl_key_index(const SSL *s, const unsigned char *name, size_t len)
     if (ext == NULL || name == NULL || len != TLSCTL_KEY_NAME_LEN)
         return -1;
     pthread_mutex_lock(&ext->lock);
+    tlsctl_rotate_locked(ext);
     found = tlsctl_key_find(ext, name);
     pthread_mutex_unlock(&ext->lock);
     return found;
@@ -552,6 +566,7 @@ static int tlsctl_key_pick(SSL *s, const unsigned char *name, int enc,
     int rc = 0, i = -1, keys = 0;
     if (ext != NULL) {
         pthread_mutex_lock(&ext->lock);
+        tlsctl_rotate_locked(ext);
         keys = ext->nkeys > 0;
         i = enc ? (keys ? 0 : -1) : tlsctl_key_find(ext, name);
         if (i >= 0) {
@@ -634,24 +649,69 @@ static int tlsctl_key_ref_cmp(const void *a, const void *b)
                   ((const tlsctl_key_ref *)b)->name, TLSCTL_KEY_NAME_LEN);
 }
 
+/* The by-name index of n keys, or NULL (out of memory, or a name twice). */
+static tlsctl_key_ref *tlsctl_keys_index(const tlsctl_key *keys, size_t n)
+{
+    tlsctl_key_ref *by_name = calloc(n, sizeof(*by_name));
+    size_t i;
+    if (by_name == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        memcpy(by_name[i].name, keys[i].name, TLSCTL_KEY_NAME_LEN);
+        by_name[i].index = i;
+    }
+    qsort(by_name, n, sizeof(*by_name), tlsctl_key_ref_cmp);
+    for (i = 1; i < n; i++) {
+        if (tlsctl_key_ref_cmp(&by_name[i - 1], &by_name[i]) == 0) {
+            free(by_name);
+            return NULL;
+        }
+    }
+    return by_name;
+}
+
+/* Put a key list in place (NULL, NULL, 0: none); the old one is wiped.
+ * Caller holds ext->lock. */
+static void tlsctl_keys_swap_locked(tlsctl_ctx_ext *ext, tlsctl_key *keys,
+                                    tlsctl_key_ref *by_name, size_t n)
+{
+    tlsctl_keys_free(ext->keys, ext->by_name, ext->nkeys);
+    ext->keys = keys;
+    ext->by_name = by_name;
+    ext->nkeys = n;
+}
+
+/* tlsctl's ticket key callback and client hello callback on ctx (on), or
+ * OpenSSL's own keys again (off).  1, or TLSCTL_ERR_OPENSSL. */
+static int tlsctl_keys_callbacks(SSL_CTX *ctx, int on)
+{
+    long ok;
+    p_SSL_CTX_set_client_hello_cb(ctx, on ? tlsctl_client_hello_cb : NULL, NULL);
+    if (tlsctl_keys_mode() == TLSCTL_KEYS_EVP)
+        ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, on ? tlsctl_key_evp_cb : NULL);
+    else
+        ok = p_SSL_CTX_callback_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB,
+                                     on ? (tlsctl_void_fn)tlsctl_key_legacy_cb
+                                        : NULL);
+    return ok == 1 ? 1 : TLSCTL_ERR_OPENSSL;
+}
+
 /* records: nbytes / TLSCTL_KEY_RECORD keys (size byte 48 or 80, name,
  * hmac[32], aes[32], unused bytes zero).  Everything is checked here, not
  * trusted from Python: the length, each size byte, at most TLSCTL_MAX_KEYS
- * keys, no name twice (TLSCTL_ERR_BAD_KEYS).  Replaces the key list; the
- * old one is wiped. */
+ * keys, no name twice (TLSCTL_ERR_BAD_KEYS).  Replaces the key list (and
+ * stops a rotation); the old one is wiped. */
 static int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
                                   size_t nbytes)
 {
     tlsctl_ctx_ext *ext;
-    tlsctl_key *keys, *old;
-    tlsctl_key_ref *by_name, *old_by_name;
-    size_t i, n, old_n;
-    int mode = tlsctl_keys_mode();
-    long ok;
+    tlsctl_key *keys;
+    tlsctl_key_ref *by_name;
+    size_t i, n;
 
     if (!tlsctl_bound)
         return TLSCTL_ERR_NOT_BOUND;
-    if (mode == TLSCTL_KEYS_NONE)
+    if (tlsctl_keys_mode() == TLSCTL_KEYS_NONE)
         return TLSCTL_ERR_NO_KEYS;
     n = nbytes / TLSCTL_KEY_RECORD;
     if (records == NULL || n == 0 || n > TLSCTL_MAX_KEYS
@@ -661,47 +721,179 @@ static int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
         if (records[i * TLSCTL_KEY_RECORD] != 48
                 && records[i * TLSCTL_KEY_RECORD] != 80)
             return TLSCTL_ERR_BAD_KEYS;
-    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL)
+    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL
+            || (keys = calloc(n, sizeof(*keys))) == NULL)
         return TLSCTL_ERR_OPENSSL;
-    keys = calloc(n, sizeof(*keys));
-    by_name = calloc(n, sizeof(*by_name));
-    if (keys == NULL || by_name == NULL) {
-        free(keys);
-        free(by_name);
-        return TLSCTL_ERR_OPENSSL;
-    }
     for (i = 0; i < n; i++) {
         const unsigned char *r = records + i * TLSCTL_KEY_RECORD;
         keys[i].size = r[0];
         memcpy(keys[i].name, r + 1, TLSCTL_KEY_NAME_LEN);
         memcpy(keys[i].hmac, r + 1 + TLSCTL_KEY_NAME_LEN, 32);
         memcpy(keys[i].aes, r + 1 + TLSCTL_KEY_NAME_LEN + 32, 32);
-        memcpy(by_name[i].name, keys[i].name, TLSCTL_KEY_NAME_LEN);
-        by_name[i].index = i;
     }
-    qsort(by_name, n, sizeof(*by_name), tlsctl_key_ref_cmp);
-    for (i = 1; i < n; i++) {
-        if (tlsctl_key_ref_cmp(&by_name[i - 1], &by_name[i]) == 0) {
-            tlsctl_keys_free(keys, by_name, n);
-            return TLSCTL_ERR_BAD_KEYS;
-        }
+    if ((by_name = tlsctl_keys_index(keys, n)) == NULL) {
+        tlsctl_keys_free(keys, NULL, n);
+        return TLSCTL_ERR_BAD_KEYS;
     }
     pthread_mutex_lock(&ext->lock);
-    old = ext->keys;
-    old_by_name = ext->by_name;
-    old_n = ext->nkeys;
-    ext->keys = keys;
-    ext->by_name = by_name;
-    ext->nkeys = n;
+    tlsctl_keys_swap_locked(ext, keys, by_name, n);
+    ext->rotating = 0;
+    p_OPENSSL_cleanse(ext->master, sizeof(ext->master));
     pthread_mutex_unlock(&ext->lock);
-    tlsctl_keys_free(old, old_by_name, old_n);
-    p_SSL_CTX_set_client_hello_cb(ctx, tlsctl_client_hello_cb, NULL);
-    if (mode == TLSCTL_KEYS_EVP)
-        ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, tlsctl_key_evp_cb);
-    else
-        ok = p_SSL_CTX_callback_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB,
-                                     (tlsctl_void_fn)tlsctl_key_legacy_cb);
-    return ok == 1 ? 1 : TLSCTL_ERR_OPENSSL;
+    return tlsctl_keys_callbacks(ctx, 1);
+}
+
+/* ---- rotate_ticket_keys: keys derived from a master and the time ----- */
+
+static int tlsctl_hmac_sha256(const unsigned char *key, size_t keylen,
+                              const unsigned char *data, size_t len,
+                              unsigned char out[32])
+{
+    size_t outlen = 0;
+    unsigned int ulen = 0;
+    if (p_EVP_Q_mac != NULL)
+        return p_EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, key, keylen, data,
+                           len, out, 32, &outlen) != NULL && outlen == 32;
+    if (p_HMAC != NULL && keylen <= INT_MAX)
+        return p_HMAC(p_EVP_sha256(), key, (int)keylen, data, len, out, &ulen)
+            != NULL && ulen == 32;
+    return 0;
+}
+
+static void tlsctl_put_be64(unsigned char *p, uint64_t v)
+{
+    int i;
+    for (i = 7; i >= 0; i--, v >>= 8)
+        p[i] = (unsigned char)(v & 0xff);
+}
+
+/* The key of one window: HKDF-SHA256 (RFC 5869) with salt
+ * "tlsctl ticket keys", IKM the master, info "tlsctl rotation v1" ||
+ * every (8 bytes, big-endian) || window (8 bytes, big-endian, two's
+ * complement), 80 bytes of output read as a key file: name[16], HMAC
+ * secret[32], AES-256 key[32].  Every process with the same master and
+ * period derives the same keys for the same window (docs/keys.md). */
+static int tlsctl_derive_key(const unsigned char *master, size_t master_len,
+                             uint64_t every, int64_t window, tlsctl_key *out)
+{
+    static const unsigned char salt[] = "tlsctl ticket keys";
+    static const unsigned char label[] = "tlsctl rotation v1";
+    unsigned char prk[32], block[32 + sizeof(label) - 1 + 16 + 1], okm[96];
+    size_t info_len = sizeof(label) - 1 + 16, off, len;
+    int i, ok;
+
+    ok = tlsctl_hmac_sha256(salt, sizeof(salt) - 1, master, master_len, prk);
+    for (i = 0, off = 0; ok && i < 3; i++, off += 32) {
+        len = 0;
+        if (i > 0) {  /* T(i) = HMAC(PRK, T(i-1) || info || i) */
+            memcpy(block, okm + off - 32, 32);
+            len = 32;
+        }
+        memcpy(block + len, label, sizeof(label) - 1);
+        tlsctl_put_be64(block + len + sizeof(label) - 1, every);
+        tlsctl_put_be64(block + len + sizeof(label) - 1 + 8, (uint64_t)window);
+        block[len + info_len] = (unsigned char)(i + 1);
+        ok = tlsctl_hmac_sha256(prk, sizeof(prk), block, len + info_len + 1,
+                                okm + off);
+    }
+    if (ok) {
+        out->size = 80;
+        memcpy(out->name, okm, TLSCTL_KEY_NAME_LEN);
+        memcpy(out->hmac, okm + 16, 32);
+        memcpy(out->aes, okm + 48, 32);
+    }
+    p_OPENSSL_cleanse(prk, sizeof(prk));
+    p_OPENSSL_cleanse(block, sizeof(block));
+    p_OPENSSL_cleanse(okm, sizeof(okm));
+    return ok;
+}
+
+/* Remake a rotating context's keys if the window changed: the current
+ * window's key encrypts; the keep previous windows' keys and the next
+ * window's (a fleet's clocks differ a little) decrypt.  On failure the
+ * old keys stay.  Caller holds ext->lock. */
+static void tlsctl_rotate_locked(tlsctl_ctx_ext *ext)
+{
+    int64_t w;
+    size_t n, i;
+    tlsctl_key *keys;
+    tlsctl_key_ref *by_name;
+    if (!ext->rotating)
+        return;
+    w = (int64_t)((uint64_t)time(NULL) / ext->every);
+    if (w == ext->window && ext->nkeys > 0)
+        return;
+    n = (size_t)ext->keep + 2;
+    if ((keys = calloc(n, sizeof(*keys))) == NULL)
+        return;
+    for (i = 0; i < n; i++) {
+        int64_t k = i == n - 1 ? w + 1 : w - (int64_t)i;
+        if (!tlsctl_derive_key(ext->master, ext->master_len, ext->every, k,
+                               &keys[i])) {
+            tlsctl_keys_free(keys, NULL, n);
+            return;
+        }
+    }
+    if ((by_name = tlsctl_keys_index(keys, n)) == NULL) {
+        tlsctl_keys_free(keys, NULL, n);
+        return;
+    }
+    tlsctl_keys_swap_locked(ext, keys, by_name, n);
+    ext->window = w;
+}
+
+/* Rotate ctx's ticket keys: a key per `every` seconds derived from master
+ * (master_len bytes; the same master gives the same keys everywhere),
+ * keep previous windows still decrypting.  Replaces set keys.  1,
+ * TLSCTL_ERR_NO_KEYS (no HMAC or key callback here), TLSCTL_ERR_BAD_KEYS
+ * (bad arguments) or TLSCTL_ERR_OPENSSL. */
+static int tlsctl_set_rotation(SSL_CTX *ctx, const unsigned char *master,
+                               size_t master_len, unsigned long long every,
+                               unsigned int keep)
+{
+    tlsctl_ctx_ext *ext;
+    int ok;
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if (tlsctl_keys_mode() == TLSCTL_KEYS_NONE
+            || (p_EVP_Q_mac == NULL && p_HMAC == NULL))
+        return TLSCTL_ERR_NO_KEYS;
+    if (master == NULL || master_len == 0 || master_len > TLSCTL_MASTER_MAX
+            || every == 0 || every > UINT32_MAX || keep > TLSCTL_MAX_KEEP)
+        return TLSCTL_ERR_BAD_KEYS;
+    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL)
+        return TLSCTL_ERR_OPENSSL;
+    pthread_mutex_lock(&ext->lock);
+    p_OPENSSL_cleanse(ext->master, sizeof(ext->master));
+    memcpy(ext->master, master, master_len);
+    ext->master_len = master_len;
+    ext->every = every;
+    ext->keep = keep;
+    ext->rotating = 1;
+    tlsctl_keys_swap_locked(ext, NULL, NULL, 0);
+    tlsctl_rotate_locked(ext);  /* keys now: errors show here, not later */
+    ok = ext->nkeys > 0;
+    if (!ok)
+        ext->rotating = 0;
+    pthread_mutex_unlock(&ext->lock);
+    return ok ? tlsctl_keys_callbacks(ctx, 1) : TLSCTL_ERR_OPENSSL;
+}
+
+/* For tests and introspection: the window a rotating context is in, or
+ * INT64_MIN when it does not rotate. */
+static long long tlsctl_rotation_window(SSL_CTX *ctx)
+{
+    tlsctl_ctx_ext *ext = tlsctl_ext_of(ctx);
+    long long w = INT64_MIN;
+    if (ext == NULL)
+        return w;
+    pthread_mutex_lock(&ext->lock);
+    if (ext->rotating) {
+        tlsctl_rotate_locked(ext);
+        w = ext->window;
+    }
+    pthread_mutex_unlock(&ext->lock);
+    return w;
 }
 
 static size_t tlsctl_ticket_key_count(SSL_CTX *ctx)
@@ -716,34 +908,38 @@ static size_t tlsctl_ticket_key_count(SSL_CTX *ctx)
     return n;
 }
 
-/* Undo tlsctl_set_ticket_keys: OpenSSL's own keys again (injection's
- * extract_from_ssl); the keys are wiped.  1, or TLSCTL_ERR_OPENSSL. */
+/* Undo tlsctl_set_ticket_keys / tlsctl_set_rotation: OpenSSL's own keys
+ * again (injection's extract_from_ssl); the keys are wiped.  1, or
+ * TLSCTL_ERR_OPENSSL. */
 static int tlsctl_clear_ticket_keys(SSL_CTX *ctx)
 {
     tlsctl_ctx_ext *ext = tlsctl_ext_of(ctx);
-    tlsctl_key *old;
-    tlsctl_key_ref *old_by_name;
-    size_t old_n;
-    long ok;
+    int rc;
     if (!tlsctl_bound)
         return TLSCTL_ERR_NOT_BOUND;
-    if (ext == NULL || ext->nkeys == 0)
+    if (ext == NULL || (ext->nkeys == 0 && !ext->rotating))
         return 1;
-    if (tlsctl_keys_mode() == TLSCTL_KEYS_EVP)
-        ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, NULL);
-    else
-        ok = p_SSL_CTX_callback_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, NULL);
-    p_SSL_CTX_set_client_hello_cb(ctx, NULL, NULL);
+    rc = tlsctl_keys_callbacks(ctx, 0);
     pthread_mutex_lock(&ext->lock);
-    old = ext->keys;
-    old_by_name = ext->by_name;
-    old_n = ext->nkeys;
-    ext->keys = NULL;
-    ext->by_name = NULL;
-    ext->nkeys = 0;
+    tlsctl_keys_swap_locked(ext, NULL, NULL, 0);
+    ext->rotating = 0;
+    p_OPENSSL_cleanse(ext->master, sizeof(ext->master));
     pthread_mutex_unlock(&ext->lock);
-    tlsctl_keys_free(old, old_by_name, old_n);
-    return ok == 1 ? 1 : TLSCTL_ERR_OPENSSL;
+    return rc;
+}
+
+/* set_ticket_lifetime: the lifetime clients are told (TLS 1.3
+ * ticket_lifetime, TLS 1.2 lifetime hint) is the session timeout, and
+ * OpenSSL refuses a session older than its timeout when it is presented
+ * (measured, TLS 1.2 and 1.3).  1, or TLSCTL_ERR_BAD_KEYS. */
+static int tlsctl_set_lifetime(SSL_CTX *ctx, long seconds)
+{
+    if (!tlsctl_bound)
+        return TLSCTL_ERR_NOT_BOUND;
+    if (seconds < 1 || seconds > 604800)
+        return TLSCTL_ERR_BAD_KEYS;
+    p_SSL_CTX_set_timeout(ctx, seconds);
+    return 1;
 }
 
 /* For the fork regression test only: hold ctx's key lock for a while (cffi

@@ -18,10 +18,11 @@ Public API: ``patch``, ``issue_tickets``, ``connection_state``, ``info``,
 (``set_ticket_callbacks``, ``TicketDecision``, ``TicketStatus``,
 ``ResumeStatus``) and shared ticket keys for multi-process and
 multi-machine servers (``set_ticket_keys``, ``TicketKey``, and from files,
-reloaded on change: ``watch_ticket_keys``); the exceptions
-rooted at ``TlsctlError``; ``inject_into_ssl`` / ``extract_from_ssl`` for
-every server context of the process (``python -m tlsctl run -- COMMAND``
-does it for a whole process tree).
+reloaded on change: ``watch_ticket_keys``; rotated automatically, also
+fleet-wide from one master: ``rotate_ticket_keys``;
+``set_ticket_lifetime``); the exceptions rooted at ``TlsctlError``;
+``inject_into_ssl`` / ``extract_from_ssl`` for every server context of the
+process (``python -m tlsctl run -- COMMAND`` does it for a process tree).
 ``python -m tlsctl doctor`` shows what was bound; ``python -m tlsctl demo``
 shows the bugs and the fix side by side.
 """
@@ -36,6 +37,11 @@ from tlsctl._errors import (
 )
 from tlsctl._inject import extract_from_ssl, inject_into_ssl
 from tlsctl._keyfiles import KeyFileWarning, KeyWatcher, watch_ticket_keys
+from tlsctl._lifecycle import (
+    MAX_TICKET_LIFETIME,
+    rotate_ticket_keys,
+    set_ticket_lifetime,
+)
 from tlsctl._policy import (
     MAX_TICKETS,
     POLICIES,
@@ -57,6 +63,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MAX_TICKETS",
+    "MAX_TICKET_LIFETIME",
     "POLICIES",
     "BindingError",
     "ConnectionState",
@@ -78,7 +85,9 @@ __all__ = [
     "inject_into_ssl",
     "issue_tickets",
     "patch",
+    "rotate_ticket_keys",
     "set_ticket_callbacks",
     "set_ticket_keys",
+    "set_ticket_lifetime",
     "watch_ticket_keys",
 ]

@@ -314,18 +314,13 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def _run(
-    tickets: str,
-    count: int | None,
-    renew_on_resume: bool,
-    ticket_keys: list[str] | None,
-    command: list[str],
-) -> int:
+def _run(args: argparse.Namespace) -> int:
     """Exec COMMAND with injection on in its whole process tree: this
     package's ``site-hook`` folder (a ``sitecustomize``) first on
     PYTHONPATH and the settings in ``TLSCTL_INJECT*`` (see ``_inject``)."""
-    from tlsctl import _inject, _policy
+    from tlsctl import _inject, _lifecycle, _policy
 
+    command: list[str] = args.command_args
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:
@@ -334,33 +329,52 @@ def _run(
             file=sys.stderr,
         )
         return 2
+    renew_on_resume = not args.no_renew_on_resume
     try:  # fail here, once, rather than in every process of the tree
-        _policy.check_settings(tickets, count, renew_on_resume)
-        for path in ticket_keys or ():
-            tlsctl.TicketKey.from_file(path)
+        _policy.check_settings(args.tickets, args.count, renew_on_resume)
+        if args.ticket_keys and args.ticket_key_master:
+            raise ValueError("give --ticket-keys or --ticket-key-master, not both")
+        for path in [*(args.ticket_keys or ()), args.ticket_key_master]:
+            if path is not None:
+                tlsctl.TicketKey.from_file(path)
+        if args.rotate_every:
+            _lifecycle._int_in(args.rotate_every, "--rotate-every", 0, 2**32 - 1)
+        _lifecycle._int_in(args.keep, "--keep", 0, 64)
+        if args.ticket_lifetime is not None:
+            _lifecycle._int_in(
+                args.ticket_lifetime,
+                "--ticket-lifetime",
+                1,
+                _lifecycle.MAX_TICKET_LIFETIME,
+            )
     except (OSError, TypeError, ValueError) as exc:
         print(f"tlsctl run: error: {exc}", file=sys.stderr)
         return 2
+    ticket_keys: list[str] | None = args.ticket_keys
     env = dict(os.environ)
     hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site-hook")
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (hook, env.get("PYTHONPATH")) if p
     )
-    env[_inject.ENV_POLICY] = tickets
+    env[_inject.ENV_POLICY] = args.tickets
     env[_inject.ENV_RENEW] = "1" if renew_on_resume else "0"
-    for name, value in (
-        (_inject.ENV_COUNT, None if count is None else str(count)),
-        (
-            _inject.ENV_KEYS,
-            os.pathsep.join(os.path.abspath(p) for p in ticket_keys)
-            if ticket_keys
-            else None,
-        ),
-    ):
+    optional = {
+        _inject.ENV_COUNT: args.count,
+        _inject.ENV_KEYS: os.pathsep.join(os.path.abspath(p) for p in ticket_keys)
+        if ticket_keys
+        else None,
+        _inject.ENV_MASTER: os.path.abspath(args.ticket_key_master)
+        if args.ticket_key_master
+        else None,
+        _inject.ENV_ROTATE: args.rotate_every,
+        _inject.ENV_KEEP: args.keep,
+        _inject.ENV_LIFETIME: args.ticket_lifetime,
+    }
+    for name, value in optional.items():
         if value is None:
             env.pop(name, None)
         else:
-            env[name] = value
+            env[name] = str(value)
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:
@@ -430,21 +444,45 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="FILE",
         help="session ticket key files shared by every process (first "
-        "encrypts, all decrypt; make one with 'tlsctl ticket-key FILE'); "
-        "default: a random key per process",
+        "encrypts, all decrypt; make one with 'tlsctl ticket-key FILE'), "
+        "reloaded when replaced; default: keys derived from a random master "
+        "per process, rotated (see --rotate-every)",
+    )
+    run.add_argument(
+        "--ticket-key-master",
+        metavar="FILE",
+        help="derive rotating ticket keys from this key file: every process "
+        "and machine given the same file shares them (tlsctl."
+        "rotate_ticket_keys)",
+    )
+    run.add_argument(
+        "--rotate-every",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="a new derived ticket key every SECONDS (0: one fixed random "
+        "key per process; default: %(default)s)",
+    )
+    run.add_argument(
+        "--keep",
+        type=int,
+        default=2,
+        metavar="N",
+        help="previous derived keys that still decrypt (default: %(default)s)",
+    )
+    run.add_argument(
+        "--ticket-lifetime",
+        type=int,
+        metavar="SECONDS",
+        help="ticket lifetime, told to clients and enforced (default: "
+        "OpenSSL's, 7200; at most 604800)",
     )
     run.add_argument(
         "command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]"
     )
     args = parser.parse_args(argv)
     if args.command == "run":
-        return _run(
-            args.tickets,
-            args.count,
-            not args.no_renew_on_resume,
-            args.ticket_keys,
-            args.command_args,
-        )
+        return _run(args)
     if args.command == "demo":
         return _demo(args.connections, args.size)
     if args.command == "ticket-key":

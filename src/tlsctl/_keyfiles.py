@@ -97,7 +97,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported lazily: neither is imported by ssl
     import threading
     from types import TracebackType
-    from typing import Union
+    from typing import Callable, Union
 
     StrPath = Union[str, "os.PathLike[str]"]
 
@@ -229,6 +229,10 @@ class KeyWatcher:
     _stopped: bool
     _thread: threading.Thread | None
     _event: threading.Event | None
+    # Injection's watcher (_inject) serves the contexts it adopted, which
+    # come and go: their list comes from this function, and the watcher
+    # keeps watching while there is none.
+    _provider: Callable[[], list[ssl.SSLContext]] | None
 
     def __init__(self) -> None:
         raise TypeError("use tlsctl.watch_ticket_keys() to make a KeyWatcher")
@@ -258,6 +262,7 @@ class KeyWatcher:
         self._stopped = False
         self._thread = None
         self._event = None
+        self._provider = None
         return self
 
     # --- public ----------------------------------------------------------
@@ -293,6 +298,8 @@ class KeyWatcher:
     @property
     def contexts(self) -> list[ssl.SSLContext]:
         """The contexts still alive that receive the keys."""
+        if self._provider is not None:
+            return self._provider()
         return [c for c in (r() for r in self._contexts) if c is not None]
 
     @property
@@ -351,7 +358,7 @@ class KeyWatcher:
         """One check (``_lock`` held): ``(keys changed, problems to report,
         ids of the keys installed, if they changed)``."""
         contexts = self.contexts
-        if not contexts:
+        if not contexts and self._provider is None:
             return False, [], []
         self._checks += 1
         problems = dict(self._problems)
@@ -428,7 +435,7 @@ class KeyWatcher:
         while not event.wait(self._interval):
             with self._lock:
                 _, reports, loaded = self._check(force=False)
-            if not self.contexts:
+            if not self.contexts and self._provider is None:
                 self._retire()
                 return
             try:
@@ -621,6 +628,32 @@ def _check_interval(interval: object) -> float:
             f"interval must be a positive number of seconds, not {interval}"
         )
     return seconds
+
+
+def _watch_for(
+    provider: Callable[[], list[ssl.SSLContext]],
+    paths: Sequence[str],
+    interval: float = 1.0,
+) -> KeyWatcher:
+    """A watcher of ``paths`` for ``provider()``'s contexts, whichever they
+    are at each check (injection's adopted contexts).  Loads the files now
+    (raising as ``watch_ticket_keys``) and installs nothing itself: the
+    caller gives new contexts ``watcher.keys``."""
+    names = _paths(list(paths))
+    seconds = _check_interval(interval)
+    sigs = [_signature(p) for p in names]
+    slots = [TicketKey.from_file(p) for p in names]
+    keys, clash = _combine(names, slots)
+    if clash is not None:
+        raise ValueError(clash[1])
+    watcher = KeyWatcher._new([], names, seconds, sigs, slots, keys)
+    watcher._provider = provider
+    with _REGISTRY:
+        _install_fork_hooks()
+        with watcher._state:
+            watcher._start()
+        _RUNNING.add(watcher)
+    return watcher
 
 
 def watch_ticket_keys(
