@@ -285,3 +285,31 @@ def test_every_public_name_has_a_docstring() -> None:
         if isinstance(obj, (str, tuple)):
             continue  # __version__, POLICIES
         assert inspect.getdoc(obj), name
+
+
+def test_demo_refuses_bad_numbers_and_reads_sizes() -> None:
+    from tlsctl.__main__ import _size
+
+    assert _size("262144") == _size("256K") == _size("256KiB") == 256 * 1024
+    assert _size("1M") == 1024 * 1024
+    for args, message in (
+        (["--connections", "0"], "at least 1"),
+        (["--connections", "-3"], "at least 1"),
+        (["--size", "0"], "at least 1 byte"),
+        (["--size", "lots"], "not a size"),
+    ):
+        proc = _run("-m", "tlsctl", "demo", *args)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_every_option_has_help() -> None:
+    for command in ("demo", "doctor", "ticket-key", "run"):
+        proc = _run("-m", "tlsctl", command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.split("options:", 1)[-1].splitlines()
+        options = [ln for ln in lines if ln.strip().startswith("--")]
+        for line in options:
+            at = lines.index(line)
+            text = line.strip() + (lines[at + 1] if at + 1 < len(lines) else "")
+            assert len(text.split()) > 2, (command, line)  # a description
