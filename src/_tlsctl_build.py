@@ -82,11 +82,8 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     # Ticket lifetime (set_ticket_lifetime).
     ("SSL_CTX_set_timeout", "long", "SSL_CTX *, long", True),
     ("SSL_CTX_get_timeout", "long", "const SSL_CTX *", True),
-    ("SSL_SESSION_get_time", "long", "const SSL_SESSION *", True),
-    ("SSL_CTX_set_num_tickets", "int", "SSL_CTX *, size_t", True),
-    ("SSL_CTX_get_num_tickets", "size_t", "const SSL_CTX *", True),
+        ("SSL_CTX_get_num_tickets", "size_t", "const SSL_CTX *", True),
     ("SSL_set_num_tickets", "int", "SSL *, size_t", True),
-    ("SSL_get_num_tickets", "size_t", "const SSL *", True),
     (
         "SSL_CTX_set_session_ticket_cb",
         "int",
@@ -124,7 +121,6 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     ("BIO_copy_next_retry", "void", "BIO *", True),
     ("ERR_get_error", "unsigned long", "void", True),
     ("ERR_error_string_n", "void", "unsigned long, char *, size_t", True),
-    ("ERR_clear_error", "void", "void", True),
     # Ticket callbacks and shared ticket keys (see 8.).
     (
         "CRYPTO_get_ex_new_index",
@@ -295,7 +291,6 @@ CDEF_FUNCTIONS = "".join(
 
 CDEF_CUSTOMIZATIONS = """
 int tlsctl_bind(const char *ssl_module_path, char *err, size_t errlen);
-int tlsctl_is_bound(void);
 const char *tlsctl_library_path(void);
 int tlsctl_has_symbol(const char *name);
 SSL_CTX *tlsctl_ctx_of(uintptr_t sslcontext_object);

@@ -297,7 +297,13 @@ def test_large_tickets_small_buffers_first_write_retries(
     with client.wrap_socket(raw, server_hostname="localhost") as c:
         c.sendall(b"request\n")
         assert writing.wait(10)
-        time.sleep(0.2)  # the server is now stuck mid-ticket on full buffers
+        # the server has begun its reply (tickets first) and, non-blocking,
+        # is stuck mid-ticket on the full buffers
+        assert select.select([c], [], [], 10)[0]
+        deadline = time.monotonic() + 10
+        while mode == "nonblocking" and not retries:
+            assert time.monotonic() < deadline, "the server never had to retry"
+            time.sleep(0.005)
         got = b""
         while not got.endswith(b"\n"):
             chunk = c.recv(100)

@@ -37,7 +37,11 @@ def _run_server(
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
 
+        active = [0]  # handlers running
+        idle = [trio.Event()]  # set when the count drops to zero
+
         async def serve_one(tcp: Any) -> None:
+            active[0] += 1
             stream = trio.SSLStream(tcp, ctx, server_side=True)
             try:
                 await handler(stream)
@@ -45,12 +49,17 @@ def _run_server(
                 pass  # the stock server's reset
             finally:
                 await stream.aclose()
+                active[0] -= 1
+                if not active[0]:
+                    idle[0].set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, serve_one, listeners)
             with trio.fail_after(120):
                 result = await trio.to_thread.run_sync(client, port)
-            await trio.sleep(0.2)  # let the last handlers finish
+                while active[0]:  # the last handlers finish their work
+                    idle[0] = trio.Event()
+                    await idle[0].wait()
             nursery.cancel_scope.cancel()
         return result
 

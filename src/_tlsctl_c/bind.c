@@ -11,7 +11,6 @@ static int tlsctl_ext_init(void);  /* see 8. */
 static void tlsctl_fork_prepare(void);
 static void tlsctl_fork_release(void);
 
-static int tlsctl_is_bound(void) { return tlsctl_bound; }
 static const char *tlsctl_library_path(void) { return tlsctl_libpath; }
 
 static int tlsctl_has_symbol(const char *name)

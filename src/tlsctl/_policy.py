@@ -65,7 +65,7 @@ handshake, the tickets go out with the server's first application write.
 
 * Why not queue the tickets right after the handshake?  Because after
   ``SSL_new_session_ticket()`` the server's next ``SSL_read`` also runs the
-  state machine and flushes them (measured; see FACTS.md), which is exactly
+  state machine and flushes them (measured, OpenSSL 3.0), which is exactly
   the out-of-turn write we remove.  So tickets are queued immediately before
   a write and never earlier.
 
