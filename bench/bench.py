@@ -181,7 +181,7 @@ def one_by_hand(
 
     pair = Pair(server, client, session).handshake_only()
     real = pair.server._sslobj  # type: ignore[attr-defined]
-    if lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1) < 1:
+    if lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1, 0) < 1:
         raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
     pair.server.write(b"!")
     pair.c_in.write(pair.s_out.read())

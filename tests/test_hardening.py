@@ -369,3 +369,79 @@ def test_connection_moved_before_its_handshake_gets_a_process_key(
         sessions.append(pair.client.session)
     assert pair.client.session_reused
     assert counter.count >= 1 and key.export()[:16] not in counter.key_names
+
+
+# --- found by the stateful test (tests/test_statemachine.py) ------------------
+
+
+@pytest.mark.parametrize(
+    ("decision", "resumes", "tickets"),
+    [
+        (TicketDecision.USE_RENEW, True, 1),
+        (TicketDecision.USE, True, 0),
+        (TicketDecision.IGNORE_RENEW, False, 2),
+        (TicketDecision.IGNORE, False, 0),
+    ],
+)
+def test_deferred_tickets_follow_on_resumes_decision(
+    decision: TicketDecision,
+    resumes: bool,
+    tickets: int,
+    server_ctx: CtxFactory,
+    client_ctx: CtxFactory,
+) -> None:
+    """Native defer once sent its tickets whatever on_resume decided (a
+    renewal after USE, two after IGNORE): now exactly what stock sends
+    (the README's table), on every mechanism."""
+    server = tlsctl.patch(server_ctx())
+    client = client_ctx()
+    session = connect(server, client).client.session
+
+    def on_resume(conn: Any, appdata: bytes | None, status: ResumeStatus) -> Any:
+        return decision
+
+    tlsctl.set_ticket_callbacks(server, on_resume=on_resume)
+    counter = TicketCounter(client)
+    pair = connect(server, client, session)
+    assert pair.client.session_reused == resumes
+    assert counter.count == tickets
+    assert tlsctl.connection_state(pair.server).issued == tickets
+
+
+@needs_native
+def test_waiting_for_write_only_while_tickets_are_held(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """It reported True whenever the proxy was armed: before the handshake,
+    with count=0, after unwrap()."""
+    pair = bio_pair(tlsctl.patch(server_ctx()), client_ctx())
+    assert not tlsctl.connection_state(pair.server).waiting_for_write  # no handshake
+    pair.handshake()
+    assert tlsctl.connection_state(pair.server).waiting_for_write
+    with pytest.raises(ssl.SSLWantReadError):
+        pair.server.unwrap()
+    assert not tlsctl.connection_state(pair.server).waiting_for_write  # closing
+    none = bio_pair(tlsctl.patch(server_ctx(), count=0), client_ctx())
+    none.handshake()
+    assert tlsctl.connection_state(none.server) == tlsctl.ConnectionState(
+        "defer", False, 0
+    )
+
+
+@pytest.mark.skipif(
+    tlsctl.info().mechanism != "stash" or not tlsctl.info().native_tickets,
+    reason="the stash forced on OpenSSL 3.x (TLSCTL_MECHANISM=stash) only",
+)
+def test_stash_state_counts_issue_tickets(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    client = client_ctx()
+    counter = TicketCounter(client)
+    pair = bio_pair(tlsctl.patch(server_ctx()), client)
+    pair.handshake()
+    pair.exchange()
+    tlsctl.issue_tickets(pair.server, 1)
+    assert tlsctl.connection_state(pair.server).waiting_for_write
+    pair.exchange(b"y")
+    state = tlsctl.connection_state(pair.server)
+    assert state.issued == counter.count == 3 and not state.waiting_for_write

@@ -137,18 +137,33 @@ static int tlsctl_check_issue(SSL *ssl)
     return 0;
 }
 
+/* The tickets a first write (or one after issue_tickets) sends now: n_full
+ * or n_resumed by the handshake (none where stock would send none, see
+ * tlsctl_ticket_expected), plus extra (issue_tickets); 0 when the
+ * connection is not a finished TLS 1.3 server connection still writing. */
+static int tlsctl_pending_tickets(SSL *ssl, int n_full, int n_resumed, int extra)
+{
+    int n, rc = tlsctl_check_issue(ssl);
+    if (rc != 0 && rc != TLSCTL_ERR_NO_NATIVE)
+        return 0;
+    n = p_SSL_session_reused(ssl) ? n_resumed : n_full;
+    return (tlsctl_ticket_expected(ssl) ? n : 0) + extra;
+}
+
 /* Called immediately before an application write.  Returns the number of
  * tickets queued (0 when the connection is not a TLS 1.3 server, which is
  * final), or TLSCTL_ERR_HANDSHAKE when the handshake has not finished yet
  * (the caller completes it and asks again), or another TLSCTL_ERR_*. */
-static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed)
+static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed, int extra)
 {
     int rc, n, i;
     rc = tlsctl_check_issue(ssl);
     if (rc == TLSCTL_ERR_CLIENT || rc == TLSCTL_ERR_NOT_TLS13
             || rc == TLSCTL_ERR_CLOSED)
         return 0;
-    n = p_SSL_session_reused(ssl) ? n_resumed : n_full;
+    if (rc == TLSCTL_ERR_HANDSHAKE)
+        return rc;
+    n = tlsctl_pending_tickets(ssl, n_full, n_resumed, extra);
     if (rc == TLSCTL_ERR_NO_NATIVE && n == 0)
         return 0;
     if (rc != 0)

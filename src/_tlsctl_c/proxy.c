@@ -8,7 +8,8 @@ typedef struct {
     PyObject *real;          /* the connection's _ssl._SSLSocket */
     SSL *ssl;                /* its SSL, proven when the proxy was made */
     int queue;               /* tickets are still to be queued */
-    int n_full, n_resumed;   /* how many: after a full / resumed handshake */
+    int n_full, n_resumed;   /* the policy's: after a full / resumed handshake */
+    int extra;               /* issue_tickets(): whatever the handshake */
     int flushing;            /* queued tickets not yet fully written */
     int memory;              /* the SSL writes to a memory BIO (SSLObject) */
     PyObject *do_handshake;  /* real.do_handshake, made on first lookup */
@@ -198,14 +199,15 @@ static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
     PyObject *result = NULL;
     int rc;
     if (fw->queue) {
-        rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed);
+        rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
         if (rc == TLSCTL_ERR_HANDSHAKE) {
             /* The write would run the handshake itself: run it first (it
              * raises SSLWantReadError etc. as the write would; the proxy
              * stays for the retry), then queue. */
             if (tlsctl_fw_call(fw->real, tlsctl_s_do_handshake, NULL, NULL) < 0)
                 return NULL;
-            rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed);
+            rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed,
+                                      fw->extra);
         }
         if (rc < 0) {
             if (tlsctl_fw_disarm(fw) < 0)
@@ -213,7 +215,7 @@ static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
             return tlsctl_raise_openssl();
         }
         fw->queue = 0;
-        fw->n_full = fw->n_resumed = 0;
+        fw->n_full = fw->n_resumed = fw->extra = 0;
         if (rc > 0) {
             tlsctl_conn_track(fw->ssl, TLSCTL_POLICY_NONE, rc);
             /* A memory BIO takes every byte, so SSL_write itself writes
@@ -280,15 +282,15 @@ static PyType_Spec tlsctl_fw_spec = {
  * TLSCTL_MAX_TICKETS waiting, with the connection left as it was. */
 static int tlsctl_add_count(tlsctl_fw *fw, int n)
 {
-    if (n < 1 || fw->n_full > TLSCTL_MAX_TICKETS - n) {
+    int waiting = fw->n_full + fw->extra;
+    if (n < 1 || waiting > TLSCTL_MAX_TICKETS - n) {
         PyErr_Format(PyExc_ValueError,
                      "at most %d tickets can wait for one write; %d already "
                      "do, %d more asked for",
-                     TLSCTL_MAX_TICKETS, fw->n_full, n);
+                     TLSCTL_MAX_TICKETS, waiting, n);
         return -1;
     }
-    fw->n_full += n;
-    fw->n_resumed += n;
+    fw->extra += n;
     return 0;
 }
 
@@ -312,7 +314,7 @@ static SSL *tlsctl_real_ssl(PyObject *real)
 
 /* Put a new proxy for (real, ssl) in front of conn._sslobj. */
 static int tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
-                             int n_full, int n_resumed)
+                             int n_full, int n_resumed, int extra)
 {
     tlsctl_fw *fw = (tlsctl_fw *)PyType_GenericAlloc(tlsctl_fw_type, 0);
     int rc;
@@ -324,6 +326,7 @@ static int tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
     fw->queue = 1;
     fw->n_full = n_full;
     fw->n_resumed = n_resumed;
+    fw->extra = extra;
     fw->flushing = 0;
     fw->do_handshake = NULL;
     fw->memory = p_BIO_method_type(p_SSL_get_wbio(ssl)) == BIO_TYPE_MEM;
@@ -358,7 +361,7 @@ static PyObject *tlsctl_fast_arm(PyObject *unused, PyObject *args)
     } else if ((ssl = tlsctl_real_ssl(current)) != NULL && n >= 1
                && n <= TLSCTL_MAX_TICKETS
                && tlsctl_conn_track(ssl, TLSCTL_POLICY_NONE, 0)) {
-        if (tlsctl_fw_install(conn, current, ssl, n, n) < 0) {
+        if (tlsctl_fw_install(conn, current, ssl, 0, 0, n) < 0) {
             Py_DECREF(current);
             return NULL;
         }
@@ -418,7 +421,7 @@ static PyObject *tlsctl_fast_apply(PyObject *self, PyObject *conn)
         tlsctl_quickack_install(ssl);
         if (policy == TLSCTL_POLICY_DEFER) {
             n = tlsctl_deferred_count(ssl, count);
-            rc = tlsctl_fw_install(conn, real, ssl, n, renew && n > 0 ? 1 : 0);
+            rc = tlsctl_fw_install(conn, real, ssl, n, renew && n > 0 ? 1 : 0, 0);
         }
     }
     Py_DECREF(real);
@@ -457,14 +460,18 @@ static int tlsctl_deferred_tickets(SSL *ssl, long count)
     return tlsctl_deferred_count(ssl, count);
 }
 
-/* waiting(sslobj) -> bool: a proxy with tickets still to queue or write
- * (never a TLS 1.2 connection: no ticket is ever held for it). */
+/* waiting(sslobj) -> bool: a proxy whose next write sends tickets (none
+ * before the handshake, after close_notify, on TLS 1.2, or where stock
+ * would send none after this handshake). */
 static PyObject *tlsctl_fast_waiting(PyObject *unused, PyObject *sslobj)
 {
     tlsctl_fw *fw = (tlsctl_fw *)sslobj;
     (void)unused;
-    if (Py_TYPE(sslobj) == tlsctl_fw_type && (fw->queue || fw->flushing)
-            && !tlsctl_fw_not_tls13(fw))
+    if (Py_TYPE(sslobj) == tlsctl_fw_type
+            && (fw->flushing
+                || (fw->queue && tlsctl_pending_tickets(fw->ssl, fw->n_full,
+                                                        fw->n_resumed,
+                                                        fw->extra) > 0)))
         Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 }

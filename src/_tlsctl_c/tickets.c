@@ -230,6 +230,43 @@ static tlsctl_ctx_ext *tlsctl_ext_get_or_create(SSL_CTX *ctx)
     return ext;
 }
 
+/* The per-connection note in the tlsctl_calls_idx slot: bit 0, the decrypt
+ * callback ran in this handshake; bit 1, one of its decisions makes OpenSSL
+ * expect to send tickets; the rest, on_resume calls so far. */
+#define TLSCTL_NOTE_RAN 1u
+#define TLSCTL_NOTE_EXPECTED 2u
+#define TLSCTL_NOTE_CALLS 2
+
+/* Record a decision the way tls_decrypt_ticket (ssl/t1_lib.c) turns it into
+ * its status, which sets ext.ticket_expected for NO_DECRYPT, EMPTY and
+ * SUCCESS_RENEW. */
+static uintptr_t tlsctl_note_decision(uintptr_t note, int status, int decision)
+{
+    int ret = status;
+    switch (decision) {
+    case SSL_TICKET_RETURN_IGNORE:
+        ret = SSL_TICKET_NONE;
+        break;
+    case SSL_TICKET_RETURN_IGNORE_RENEW:
+        if (ret != SSL_TICKET_EMPTY && ret != SSL_TICKET_NO_DECRYPT)
+            ret = SSL_TICKET_NO_DECRYPT;
+        break;
+    case SSL_TICKET_RETURN_USE:
+        ret = SSL_TICKET_SUCCESS;
+        break;
+    case SSL_TICKET_RETURN_USE_RENEW:
+        ret = SSL_TICKET_SUCCESS_RENEW;
+        break;
+    default:
+        break;
+    }
+    note |= TLSCTL_NOTE_RAN;
+    if (ret == SSL_TICKET_NO_DECRYPT || ret == SSL_TICKET_EMPTY
+            || ret == SSL_TICKET_SUCCESS_RENEW)
+        note |= TLSCTL_NOTE_EXPECTED;
+    return note;
+}
+
 /* OpenSSL's own decision for a status when no callback is installed
  * (ssl/t1_lib.c, tls_decrypt_ticket and its callers). */
 static int tlsctl_default_decision(int status)
@@ -378,17 +415,19 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
 {
     tlsctl_ctx_ext *ext = arg;
     int decision = tlsctl_default_decision(status);
-    PyObject *rec;
-    uintptr_t calls;
+    PyObject *rec = NULL;
+    uintptr_t note = (uintptr_t)p_SSL_get_ex_data(s, tlsctl_calls_idx);
     if (ext == NULL)
         return decision;
-    if (ext->on_resume && status != SSL_TICKET_NONE && status != SSL_TICKET_EMPTY
-            && (rec = tlsctl_record_of(s)) != NULL) {
+    if (ext->on_resume && status != SSL_TICKET_NONE && status != SSL_TICKET_EMPTY)
+        rec = tlsctl_record_of(s);
+    if (rec != NULL && (note >> TLSCTL_NOTE_CALLS) >= TLSCTL_MAX_RESUME_CALLS) {
+        rec = NULL;  /* the bound: never resume unasked */
+        decision = SSL_TICKET_RETURN_IGNORE_RENEW;
+    }
+    if (rec != NULL) {
         PyGILState_STATE g;
-        calls = (uintptr_t)p_SSL_get_ex_data(s, tlsctl_calls_idx);
-        if (calls >= TLSCTL_MAX_RESUME_CALLS
-                || !p_SSL_set_ex_data(s, tlsctl_calls_idx, (void *)(calls + 1)))
-            return SSL_TICKET_RETURN_IGNORE_RENEW;  /* never resume unasked */
+        note += (uintptr_t)1 << TLSCTL_NOTE_CALLS;
         g = PyGILState_Ensure();
         PyObject *appdata = NULL, *name = NULL, *res;
         void *data = NULL;
@@ -425,7 +464,24 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
     }
     if (ext->renew == TLSCTL_RENEW_NEVER && decision == SSL_TICKET_RETURN_USE_RENEW)
         decision = SSL_TICKET_RETURN_USE;
+    if (!p_SSL_set_ex_data(s, tlsctl_calls_idx,
+                           (void *)tlsctl_note_decision(note, status, decision))
+            && decision >= SSL_TICKET_RETURN_USE)
+        decision = SSL_TICKET_RETURN_IGNORE_RENEW;  /* unrecorded: never resume */
     return decision;
+}
+
+/* 0 when this handshake's ticket decisions mean OpenSSL would send no ticket
+ * after it (USE: resumed without renewal; IGNORE: full handshake, no
+ * ticket), else 1.  Native defer sends its tickets only where stock would
+ * (see tlsctl_queue_tickets). */
+static int tlsctl_ticket_expected(const SSL *s)
+{
+    uintptr_t note;
+    if (tlsctl_calls_idx <= 0)
+        return 1;
+    note = (uintptr_t)p_SSL_get_ex_data(s, tlsctl_calls_idx);
+    return !(note & TLSCTL_NOTE_RAN) || (note & TLSCTL_NOTE_EXPECTED);
 }
 
 static int tlsctl_install_ticket_cb(SSL_CTX *ctx, tlsctl_ctx_ext *ext)

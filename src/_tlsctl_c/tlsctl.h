@@ -201,6 +201,9 @@
 #define TLSCTL_RENEW_STOCK 0
 #define TLSCTL_RENEW_NEVER 1
 
+/* tickets.c: whether OpenSSL would send tickets after this handshake. */
+static int tlsctl_ticket_expected(const SSL *s);
+
 /* Mirrors of the leading fields of CPython's _ssl objects (see 3.). */
 typedef struct { PyObject_HEAD SSL_CTX *ctx; } tlsctl_py_sslcontext;
 typedef struct { PyObject_HEAD PyObject *Socket; SSL *ssl; } tlsctl_py_sslsocket;

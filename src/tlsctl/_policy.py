@@ -402,6 +402,14 @@ def _disarm(conn: Connection, proxy: _FirstWriteProxy) -> None:
         proxy._state.conn = _no_connection
 
 
+def _policy_counts(state: _ConnState) -> tuple[int, int]:
+    """The tickets the policy still owes at the first write: after a full
+    and after a resumed handshake (none with the stash: OpenSSL made them)."""
+    if state.first and state.policy is not None and not state.policy.stash:
+        return state.count, state.resumed
+    return 0, 0
+
+
 def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
     """Queue the tickets due now and write them ahead of the caller's data.
     Leaves the proxy in place; ``_settle`` removes it afterwards."""
@@ -410,19 +418,16 @@ def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
     if state.ptr is None:
         state.ptr = _bind.sslobj_pointer(sslobj)
     if not state.flushing:
-        full = resumed = state.extra
-        if state.first and state.policy is not None and not state.policy.stash:
-            full += state.count
-            resumed += state.resumed
+        full, resumed = _policy_counts(state)
         lib = _bind.lib
-        rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed)
+        rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed, state.extra)
         if rc == lib.TLSCTL_ERR_HANDSHAKE:
             # The write would run the handshake itself; run it first so the
             # tickets can be queued between the handshake and the data.
             # Raises SSLWantReadError etc. exactly as the write would, and
             # the proxy stays for the retry.
             sslobj.do_handshake()
-            rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed)
+            rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed, state.extra)
         if rc < 0:
             _disarm(conn, proxy)
             raise OpenSSLError(
@@ -760,13 +765,21 @@ def connection_state(conn: Connection) -> ConnectionState:
             _POLICY_NAMES[code & 3], bool(_bind.fast["waiting"](sslobj)), code >> 2
         )
     armed = type(_any(conn)._sslobj) in _PROXIES
+    ptr = _bind.sslobj_pointer(_real_sslobj(conn))
+    full, resumed = _policy_counts(state)
+    # tickets the next write sends: being flushed, or owed and due (not
+    # before the handshake, after close_notify, on TLS 1.2, or where stock
+    # would send none after this handshake)
+    waiting = armed and (
+        state.flushing
+        or _bind.lib.tlsctl_pending_tickets(ptr, full, resumed, state.extra) > 0
+    )
     if state.policy is not None and state.policy.stash and armed:
-        ptr = _bind.sslobj_pointer(_real_sslobj(conn))
         held, released = _stash_state_of(ptr)
-        return ConnectionState("defer", held > 0, released)
+        return ConnectionState("defer", held > 0 or waiting, state.issued + released)
     return ConnectionState(
         policy=state.policy.tickets if state.policy else None,
-        waiting_for_write=armed and state.pending(),
+        waiting_for_write=waiting,
         issued=state.issued,
     )
 
