@@ -665,7 +665,7 @@ def _websockets(ctx: ssl.SSLContext) -> Iterator[InProcess]:
             server.close()
             await server.wait_closed()
 
-        return server.sockets[0].getsockname()[1], stop
+        return next(iter(server.sockets)).getsockname()[1], stop
 
     yield from _serve_in_thread(start)
 
