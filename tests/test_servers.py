@@ -1,7 +1,8 @@
 """Real servers from the test extra, run as their users run them: uvicorn,
 hypercorn and gunicorn (sync, gthread) as unmodified CLIs with two workers
 under ``python -m tlsctl run``; aiohttp and tornado through their own
-context parameters and through ``tlsctl.inject_into_ssl()``.
+context parameters and through ``tlsctl.inject_into_ssl()``; websockets
+through ``serve(..., ssl=ctx)``.  docs/servers.md has the recipes.
 
 Each server's application reads whole request bodies and records how many
 bytes it got.  Two clients drive it over 127.0.0.1:
@@ -11,6 +12,11 @@ bytes it got.  Two clients drive it over 127.0.0.1:
   server's kernel drops upload data);
 * reconnects: GET, read the whole response, reconnect with the newest
   session; ``session_reused`` is counted on the client side.
+
+(websockets: the same 256 KiB as one message after the 101; the reconnects
+read the 101.)  CLI servers run in their own process group, which is
+always terminated (SIGTERM, then SIGKILL after a deadline); in-process
+servers run on their own event loop in a thread, always stopped and joined.
 
 The same command without the launcher (or an unpatched context) gives the
 stock figures, printed next to the patched ones (``pytest -s``) but not
