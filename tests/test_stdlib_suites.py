@@ -1,0 +1,568 @@
+"""Other projects' TLS test suites with every ``SSLContext`` patched.
+
+CPython's own ``test_ssl`` (``python -m test test_ssl``) and trio's
+``test_ssl`` run in a child process whose ``sitecustomize``
+(``tests/stdlib_patch/sitecustomize.py``, on the child's ``PYTHONPATH``
+only) passes every new stdlib ``SSLContext`` to ``tlsctl.patch(ctx,
+tickets=POLICY)``; client and fixed-version contexts, which tlsctl refuses
+by design, stay stock and are counted.  The child prints one summary line
+at exit, and each run asserts that contexts were really patched and served
+connections, besides the suite's own result.
+
+The axis is chosen with ``TLSCTL_STDLIB_SUITES``:
+
+* unset: CPython's and trio's suites under ``defer`` (about 45 s on 3.11,
+  35 s on 3.13, 5 s on 3.9); a suite that is not installed skips, saying
+  what to install;
+* ``defer``: the same, but a missing suite fails (for CI);
+* ``all``: also ``suppress``, ``immediate`` and, on OpenSSL 3.x, ``defer``
+  with the ticket stash forced (``TLSCTL_MECHANISM=stash``), for both
+  suites; a missing suite fails;
+* ``off``: the suites skip (the helper's own quick tests still run).
+
+A test that fails in a patched run is run again without tlsctl (regrtest's
+``-m``); one that fails there too is this system's own (reported as a
+warning, not counted against tlsctl; more than ``MAX_OWN_FAILURES`` of those
+fail the run: CPython's ``test_ssl`` needs ``localhost`` to resolve, which a
+fresh debootstrap chroot without ``/etc/hosts`` does not).  Differences by
+design are listed, per policy, in ``EXPECTED_FAILURES``: a run must fail
+exactly those, so a new failure is still caught.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tlsctl
+
+HERE = Path(__file__).resolve().parent
+PATCH_DIR = HERE / "stdlib_patch"
+SUITES_ENV = "TLSCTL_STDLIB_SUITES"
+MODES = ("defer", "all", "off")
+TAG = "tlsctl-patch-all:"
+
+# Failures that a policy causes by design, as "Class.test_method", per
+# suite.  Each must be a difference the README documents.  Measured: none,
+# on CPython 3.9.2 + OpenSSL 1.1.1w (stash; trio 0.31.0), 3.11.7 + 3.0.19 and
+# 3.13.5 + 3.5 (native, and the stash forced; trio 0.35.0).
+# CPython's test_ssl checks session resumption on TLS 1.2 only ("sessions
+# aren't compatible with TLSv1.3 yet"), which tlsctl leaves stock, so even
+# "suppress" passes everything.
+EXPECTED_FAILURES: dict[str, dict[str, frozenset[str]]] = {
+    "cpython": {
+        "defer": frozenset(),
+        "defer-stash": frozenset(),
+        "suppress": frozenset(),
+        "immediate": frozenset(),
+    },
+    "trio": {
+        "defer": frozenset(),
+        "defer-stash": frozenset(),
+        "suppress": frozenset(),
+        "immediate": frozenset(),
+    },
+}
+
+# At most this many tests may fail without tlsctl too (reported, not
+# counted); more means the system cannot run the suite, which must not pass
+# for a success.
+MAX_OWN_FAILURES = 5
+
+pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
+
+
+# ---- the mode ---------------------------------------------------------------
+
+
+def _mode() -> str:
+    value = os.environ.get(SUITES_ENV, "")
+    if value and value not in MODES:
+        raise pytest.UsageError(f"{SUITES_ENV}={value!r}: expected one of {MODES}")
+    return value
+
+
+def _require(suite: str, module: str, install: str) -> None:
+    """Skip (or fail, when the axis was asked for) if ``module`` is absent."""
+    mode = _mode()
+    if mode == "off":
+        pytest.skip(f"{SUITES_ENV}=off")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    if found:
+        return
+    reason = f"{suite}: {module} cannot be imported ({install})"
+    if mode:
+        pytest.fail(f"{SUITES_ENV}={mode} asks for the suite, but {reason}")
+    pytest.skip(reason)
+
+
+def _policies(suite: str) -> list[Any]:
+    """``defer`` always; the others only with ``TLSCTL_STDLIB_SUITES=all``."""
+    all_only = pytest.mark.skipif(
+        _mode() != "all", reason=f"runs with {SUITES_ENV}=all (slow)"
+    )
+    native = tlsctl.info().mechanism == "native"
+    params = []
+    for policy in EXPECTED_FAILURES[suite]:
+        marks = [] if policy == "defer" else [all_only]
+        if policy == "defer-stash" and not native:
+            marks.append(
+                pytest.mark.skip(reason="the stash is this system's defer already")
+            )
+        params.append(pytest.param(policy, marks=marks))
+    return params
+
+
+def _testsuite_package() -> str:
+    v = sys.version_info
+    return (
+        f"Debian: apt-get install libpython{v.major}.{v.minor}-testsuite; "
+        "other builds ship it in the stdlib"
+    )
+
+
+# ---- the child --------------------------------------------------------------
+
+
+def _child_env(policy: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TLSCTL_MECHANISM", None)
+    if policy == "defer-stash":
+        policy = "defer"
+        env["TLSCTL_MECHANISM"] = "stash"
+    path = [str(PATCH_DIR)]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env.update(PYTHONPATH=os.pathsep.join(path), TLSCTL_PATCH_ALL=policy)
+    env.pop("TLSCTL_PATCH_ALL_REPORT", None)
+    env.update(extra or {})
+    return env
+
+
+def _unpatched_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("TLSCTL_PATCH_ALL", "TLSCTL_PATCH_ALL_REPORT", "TLSCTL_MECHANISM"):
+        env.pop(name, None)
+    return env
+
+
+@dataclass
+class Child:
+    returncode: int
+    output: str
+    pid: int
+    seconds: float
+
+    def summary(self) -> dict[str, str]:
+        """The child's own ``tlsctl-patch-all:`` line as a dict."""
+        for line in self.output.splitlines():
+            if line.startswith(TAG) and f" pid={self.pid} " in line:
+                return dict(w.split("=", 1) for w in line[len(TAG) :].split())
+        raise AssertionError(
+            f"the child printed no {TAG} summary (was the sitecustomize "
+            f"imported?); output ends:\n{_tail(self.output, 40)}"
+        )
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> Child:
+    import time
+
+    start = time.monotonic()
+    with subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            raise AssertionError(
+                f"{' '.join(cmd)} did not finish in {timeout:.0f} s; output "
+                f"ends:\n{_tail(out, 60)}"
+            ) from None
+    return Child(proc.returncode, out, proc.pid, time.monotonic() - start)
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _check_patching(child: Child, policy: str) -> dict[str, str]:
+    """The summary shows real patching and nothing refused unexpectedly."""
+    summary = child.summary()
+    want = "defer" if policy == "defer-stash" else policy
+    assert summary["policy"] == want, summary
+    assert int(summary["patched"]) > 0, f"no context was patched: {summary}"
+    assert int(summary["server_connections"]) > 0, (
+        f"no server connection was made on a patched context: {summary}"
+    )
+    unexpected = [
+        line for line in child.output.splitlines() if line.startswith(TAG + " unexp")
+    ]
+    assert summary["unexpected"] == "0", "\n".join(unexpected)
+    return summary
+
+
+# ---- CPython's test_ssl -----------------------------------------------------
+
+_HEADER = re.compile(r"^(FAIL|ERROR|UNEXPECTED SUCCESS): (\w+) \(([\w.]+)\)")
+_STATUS = re.compile(r"^(OK|FAILED)(?: \((.*)\))?$")
+
+
+@dataclass
+class UnittestResult:
+    """What unittest printed: ``Ran N tests``, the closing status line and
+    the failure blocks (``FAIL: ...`` / ``ERROR: ...`` with tracebacks)."""
+
+    ran: int | None = None
+    status: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # name -> block
+
+    @classmethod
+    def parse(cls, output: str) -> UnittestResult:
+        result = cls()
+        lines = output.splitlines()
+        for i, line in enumerate(lines):
+            m = _HEADER.match(line)
+            if m:
+                name = _test_name(m.group(2), m.group(3))
+                block = [line]
+                for nxt in lines[i + 1 :]:
+                    # "-" * 70 follows the header, and closes the last block
+                    if nxt == "=" * 70 or (nxt == "-" * 70 and len(block) > 1):
+                        break
+                    block.append(nxt)
+                prev = result.failures.get(name)
+                text = "\n".join(block).rstrip()
+                result.failures[name] = f"{prev}\n{text}" if prev else text
+                continue
+            m = re.match(r"^Ran (\d+) tests? in ", line)
+            if m:
+                result.ran = int(m.group(1))
+                continue
+            m = _STATUS.match(line)
+            if m and result.ran is not None:
+                result.status = m.group(1)
+                for item in (m.group(2) or "").split(", "):
+                    key, _, value = item.partition("=")
+                    if value.isdigit():
+                        result.counts[key] = int(value)
+        return result
+
+
+def _test_name(method: str, where: str) -> str:
+    """``Class.test_method`` from unittest's ``test_method (module.Class)``
+    (3.9, 3.10) or ``test_method (module.Class.test_method)`` (3.11+)."""
+    parts = where.split(".")
+    if parts[-1] == method and len(parts) > 1:
+        parts = parts[:-1]
+    return f"{parts[-1]}.{method}"
+
+
+def _regrtest(
+    env: dict[str, str], cwd: Path, tests: Iterable[str] = ()
+) -> tuple[Child, UnittestResult]:
+    # -u all,-network: every resource but the Internet, which is not
+    # reachable here; on 3.11+ that enables test_echo ('walltime').
+    cmd = [sys.executable, "-m", "test", "-v", "-u", "all,-network"]
+    cmd += ["--timeout", "600", "--fail-env-changed", "test_ssl"]
+    for name in sorted({t.split(".")[-1] for t in tests}):
+        cmd += ["-m", name]
+    child = _run(cmd, env, cwd, timeout=900)
+    return child, UnittestResult.parse(child.output)
+
+
+def _report(failures: dict[str, str], names: Iterable[str], limit: int = 40) -> str:
+    out = []
+    for name in sorted(names):
+        block = failures.get(name, "")
+        lines = block.splitlines()
+        if len(lines) > limit:
+            lines = [*lines[:3], "    ...", *lines[-(limit - 4) :]]
+        out.append("\n".join(lines) or name)
+    return "\n\n".join(out)
+
+
+@pytest.mark.parametrize("policy", _policies("cpython"))
+def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
+    """``python -m test test_ssl`` with every SSLContext patched: exactly
+    the expected failures (none so far), besides tests that fail without
+    tlsctl too."""
+    _require("CPython's test_ssl", "test.test_ssl", _testsuite_package())
+    child, result = _regrtest(_child_env(policy), tmp_path)
+    summary = _check_patching(child, policy)
+    head = (
+        f"test_ssl, {policy}, {ssl.OPENSSL_VERSION}, "
+        f"mechanism {tlsctl.info().mechanism}: ran {result.ran}, "
+        f"status {result.status} {result.counts}, regrtest exit "
+        f"{child.returncode}, {child.seconds:.0f} s; "
+        + " ".join(f"{k}={v}" for k, v in summary.items() if k != "pid")
+    )
+    print(head)
+    assert result.ran, f"{head}\nno test ran; output ends:\n{_tail(child.output, 40)}"
+
+    failed = set(result.failures)
+    expected = EXPECTED_FAILURES["cpython"][policy]
+    own: set[str] = set()
+    if failed - expected:
+        # Failing without tlsctl too: this system's own failure, not tlsctl's.
+        _, stock = _regrtest(_unpatched_env(), tmp_path, failed - expected)
+        own = (failed - expected) & set(stock.failures)
+        assert len(own) <= MAX_OWN_FAILURES, (
+            f"{head}\n{len(own)} tests of test_ssl fail without tlsctl too: this "
+            "system cannot run the suite (a chroot without 'localhost' in "
+            f"/etc/hosts?):\n\n{_report(stock.failures, sorted(own)[:5], limit=12)}"
+        )
+        if own:
+            warnings.warn(
+                f"test_ssl ({policy}): {len(own)} test(s) fail without tlsctl "
+                f"too, not counted:\n{_report(stock.failures, own, limit=8)}",
+                stacklevel=1,
+            )
+    new = failed - expected - own
+    missing = expected - failed
+    assert not new, (
+        f"{head}\n{len(new)} test(s) of test_ssl failed with tickets={policy!r} "
+        f"that pass without tlsctl:\n\n{_report(result.failures, new)}"
+    )
+    assert not missing, (
+        f"{head}\nexpected to fail by design with tickets={policy!r}, but "
+        f"passed: {sorted(missing)} (update EXPECTED_FAILURES)"
+    )
+    if not failed:
+        assert result.status == "OK" and child.returncode == 0, (
+            f"{head}\nno failure reported, yet the run did not succeed "
+            f"(env changed? timeout?); output ends:\n{_tail(child.output, 40)}"
+        )
+
+
+# ---- trio's test_ssl --------------------------------------------------------
+
+_PYTEST_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+?)(?: - .*)?$")
+_PYTEST_TOTALS = re.compile(r"^=+ (.*\b(?:passed|failed|error)\b.*) in [\d.]+s.* =+$")
+
+
+@pytest.mark.parametrize("policy", _policies("trio"))
+def test_trio_test_ssl(policy: str, tmp_path: Path) -> None:
+    """trio's own ``test_ssl`` (shipped in the trio wheel as
+    ``trio._tests``; slow tests included) with every SSLContext patched."""
+    for module, install in (
+        ("trio._tests.test_ssl", "pip install trio"),
+        ("trustme", "pip install trustme"),
+        ("OpenSSL", "pip install pyopenssl"),
+    ):
+        _require("trio's test_ssl", module, install)
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    cmd += ["-p", "trio._tests.pytest_plugin", "--run-slow", "-rfE"]
+    cmd += ["--pyargs", "trio._tests.test_ssl", "--rootdir", str(tmp_path)]
+    child = _run(cmd, _child_env(policy), tmp_path, timeout=600)
+    summary = _check_patching(child, policy)
+    lines = child.output.splitlines()
+    totals = [m.group(1) for m in map(_PYTEST_TOTALS.match, lines) if m]
+    failed = {
+        m.group(1).split("::", 1)[-1]
+        for m in map(_PYTEST_FAILED.match, lines)
+        if m and "::" in m.group(1)
+    }
+    import trio
+
+    head = (
+        f"trio {trio.__version__} test_ssl, {policy}: "
+        f"{totals[-1] if totals else 'no totals'}, pytest exit "
+        f"{child.returncode}, {child.seconds:.0f} s; "
+        + " ".join(f"{k}={v}" for k, v in summary.items() if k != "pid")
+    )
+    print(head)
+    assert totals and " passed" in totals[-1], f"{head}\n{_tail(child.output, 60)}"
+    expected = EXPECTED_FAILURES["trio"][policy]
+    assert failed == expected and (failed or child.returncode == 0), (
+        f"{head}\nfailed: {sorted(failed)}, expected {sorted(expected)}\n"
+        f"{_tail(child.output, 150)}"
+    )
+
+
+# ---- the parsers and the helper (quick) -------------------------------------
+
+_UNITTEST_39 = """\
+test_a (test.test_ssl.ContextTests) ... ok
+======================================================================
+ERROR: setUpClass (test.test_ssl.ThreadedTests)
+----------------------------------------------------------------------
+Traceback (most recent call last):
+OSError: boom
+
+======================================================================
+FAIL: test_b (test.test_ssl.ContextTests)
+----------------------------------------------------------------------
+AssertionError: 3 != 2
+
+----------------------------------------------------------------------
+Ran 12 tests in 1.5s
+
+FAILED (failures=1, errors=1, skipped=3)
+"""
+_UNITTEST_311 = """\
+======================================================================
+FAIL: test_c (test.test_ssl.ThreadedTests.test_c) (protocol=<_SSLMethod.X: 2>)
+----------------------------------------------------------------------
+AssertionError: one
+
+======================================================================
+FAIL: test_c (test.test_ssl.ThreadedTests.test_c) (protocol=<_SSLMethod.Y: 5>)
+----------------------------------------------------------------------
+AssertionError: two
+
+----------------------------------------------------------------------
+Ran 183 tests in 30.0s
+
+FAILED (failures=2, skipped=16)
+"""
+
+
+def test_unittest_output_parsing() -> None:
+    old = UnittestResult.parse(_UNITTEST_39)
+    assert (old.ran, old.status) == (12, "FAILED")
+    assert old.counts == {"failures": 1, "errors": 1, "skipped": 3}
+    assert set(old.failures) == {"ThreadedTests.setUpClass", "ContextTests.test_b"}
+    assert old.failures["ContextTests.test_b"].endswith("AssertionError: 3 != 2")
+    new = UnittestResult.parse(_UNITTEST_311)
+    assert (new.ran, new.status, list(new.failures)) == (
+        183,
+        "FAILED",
+        ["ThreadedTests.test_c"],
+    )
+    assert "one" in new.failures["ThreadedTests.test_c"]
+    assert "two" in new.failures["ThreadedTests.test_c"]
+    ok = UnittestResult.parse("Ran 3 tests in 0.1s\n\nOK (skipped=1)\n")
+    assert (ok.ran, ok.status, ok.counts, ok.failures) == (3, "OK", {"skipped": 1}, {})
+
+
+_PROBE = r"""
+import json, ssl, sys, warnings
+import tlsctl
+
+server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+default_server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+# Not create_default_context(): before 3.10 it makes a PROTOCOL_TLS
+# context, which can serve, and so is patched.
+client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS)
+    fixed = ssl.SSLContext(ssl.PROTOCOL_TLSv1_2)
+
+class Sub(ssl.SSLContext):
+    pass
+
+sub = Sub(ssl.PROTOCOL_TLS_SERVER)
+conn = server.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="x")
+print(json.dumps({
+    "policies": [getattr(c.__dict__.get("_tlsctl_policy"), "tickets", None)
+                 for c in (server, default_server, legacy, sub, client, fixed)],
+    "conn": tlsctl.connection_state(conn).policy,
+    "sitecustomize": sys.modules["sitecustomize"].__file__,
+    "ours": getattr(sys.modules.get("tlsctl_patch_all"), "__file__", None),
+}))
+"""
+
+
+def _probe(env: dict[str, str], code: str = _PROBE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("policy", ["defer", "suppress", "immediate"])
+def test_helper_patches_every_server_context(policy: str, tmp_path: Path) -> None:
+    report = tmp_path / "report.jsonl"
+    env = _child_env(policy, {"TLSCTL_PATCH_ALL_REPORT": str(report)})
+    proc = _probe(env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    server_side = [policy] * 4
+    assert data["policies"] == [*server_side, None, None]
+    assert data["conn"] == policy
+    assert data["ours"] == str(PATCH_DIR / "sitecustomize.py")
+    line = [x for x in proc.stderr.splitlines() if x.startswith(TAG)]
+    assert len(line) == 1, proc.stderr
+    assert line[0].split(" ", 2)[2] == (
+        f"policy={policy} patched=4 server_connections=1 stock=2 client=1 "
+        "fixed-version=1 unexpected=0"
+    )
+    (record,) = (json.loads(x) for x in report.read_text().splitlines())
+    assert record["patched"] == 4 and record["errors"] == []
+
+
+def test_helper_imports_the_next_sitecustomize(tmp_path: Path) -> None:
+    """A sitecustomize further along sys.path (Debian ships one) still runs."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\nos.environ['NEXT'] = '1'\n")
+    env = _child_env("defer")
+    env["PYTHONPATH"] = os.pathsep.join([str(PATCH_DIR), str(other)])
+    code = _PROBE + "import os; assert os.environ['NEXT'] == '1'\n"
+    proc = _probe(env, code)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["sitecustomize"] == str(other / "sitecustomize.py")
+    assert data["ours"] == str(PATCH_DIR / "sitecustomize.py")
+    assert data["conn"] == "defer"
+
+
+def test_helper_refuses_an_unknown_policy() -> None:
+    proc = _probe(_child_env("sometimes"), "print('ran')")
+    assert proc.returncode == 2
+    assert "ran" not in proc.stdout
+    assert f"{TAG} cannot patch: TLSCTL_PATCH_ALL='sometimes'" in proc.stderr
+
+
+def test_helper_is_inert_without_a_policy() -> None:
+    env = _child_env("defer")
+    env["TLSCTL_PATCH_ALL"] = ""
+    proc = _probe(env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["policies"] == [None] * 6
+    assert TAG not in proc.stderr
+
+
+def test_helper_reports_once_from_the_owning_process() -> None:
+    """A fork() child that exits normally does not print the parent's line."""
+    code = (
+        "import os, ssl\nssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
+        "pid = os.fork()\nif pid == 0:\n    raise SystemExit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    proc = _probe(_child_env("defer"), code)
+    assert proc.returncode == 0, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith(TAG)]
+    assert len(lines) == 1 and " patched=1 " in lines[0], proc.stderr
