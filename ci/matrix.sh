@@ -7,6 +7,10 @@
 #   bullseye  Python 3.9  + OpenSSL 1.1.1  (chroot; the RHEL 8 stand-in)
 #   trixie    Python 3.13 + OpenSSL 3.5    (chroot)
 #
+# One more check builds the wheel a second time with the newest CPython of
+# Debian sid (3.15: it names abi3 modules .abi3-<platform>.so, which 3.9 ..
+# 3.14 do not load) and proves that wheel binds on the host's Python 3.11.
+#
 # Chroots are made with debootstrap and reused when present (a chroot is
 # only reused once fully set up: see the .tlsctl-ready marker).  pip inside
 # the chroots cannot verify the registry's certificate here, so the test
@@ -23,7 +27,7 @@ OUT="$CACHE/out"
 BUILD_DEPS=(pip "setuptools>=77" "cffi>=1.14" wheel)
 SUMMARY=()
 
-log() { printf '\n=== matrix: %s\n' "$*"; }
+log() { printf '\n=== matrix: %s (at %ds)\n' "$*" "$SECONDS"; }
 
 mounted() { mountpoint -q "$1"; }
 
@@ -37,7 +41,7 @@ enter() {  # enter DIR CMD...: run CMD in the chroot with /proc and /dev
 
 cleanup() {
     local dir
-    for dir in "$CACHE"/bullseye "$CACHE"/trixie; do
+    for dir in "$CACHE"/bullseye "$CACHE"/trixie "$CACHE"/sid; do
         for m in dev proc; do
             if [ -d "$dir/$m" ] && mounted "$dir/$m"; then umount -l "$dir/$m"; fi
         done
@@ -94,24 +98,67 @@ make_chroot() {  # make_chroot SUITE
     touch "$dir/.tlsctl-ready"
 }
 
-wheels_for() {  # wheels_for PYVER: everything PYVER needs, for offline use
+make_sid() {  # the sid chroot: gcc + the newest CPython, to build a wheel
+    local dir="$CACHE/sid"
+    if [ -f "$dir/.tlsctl-ready" ]; then
+        log "sid: reusing $dir ($(cat "$dir/.tlsctl-python"))"
+        return
+    fi
+    log "sid: debootstrap into $dir"
+    rm -rf "$dir"
+    # libffi-dev: to build cffi from its sdist if no wheel exists yet for
+    # this CPython (wheels_for ... build falls back to the sdist).
+    debootstrap --variant=minbase --include=gcc,libc6-dev,binutils,libffi-dev \
+        sid "$dir" "$MIRROR"
+    # sid's Release file is often past its Valid-Until date.
+    echo 'Acquire::Check-Valid-Until "false";' \
+        > "$dir/etc/apt/apt.conf.d/99tlsctl-valid-until"
+    # python3.15 if sid has it, else its newest python3.X (the build step
+    # checks that this one still has a platform-qualified abi3 suffix).
+    # shellcheck disable=SC2016  # expanded by the chroot's shell
+    enter "$dir" /bin/sh -ec '
+        apt-get update -q >/dev/null
+        py=python3.15
+        if ! apt-cache show $py-dev $py-venv >/dev/null 2>&1; then
+            py=python3.$(apt-cache pkgnames python3. \
+                | sed -n "s/^python3\.\([0-9][0-9]*\)-venv$/\1/p" | sort -n | tail -n 1)
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends $py $py-dev $py-venv >/dev/null
+        echo $py > /.tlsctl-python'
+    touch "$dir/.tlsctl-ready"
+}
+
+wheels_for() {  # wheels_for PYVER [build]: what PYVER needs, for offline use
     # pip download evaluates environment markers against the HOST
     # interpreter, not --python-version, so resolve with uv for the target
-    # version first (project deps, the [test] extra, build deps), then
-    # download exactly that set.
-    local pyver=$1 dest="$CACHE/wheels-$1" lock="$CACHE/lock-$1.txt"
+    # version first (project deps, the [test] extra, build deps; only the
+    # build deps with "build"), then download exactly that set.
+    local pyver=$1 kind=${2:-}
+    local dest="$CACHE/wheels-$pyver${kind:+-$kind}" lock="$CACHE/lock-$pyver${kind:+-$kind}.txt"
+    local project=(--extra test "$ROOT/pyproject.toml")
+    [ "$kind" = build ] && project=()
     mkdir -p "$dest"
-    log "wheels for Python $pyver -> $dest"
+    log "wheels for Python $pyver${kind:+ ($kind)} -> $dest"
     printf '%s\n' "${BUILD_DEPS[@]}" > "$CACHE/build-deps.txt"
     python3 -m uv pip compile -q --no-header --no-annotate \
         --python-version "$pyver" --python-platform x86_64-manylinux_2_31 \
-        --extra test "$ROOT/pyproject.toml" "$CACHE/build-deps.txt" -o "$lock"
+        "${project[@]}" "$CACHE/build-deps.txt" -o "$lock"
     local platforms=() v
     for v in $(seq 5 31); do platforms+=(--platform "manylinux_2_${v}_x86_64"); done
+    platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64
+                --platform manylinux1_x86_64)
     python3 -m pip download -q --no-deps --only-binary=:all: \
-        --python-version "$pyver" "${platforms[@]}" \
-        --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
-        --platform manylinux1_x86_64 -d "$dest" -r "$lock"
+        --python-version "$pyver" "${platforms[@]}" -d "$dest" -r "$lock" && return
+    [ "$kind" = build ] || return 1
+    # A CPython newer than some build dependency's wheels (cffi, for one):
+    # take that package's sdist; the sid chroot has gcc and libffi-dev.
+    local pkg
+    while read -r pkg; do
+        python3 -m pip download -q --no-deps --only-binary=:all: \
+            --python-version "$pyver" "${platforms[@]}" -d "$dest" "$pkg" \
+        || python3 -m pip download -q --no-deps --no-binary=:all: -d "$dest" "$pkg"
+    done < "$lock"
 }
 
 copy_source() {  # copy_source DEST: the checkout without VCS or build output
@@ -161,11 +208,15 @@ mkdir -p "$CACHE" "$OUT"
 python3 -m pip install -q uv auditwheel
 make_chroot bullseye
 make_chroot trixie
+make_sid
 # Exact versions: pip reads "3.9" as 3.9.0, which some packages exclude.
 PY_BULLSEYE=$(enter "$CACHE/bullseye" python3 -c 'import platform; print(platform.python_version())')
 PY_TRIXIE=$(enter "$CACHE/trixie" python3 -c 'import platform; print(platform.python_version())')
+SID_PY=$(cat "$CACHE/sid/.tlsctl-python")
+PY_SID=$(enter "$CACHE/sid" "$SID_PY" -c 'import platform; print(platform.python_version())')
 wheels_for "$PY_BULLSEYE"
 wheels_for "$PY_TRIXIE"
+wheels_for "$PY_SID" build
 
 # ---- build the one wheel, in bullseye --------------------------------------
 log "bullseye: building the abi3 wheel"
@@ -202,6 +253,74 @@ fi
 PLATFORM=$(grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' <<<"$audit" | head -n 1)
 [ -n "$PLATFORM" ] || { echo "matrix: no platform tag from auditwheel" >&2; exit 1; }
 SUMMARY+=("wheel: $(basename "$WHEEL"), auditwheel platform tag $PLATFORM, no libssl/libcrypto")
+
+# ---- the wheel built by the newest CPython, loaded by an older one --------
+# The wheel's tag (cp39-abi3) promises the module to every CPython >= 3.9,
+# whichever one built it.  3.15 lists .abi3-<platform>.so first, which 3.9 ..
+# 3.14 cannot load; setup.py names the module .abi3.so.  Build with sid's
+# newest CPython, check the name inside the wheel, then bind on the host's
+# Python 3.11, which loads only .abi3.so.  (Not on bullseye: a module built
+# against sid's glibc needs GLIBC_2.34 - dlopen, dlsym, dladdr moved into
+# libc then - and bullseye has 2.31; auditwheel tags it manylinux_2_34.)
+log "sid: building the wheel with $SID_PY ($PY_SID)"
+sid_start=$SECONDS
+copy_source "$CACHE/sid/src"
+rm -rf "$CACHE/sid/wheels" && cp -r "$CACHE/wheels-$PY_SID-build" "$CACHE/sid/wheels"
+rm -rf "$CACHE/sid/out" && mkdir -p "$CACHE/sid/out"
+# shellcheck disable=SC2016  # expanded by the chroot's shell
+enter "$CACHE/sid" /bin/sh -ec '
+    py=$1
+    $py -c "import importlib.machinery as m, sys
+sys.exit(not any(s.startswith(\".abi3-\") for s in m.EXTENSION_SUFFIXES))" || {
+        echo "matrix: $py has no .abi3-<platform> suffix: nothing to check" >&2
+        exit 1
+    }
+    rm -rf /opt/build-venv && $py -m venv /opt/build-venv
+    . /opt/build-venv/bin/activate
+    pip install -q --no-index --find-links /wheels --upgrade pip
+    pip install -q --no-index --find-links /wheels "setuptools>=77" "cffi>=1.14" wheel
+    pip wheel -q --no-deps --no-build-isolation -w /out /src
+    pip install -q --no-index --find-links /wheels /out/tlsctl-*.whl
+    python -c "import sys, tlsctl; sys.exit(not tlsctl.info().bound)"' sh "$SID_PY"
+SID_WHEEL=$(ls "$CACHE"/sid/out/tlsctl-*.whl)
+SID_NAME=$(basename "$SID_WHEEL")
+SID_SO=$(python3 -c 'import sys, zipfile
+print(*[n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.endswith(".so")])' "$SID_WHEEL")
+SID_TAG=$(python3 -m auditwheel show "$SID_WHEEL" 2>&1 \
+    | grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' | head -n 1 || true)
+log "sid: $SID_NAME holds $SID_SO, auditwheel: ${SID_TAG:-no manylinux tag} (built in $((SECONDS - sid_start))s)"
+case "$SID_NAME" in
+    *-cp39-abi3-*) ;;
+    *) echo "matrix: $SID_PY made $SID_NAME, not a cp39-abi3 wheel" >&2; exit 1 ;;
+esac
+if [ "$SID_SO" != tlsctl/_binding.abi3.so ]; then
+    echo "matrix: $SID_PY named the module $SID_SO, not tlsctl/_binding.abi3.so" >&2
+    exit 1
+fi
+PY_HOST=$(python3 -c 'import platform; print(platform.python_version())')
+log "host: the wheel $SID_PY built, on Python $PY_HOST"
+SID_VENV=$(mktemp -d /tmp/tlsctl-sid-wheel.XXXXXX)
+# shellcheck disable=SC2016  # expanded by that shell
+if ! /bin/sh -ec '
+    python3 -c "import importlib.machinery as m, sys
+sys.exit(any(s.startswith(\".abi3-\") for s in m.EXTENSION_SUFFIXES))" || {
+        echo "matrix: this Python also loads .abi3-<platform>.so: nothing to prove" >&2
+        exit 1
+    }
+    python3 -m venv "$1/venv" && . "$1/venv/bin/activate"
+    python -m pip install -q "$2[demo]"
+    cd "$1"
+    python -c "import sys, tlsctl, tlsctl._binding as b
+print(\"bound:\", tlsctl.info().bound, b.__file__)
+sys.exit(not tlsctl.info().bound)"
+    python -m tlsctl doctor' sh "$SID_VENV" "$SID_WHEEL" > "$CACHE/sid-wheel.log" 2>&1; then
+    cat "$CACHE/sid-wheel.log"
+    echo "matrix: the wheel $SID_PY built does not bind on Python $PY_HOST" >&2
+    exit 1
+fi
+rm -rf "$SID_VENV"
+cat "$CACHE/sid-wheel.log"
+SUMMARY+=("sid: $SID_NAME built by Python $PY_SID holds $SID_SO (${SID_TAG:-no manylinux tag}); bound on Python $PY_HOST, doctor OK ($((SECONDS - sid_start))s)")
 
 # ---- the same wheel, three systems -----------------------------------------
 NAME=$(basename "$WHEEL")
