@@ -7,6 +7,11 @@
 #   bullseye  Python 3.9  + OpenSSL 1.1.1  (chroot; the RHEL 8 stand-in)
 #   trixie    Python 3.13 + OpenSSL 3.5    (chroot)
 #
+# and in a fourth, from source:
+#
+#   host-asan the host again, the module built with AddressSanitizer and
+#             UBSan (SANITIZE_CFLAGS); any sanitizer report fails the run
+#
 # One more check builds the wheel a second time with the newest CPython of
 # Debian sid (3.15: it names abi3 modules .abi3-<platform>.so, which 3.9 ..
 # 3.14 do not load) and proves that wheel binds on the host's Python 3.11.
@@ -25,6 +30,7 @@ CACHE=${TLSCTL_CHROOTS:-/var/tmp/tlsctl-chroots}
 MIRROR=${TLSCTL_MIRROR:-http://deb.debian.org/debian}
 OUT="$CACHE/out"
 BUILD_DEPS=(pip "setuptools>=77" "cffi>=1.14" wheel)
+SANITIZE_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
 SUMMARY=()
 
 log() { printf '\n=== matrix: %s (at %ds)\n' "$*" "$SECONDS"; }
@@ -169,14 +175,24 @@ copy_source() {  # copy_source DEST: the checkout without VCS or build output
 
 run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
     local name=$1; shift
-    local log_file="$CACHE/$name.log"
+    local log_file="$CACHE/$name.log" reports="$CACHE/$name.sanitizer" failed=
     log "$name: tests against the installed wheel"
-    if ! "$@" > "$log_file" 2>&1; then
+    "$@" > "$log_file" 2>&1 || failed="the suite failed"
+    # host-asan (see asan_env): every ASan report is a file here, whichever
+    # process wrote it and whatever its exit status; UBSan reports go to
+    # stderr, so into the log.
+    if [ -d "$reports" ] && [ -n "$(ls -A "$reports")" ]; then
+        failed="sanitizer reports in $reports"
+    elif [ -d "$reports" ] && grep -q ': runtime error: ' "$log_file"; then
+        failed="UBSan reports in the log"
+    fi
+    if [ -n "$failed" ]; then
         tail -n 60 "$log_file"
-        echo "matrix: $name FAILED (full log: $log_file)" >&2
+        if [ -d "$reports" ]; then head -n 60 "$reports"/* 2>/dev/null || true; fi
+        echo "matrix: $name FAILED: $failed (full log: $log_file)" >&2
         exit 1
     fi
-    grep -E '^(python|tlsctl):' "$log_file" || true
+    grep -E '^(python|tlsctl|sanitizers):' "$log_file" || true
     grep -E '^tlsctl\.__file__' "$log_file"
     sed -n '/^tlsctl demo:/,/^patched:/p' "$log_file"
     local line
@@ -186,10 +202,10 @@ run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
 }
 
 # The commands each system runs, given a venv path, a wheel dir and a source
-# copy.  The suite runs from the source copy's tests/ while tlsctl itself is
-# imported from the installed wheel (src/ is not on sys.path), which the
-# first command proves.
-suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS
+# copy (and, for host-asan, commands setting up its environment).  The suite
+# runs from the source copy's tests/ while tlsctl itself is imported from the
+# installed wheel (src/ is not on sys.path), which the first command proves.
+suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS [SETUP]
     cat <<EOF
 set -e
 rm -rf $1 && python3 -m venv $1
@@ -198,9 +214,43 @@ python -m pip install -q ${4:+--no-index --find-links $4} --upgrade pip
 python -m pip install -q ${4:+--no-index --find-links $4} "$3[test]"
 cd $2
 export TLSCTL_OPENSSL_INCLUDE=/opt/openssl-headers/usr/include:/opt/openssl-headers/usr/include/x86_64-linux-gnu
+${5:-}
 python -c 'import tlsctl, sys; print("tlsctl.__file__", tlsctl.__file__); sys.exit("/site-packages/" not in tlsctl.__file__)'
 python -m pytest -p no:cacheprovider
 python -m tlsctl demo --connections 200
+EOF
+}
+
+# host-asan's environment (ci/README.md explains each piece).  CPython is
+# not instrumented, so the ASan runtime is preloaded into every process of
+# the run; Python children (bench, CLI tests) need it to load the module.
+# Leak detection is off: over an uninstrumented CPython it reports the
+# interpreter's own allocations, noise rather than tlsctl bugs.  libstdc++ is
+# preloaded too: ASan intercepts __cxa_throw only if libstdc++ is present when
+# it starts, and matplotlib's C++ modules (test_bench) are dlopen()ed later
+# (their first exception is an ASan CHECK failure otherwise).  curl, an
+# uninstrumented peer, runs WITHOUT the preload (NO_PRELOAD puts a wrapper
+# first in PATH): with libasan preloaded it deadlocks in setlocale() at
+# start-up (GCC 12's libasan, Debian 12).  openssl runs with it.
+# ASan reports are files (log_path); GCC's libubsan ignores log_path next to
+# a preloaded libasan, so UBSan reports go to stderr: --capture=sys leaves
+# the pytest process's stderr alone, into the log, and abort_on_error makes
+# a UBSan report abort like an ASan one.
+asan_env() {  # asan_env REPORTS NO_PRELOAD
+    local preload
+    preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+    cat <<EOF
+export LD_PRELOAD="$preload" PYTHONMALLOC=malloc PATH="$2:\$PATH"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$1/asan
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
+export PYTEST_ADDOPTS=--capture=sys
+so=\$(python -c 'import tlsctl._binding as b; print(b.__file__)')
+if ! nm -D --undefined-only "\$so" | grep -q __asan_report_ \\
+        || ! nm -D --undefined-only "\$so" | grep -q __ubsan_handle_; then
+    echo "matrix: \$so is not built with ASan and UBSan" >&2
+    exit 1
+fi
+echo "sanitizers: \$so calls ASan and UBSan; LD_PRELOAD=\$LD_PRELOAD"
 EOF
 }
 
@@ -338,8 +388,26 @@ copy_source "$HOST_SRC"
 run_suite host /bin/sh -c "$(suite_script "$HOST_SRC/.venv" "$HOST_SRC" "$WHEEL" "")"
 rm -rf "$HOST_SRC"
 
+# ---- host-asan: the whole suite against an ASan + UBSan build --------------
+# Its own wheel, built from source on the host: CFLAGS reaches cffi's
+# setuptools build (compile and link).  Any sanitizer report fails the run.
+log "host-asan: building the module with $SANITIZE_CFLAGS"
+ASAN_SRC=$(mktemp -d /tmp/tlsctl-asan-src.XXXXXX)
+copy_source "$ASAN_SRC"
+CFLAGS="$SANITIZE_CFLAGS" python3 -m pip wheel -q --no-deps --no-cache-dir \
+    -w "$ASAN_SRC/dist" "$ASAN_SRC"
+mkdir -p "$ASAN_SRC/no-preload"
+printf '#!/bin/sh\nunset LD_PRELOAD\nexec %s "$@"\n' "$(command -v curl)" \
+    > "$ASAN_SRC/no-preload/curl"
+chmod +x "$ASAN_SRC/no-preload/curl"
+rm -rf "$CACHE/host-asan.sanitizer" && mkdir -p "$CACHE/host-asan.sanitizer"
+run_suite host-asan /bin/sh -c "$(suite_script "$ASAN_SRC/.venv" "$ASAN_SRC" \
+    "$(ls "$ASAN_SRC"/dist/tlsctl-*.whl)" "" \
+    "$(asan_env "$CACHE/host-asan.sanitizer" "$ASAN_SRC/no-preload")")"
+rm -rf "$ASAN_SRC"
+
 log "summary"
 printf '%s\n' "${SUMMARY[@]}"
-# One closing line in the plain form CI reads: totals over the three systems.
+# One closing line in the plain form CI reads: totals over the four systems.
 count() { grep -oE "[0-9]+ $1" <<<"${SUMMARY[*]}" | awk '{s += $1} END {print s + 0}'; }
 echo "matrix: $(count passed) passed, $(count failed) failed, $(count skipped) skipped"
