@@ -7,6 +7,15 @@
 #   bullseye  Python 3.9  + OpenSSL 1.1.1  (chroot; the RHEL 8 stand-in)
 #   trixie    Python 3.13 + OpenSSL 3.5    (chroot)
 #
+# and in a fourth, from source:
+#
+#   host-asan the host again, the module built with AddressSanitizer and
+#             UBSan (SANITIZE_CFLAGS); any sanitizer report fails the run
+#
+# One more check builds the wheel a second time with the newest CPython of
+# Debian sid (3.15: it names abi3 modules .abi3-<platform>.so, which 3.9 ..
+# 3.14 do not load) and proves that wheel binds on the host's Python 3.11.
+#
 # Chroots are made with debootstrap and reused when present (a chroot is
 # only reused once fully set up: see the .tlsctl-ready marker).  pip inside
 # the chroots cannot verify the registry's certificate here, so the test
@@ -21,9 +30,10 @@ CACHE=${TLSCTL_CHROOTS:-/var/tmp/tlsctl-chroots}
 MIRROR=${TLSCTL_MIRROR:-http://deb.debian.org/debian}
 OUT="$CACHE/out"
 BUILD_DEPS=(pip "setuptools>=77" "cffi>=1.14" wheel)
+SANITIZE_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
 SUMMARY=()
 
-log() { printf '\n=== matrix: %s\n' "$*"; }
+log() { printf '\n=== matrix: %s (at %ds)\n' "$*" "$SECONDS"; }
 
 mounted() { mountpoint -q "$1"; }
 
@@ -37,7 +47,7 @@ enter() {  # enter DIR CMD...: run CMD in the chroot with /proc and /dev
 
 cleanup() {
     local dir
-    for dir in "$CACHE"/bullseye "$CACHE"/trixie; do
+    for dir in "$CACHE"/bullseye "$CACHE"/trixie "$CACHE"/sid; do
         for m in dev proc; do
             if [ -d "$dir/$m" ] && mounted "$dir/$m"; then umount -l "$dir/$m"; fi
         done
@@ -94,24 +104,67 @@ make_chroot() {  # make_chroot SUITE
     touch "$dir/.tlsctl-ready"
 }
 
-wheels_for() {  # wheels_for PYVER: everything PYVER needs, for offline use
+make_sid() {  # the sid chroot: gcc + the newest CPython, to build a wheel
+    local dir="$CACHE/sid"
+    if [ -f "$dir/.tlsctl-ready" ]; then
+        log "sid: reusing $dir ($(cat "$dir/.tlsctl-python"))"
+        return
+    fi
+    log "sid: debootstrap into $dir"
+    rm -rf "$dir"
+    # libffi-dev: to build cffi from its sdist if no wheel exists yet for
+    # this CPython (wheels_for ... build falls back to the sdist).
+    debootstrap --variant=minbase --include=gcc,libc6-dev,binutils,libffi-dev \
+        sid "$dir" "$MIRROR"
+    # sid's Release file is often past its Valid-Until date.
+    echo 'Acquire::Check-Valid-Until "false";' \
+        > "$dir/etc/apt/apt.conf.d/99tlsctl-valid-until"
+    # python3.15 if sid has it, else its newest python3.X (the build step
+    # checks that this one still has a platform-qualified abi3 suffix).
+    # shellcheck disable=SC2016  # expanded by the chroot's shell
+    enter "$dir" /bin/sh -ec '
+        apt-get update -q >/dev/null
+        py=python3.15
+        if ! apt-cache show $py-dev $py-venv >/dev/null 2>&1; then
+            py=python3.$(apt-cache pkgnames python3. \
+                | sed -n "s/^python3\.\([0-9][0-9]*\)-venv$/\1/p" | sort -n | tail -n 1)
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends $py $py-dev $py-venv >/dev/null
+        echo $py > /.tlsctl-python'
+    touch "$dir/.tlsctl-ready"
+}
+
+wheels_for() {  # wheels_for PYVER [build]: what PYVER needs, for offline use
     # pip download evaluates environment markers against the HOST
     # interpreter, not --python-version, so resolve with uv for the target
-    # version first (project deps, the [test] extra, build deps), then
-    # download exactly that set.
-    local pyver=$1 dest="$CACHE/wheels-$1" lock="$CACHE/lock-$1.txt"
+    # version first (project deps, the [test] extra, build deps; only the
+    # build deps with "build"), then download exactly that set.
+    local pyver=$1 kind=${2:-}
+    local dest="$CACHE/wheels-$pyver${kind:+-$kind}" lock="$CACHE/lock-$pyver${kind:+-$kind}.txt"
+    local project=(--extra test "$ROOT/pyproject.toml")
+    [ "$kind" = build ] && project=()
     mkdir -p "$dest"
-    log "wheels for Python $pyver -> $dest"
+    log "wheels for Python $pyver${kind:+ ($kind)} -> $dest"
     printf '%s\n' "${BUILD_DEPS[@]}" > "$CACHE/build-deps.txt"
     python3 -m uv pip compile -q --no-header --no-annotate \
         --python-version "$pyver" --python-platform x86_64-manylinux_2_31 \
-        --extra test "$ROOT/pyproject.toml" "$CACHE/build-deps.txt" -o "$lock"
+        "${project[@]}" "$CACHE/build-deps.txt" -o "$lock"
     local platforms=() v
     for v in $(seq 5 31); do platforms+=(--platform "manylinux_2_${v}_x86_64"); done
+    platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64
+                --platform manylinux1_x86_64)
     python3 -m pip download -q --no-deps --only-binary=:all: \
-        --python-version "$pyver" "${platforms[@]}" \
-        --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
-        --platform manylinux1_x86_64 -d "$dest" -r "$lock"
+        --python-version "$pyver" "${platforms[@]}" -d "$dest" -r "$lock" && return
+    [ "$kind" = build ] || return 1
+    # A CPython newer than some build dependency's wheels (cffi, for one):
+    # take that package's sdist; the sid chroot has gcc and libffi-dev.
+    local pkg
+    while read -r pkg; do
+        python3 -m pip download -q --no-deps --only-binary=:all: \
+            --python-version "$pyver" "${platforms[@]}" -d "$dest" "$pkg" \
+        || python3 -m pip download -q --no-deps --no-binary=:all: -d "$dest" "$pkg"
+    done < "$lock"
 }
 
 copy_source() {  # copy_source DEST: the checkout without VCS or build output
@@ -122,14 +175,24 @@ copy_source() {  # copy_source DEST: the checkout without VCS or build output
 
 run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
     local name=$1; shift
-    local log_file="$CACHE/$name.log"
+    local log_file="$CACHE/$name.log" reports="$CACHE/$name.sanitizer" failed=
     log "$name: tests against the installed wheel"
-    if ! "$@" > "$log_file" 2>&1; then
+    "$@" > "$log_file" 2>&1 || failed="the suite failed"
+    # host-asan (see asan_env): every ASan report is a file here, whichever
+    # process wrote it and whatever its exit status; UBSan reports go to
+    # stderr, so into the log.
+    if [ -d "$reports" ] && [ -n "$(ls -A "$reports")" ]; then
+        failed="sanitizer reports in $reports"
+    elif [ -d "$reports" ] && grep -q ': runtime error: ' "$log_file"; then
+        failed="UBSan reports in the log"
+    fi
+    if [ -n "$failed" ]; then
         tail -n 60 "$log_file"
-        echo "matrix: $name FAILED (full log: $log_file)" >&2
+        if [ -d "$reports" ]; then head -n 60 "$reports"/* 2>/dev/null || true; fi
+        echo "matrix: $name FAILED: $failed (full log: $log_file)" >&2
         exit 1
     fi
-    grep -E '^(python|tlsctl):' "$log_file" || true
+    grep -E '^(python|tlsctl|sanitizers):' "$log_file" || true
     grep -E '^tlsctl\.__file__' "$log_file"
     sed -n '/^tlsctl demo:/,/^patched:/p' "$log_file"
     local line
@@ -139,10 +202,10 @@ run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
 }
 
 # The commands each system runs, given a venv path, a wheel dir and a source
-# copy.  The suite runs from the source copy's tests/ while tlsctl itself is
-# imported from the installed wheel (src/ is not on sys.path), which the
-# first command proves.
-suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS
+# copy (and, for host-asan, commands setting up its environment).  The suite
+# runs from the source copy's tests/ while tlsctl itself is imported from the
+# installed wheel (src/ is not on sys.path), which the first command proves.
+suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS [SETUP]
     cat <<EOF
 set -e
 rm -rf $1 && python3 -m venv $1
@@ -151,9 +214,43 @@ python -m pip install -q ${4:+--no-index --find-links $4} --upgrade pip
 python -m pip install -q ${4:+--no-index --find-links $4} "$3[test]"
 cd $2
 export TLSCTL_OPENSSL_INCLUDE=/opt/openssl-headers/usr/include:/opt/openssl-headers/usr/include/x86_64-linux-gnu
+${5:-}
 python -c 'import tlsctl, sys; print("tlsctl.__file__", tlsctl.__file__); sys.exit("/site-packages/" not in tlsctl.__file__)'
 python -m pytest -p no:cacheprovider
 python -m tlsctl demo --connections 200
+EOF
+}
+
+# host-asan's environment (ci/README.md explains each piece).  CPython is
+# not instrumented, so the ASan runtime is preloaded into every process of
+# the run; Python children (bench, CLI tests) need it to load the module.
+# Leak detection is off: over an uninstrumented CPython it reports the
+# interpreter's own allocations, noise rather than tlsctl bugs.  libstdc++ is
+# preloaded too: ASan intercepts __cxa_throw only if libstdc++ is present when
+# it starts, and matplotlib's C++ modules (test_bench) are dlopen()ed later
+# (their first exception is an ASan CHECK failure otherwise).  curl, an
+# uninstrumented peer, runs WITHOUT the preload (NO_PRELOAD puts a wrapper
+# first in PATH): with libasan preloaded it deadlocks in setlocale() at
+# start-up (GCC 12's libasan, Debian 12).  openssl runs with it.
+# ASan reports are files (log_path); GCC's libubsan ignores log_path next to
+# a preloaded libasan, so UBSan reports go to stderr: --capture=sys leaves
+# the pytest process's stderr alone, into the log, and abort_on_error makes
+# a UBSan report abort like an ASan one.
+asan_env() {  # asan_env REPORTS NO_PRELOAD
+    local preload
+    preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+    cat <<EOF
+export LD_PRELOAD="$preload" PYTHONMALLOC=malloc PATH="$2:\$PATH"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$1/asan
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
+export PYTEST_ADDOPTS=--capture=sys
+so=\$(python -c 'import tlsctl._binding as b; print(b.__file__)')
+if ! nm -D --undefined-only "\$so" | grep -q __asan_report_ \\
+        || ! nm -D --undefined-only "\$so" | grep -q __ubsan_handle_; then
+    echo "matrix: \$so is not built with ASan and UBSan" >&2
+    exit 1
+fi
+echo "sanitizers: \$so calls ASan and UBSan; LD_PRELOAD=\$LD_PRELOAD"
 EOF
 }
 
@@ -161,11 +258,15 @@ mkdir -p "$CACHE" "$OUT"
 python3 -m pip install -q uv auditwheel
 make_chroot bullseye
 make_chroot trixie
+make_sid
 # Exact versions: pip reads "3.9" as 3.9.0, which some packages exclude.
 PY_BULLSEYE=$(enter "$CACHE/bullseye" python3 -c 'import platform; print(platform.python_version())')
 PY_TRIXIE=$(enter "$CACHE/trixie" python3 -c 'import platform; print(platform.python_version())')
+SID_PY=$(cat "$CACHE/sid/.tlsctl-python")
+PY_SID=$(enter "$CACHE/sid" "$SID_PY" -c 'import platform; print(platform.python_version())')
 wheels_for "$PY_BULLSEYE"
 wheels_for "$PY_TRIXIE"
+wheels_for "$PY_SID" build
 
 # ---- build the one wheel, in bullseye --------------------------------------
 log "bullseye: building the abi3 wheel"
@@ -203,6 +304,74 @@ PLATFORM=$(grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' <<<"$audit" | head -n 1
 [ -n "$PLATFORM" ] || { echo "matrix: no platform tag from auditwheel" >&2; exit 1; }
 SUMMARY+=("wheel: $(basename "$WHEEL"), auditwheel platform tag $PLATFORM, no libssl/libcrypto")
 
+# ---- the wheel built by the newest CPython, loaded by an older one --------
+# The wheel's tag (cp39-abi3) promises the module to every CPython >= 3.9,
+# whichever one built it.  3.15 lists .abi3-<platform>.so first, which 3.9 ..
+# 3.14 cannot load; setup.py names the module .abi3.so.  Build with sid's
+# newest CPython, check the name inside the wheel, then bind on the host's
+# Python 3.11, which loads only .abi3.so.  (Not on bullseye: a module built
+# against sid's glibc needs GLIBC_2.34 - dlopen, dlsym, dladdr moved into
+# libc then - and bullseye has 2.31; auditwheel tags it manylinux_2_34.)
+log "sid: building the wheel with $SID_PY ($PY_SID)"
+sid_start=$SECONDS
+copy_source "$CACHE/sid/src"
+rm -rf "$CACHE/sid/wheels" && cp -r "$CACHE/wheels-$PY_SID-build" "$CACHE/sid/wheels"
+rm -rf "$CACHE/sid/out" && mkdir -p "$CACHE/sid/out"
+# shellcheck disable=SC2016  # expanded by the chroot's shell
+enter "$CACHE/sid" /bin/sh -ec '
+    py=$1
+    $py -c "import importlib.machinery as m, sys
+sys.exit(not any(s.startswith(\".abi3-\") for s in m.EXTENSION_SUFFIXES))" || {
+        echo "matrix: $py has no .abi3-<platform> suffix: nothing to check" >&2
+        exit 1
+    }
+    rm -rf /opt/build-venv && $py -m venv /opt/build-venv
+    . /opt/build-venv/bin/activate
+    pip install -q --no-index --find-links /wheels --upgrade pip
+    pip install -q --no-index --find-links /wheels "setuptools>=77" "cffi>=1.14" wheel
+    pip wheel -q --no-deps --no-build-isolation -w /out /src
+    pip install -q --no-index --find-links /wheels /out/tlsctl-*.whl
+    python -c "import sys, tlsctl; sys.exit(not tlsctl.info().bound)"' sh "$SID_PY"
+SID_WHEEL=$(ls "$CACHE"/sid/out/tlsctl-*.whl)
+SID_NAME=$(basename "$SID_WHEEL")
+SID_SO=$(python3 -c 'import sys, zipfile
+print(*[n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.endswith(".so")])' "$SID_WHEEL")
+SID_TAG=$(python3 -m auditwheel show "$SID_WHEEL" 2>&1 \
+    | grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' | head -n 1 || true)
+log "sid: $SID_NAME holds $SID_SO, auditwheel: ${SID_TAG:-no manylinux tag} (built in $((SECONDS - sid_start))s)"
+case "$SID_NAME" in
+    *-cp39-abi3-*) ;;
+    *) echo "matrix: $SID_PY made $SID_NAME, not a cp39-abi3 wheel" >&2; exit 1 ;;
+esac
+if [ "$SID_SO" != tlsctl/_binding.abi3.so ]; then
+    echo "matrix: $SID_PY named the module $SID_SO, not tlsctl/_binding.abi3.so" >&2
+    exit 1
+fi
+PY_HOST=$(python3 -c 'import platform; print(platform.python_version())')
+log "host: the wheel $SID_PY built, on Python $PY_HOST"
+SID_VENV=$(mktemp -d /tmp/tlsctl-sid-wheel.XXXXXX)
+# shellcheck disable=SC2016  # expanded by that shell
+if ! /bin/sh -ec '
+    python3 -c "import importlib.machinery as m, sys
+sys.exit(any(s.startswith(\".abi3-\") for s in m.EXTENSION_SUFFIXES))" || {
+        echo "matrix: this Python also loads .abi3-<platform>.so: nothing to prove" >&2
+        exit 1
+    }
+    python3 -m venv "$1/venv" && . "$1/venv/bin/activate"
+    python -m pip install -q "$2[demo]"
+    cd "$1"
+    python -c "import sys, tlsctl, tlsctl._binding as b
+print(\"bound:\", tlsctl.info().bound, b.__file__)
+sys.exit(not tlsctl.info().bound)"
+    python -m tlsctl doctor' sh "$SID_VENV" "$SID_WHEEL" > "$CACHE/sid-wheel.log" 2>&1; then
+    cat "$CACHE/sid-wheel.log"
+    echo "matrix: the wheel $SID_PY built does not bind on Python $PY_HOST" >&2
+    exit 1
+fi
+rm -rf "$SID_VENV"
+cat "$CACHE/sid-wheel.log"
+SUMMARY+=("sid: $SID_NAME built by Python $PY_SID holds $SID_SO (${SID_TAG:-no manylinux tag}); bound on Python $PY_HOST, doctor OK ($((SECONDS - sid_start))s)")
+
 # ---- the same wheel, three systems -----------------------------------------
 NAME=$(basename "$WHEEL")
 for suite in bullseye trixie; do
@@ -219,8 +388,26 @@ copy_source "$HOST_SRC"
 run_suite host /bin/sh -c "$(suite_script "$HOST_SRC/.venv" "$HOST_SRC" "$WHEEL" "")"
 rm -rf "$HOST_SRC"
 
+# ---- host-asan: the whole suite against an ASan + UBSan build --------------
+# Its own wheel, built from source on the host: CFLAGS reaches cffi's
+# setuptools build (compile and link).  Any sanitizer report fails the run.
+log "host-asan: building the module with $SANITIZE_CFLAGS"
+ASAN_SRC=$(mktemp -d /tmp/tlsctl-asan-src.XXXXXX)
+copy_source "$ASAN_SRC"
+CFLAGS="$SANITIZE_CFLAGS" python3 -m pip wheel -q --no-deps --no-cache-dir \
+    -w "$ASAN_SRC/dist" "$ASAN_SRC"
+mkdir -p "$ASAN_SRC/no-preload"
+printf '#!/bin/sh\nunset LD_PRELOAD\nexec %s "$@"\n' "$(command -v curl)" \
+    > "$ASAN_SRC/no-preload/curl"
+chmod +x "$ASAN_SRC/no-preload/curl"
+rm -rf "$CACHE/host-asan.sanitizer" && mkdir -p "$CACHE/host-asan.sanitizer"
+run_suite host-asan /bin/sh -c "$(suite_script "$ASAN_SRC/.venv" "$ASAN_SRC" \
+    "$(ls "$ASAN_SRC"/dist/tlsctl-*.whl)" "" \
+    "$(asan_env "$CACHE/host-asan.sanitizer" "$ASAN_SRC/no-preload")")"
+rm -rf "$ASAN_SRC"
+
 log "summary"
 printf '%s\n' "${SUMMARY[@]}"
-# One closing line in the plain form CI reads: totals over the three systems.
+# One closing line in the plain form CI reads: totals over the four systems.
 count() { grep -oE "[0-9]+ $1" <<<"${SUMMARY[*]}" | awk '{s += $1} END {print s + 0}'; }
 echo "matrix: $(count passed) passed, $(count failed) failed, $(count skipped) skipped"

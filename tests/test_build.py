@@ -18,14 +18,16 @@ import tlsctl._binding
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _build_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_tlsctl_build", ROOT / "src" / "_tlsctl_build.py"
-    )
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _build_module() -> ModuleType:
+    return _load("_tlsctl_build", ROOT / "src" / "_tlsctl_build.py")
 
 
 def _header_values(
@@ -189,3 +191,151 @@ def test_cibuildwheel_configuration_is_valid() -> None:
         "cp39-musllinux_x86_64",
         "cp39-musllinux_aarch64",
     ]
+
+
+# importlib.machinery.EXTENSION_SUFFIXES as the CPythons of ci/matrix.sh
+# report them (3.11: the host; 3.15.2: Debian sid), and free-threaded ones.
+SUFFIXES_3_11 = [".cpython-311-x86_64-linux-gnu.so", ".abi3.so", ".so"]
+SUFFIXES_3_15 = [
+    ".cpython-315-x86_64-linux-gnu.so",
+    ".abi3-x86_64-linux-gnu.so",
+    ".abi3.so",
+    ".abi3t-x86_64-linux-gnu.so",
+    ".abi3t.so",
+    ".so",
+]
+SUFFIXES_3_14T = [".cpython-314t-x86_64-linux-gnu.so", ".so"]
+
+
+@pytest.mark.parametrize(
+    ("suffixes", "default"),
+    [
+        (SUFFIXES_3_15, "tlsctl/_binding.abi3-x86_64-linux-gnu.so"),
+        (SUFFIXES_3_15, "tlsctl/_binding.abi3.so"),
+        (SUFFIXES_3_11, "tlsctl/_binding.abi3.so"),
+    ],
+)
+def test_abi3_extension_is_named_plain_abi3_so(
+    suffixes: list[str], default: str
+) -> None:
+    """A wheel tagged cp39-abi3 must load on 3.9 .. 3.14 too, which only
+    import ``*.abi3.so``, even when 3.15 (``.abi3-<platform>.so`` first)
+    built it."""
+    setup = _load("_tlsctl_setup", ROOT / "setup.py")
+    name = setup.extension_filename("tlsctl._binding", default, True, suffixes)
+    assert name == os.path.join("tlsctl", "_binding.abi3.so")
+
+
+@pytest.mark.parametrize(
+    ("suffixes", "default", "limited_api"),
+    [
+        # free-threaded: no stable ABI here, the interpreter's own suffix
+        (
+            SUFFIXES_3_14T,
+            "tlsctl/_binding.cpython-314t-x86_64-linux-gnu.so",
+            False,
+        ),
+        (
+            [".cpython-315t-x86_64-linux-gnu.so", ".abi3t.so", ".so"],
+            "tlsctl/_binding.cpython-315t-x86_64-linux-gnu.so",
+            False,
+        ),
+        (SUFFIXES_3_15, "tlsctl/_binding.cpython-315-x86_64-linux-gnu.so", False),
+        # an interpreter that does not load .abi3.so (Windows) keeps its own
+        ([".cp315-win_amd64.pyd", ".pyd"], "tlsctl\\_binding.pyd", True),
+    ],
+)
+def test_other_extensions_keep_the_interpreters_suffix(
+    suffixes: list[str], default: str, limited_api: bool
+) -> None:
+    setup = _load("_tlsctl_setup", ROOT / "setup.py")
+    name = setup.extension_filename(
+        "tlsctl._binding", default, limited_api, suffixes
+    )
+    assert name == default
+
+
+def test_setup_py_is_side_effect_free_to_import() -> None:
+    """Importing setup.py (as the tests above do) must not run setup()."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.util, sys; "
+            "spec = importlib.util.spec_from_file_location('s', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "print(sorted(m for m in sys.modules if 'setuptools' in m))",
+            str(ROOT / "setup.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# ---- warning-free C ---------------------------------------------------------
+# Flags for the complete C file (cffi's generated glue + the hand-written
+# c_source()).  cffi's glue compiles clean under -Wall -Wextra (checked with
+# gcc 10, 12, 14 and 16 and the headers of Python 3.9, 3.11, 3.13, 3.14 and
+# 3.15), so it needs no -Wno-... flag.  -O2: the flow-based warnings of
+# -Wall (-Wmaybe-uninitialized, -Warray-bounds, -Wstringop-*) need the
+# optimizer, so the file is compiled, not only parsed.
+C_WARNINGS = ["-Wall", "-Wextra", "-Werror"]
+# Held to the hand-written C only (by a pragma around it): -Wcast-qual, a
+# cast that drops const, which neither -Wall nor -Wextra enables.  cffi's
+# glue does that by design (e.g. `(char **)&x1` for a `char const *x1`
+# argument: 76 warnings with gcc 12), so it cannot be a command-line flag.
+OWN_C_WARNINGS = ["-Wcast-qual"]
+
+
+def test_c_source_compiles_without_warnings(tmp_path: Path) -> None:
+    """The module's complete C source, exactly as cffi generates it for the
+    build, compiles with -Wall -Wextra -Werror; the hand-written part
+    (c_source(), included from its own file so messages name its lines)
+    also with OWN_C_WARNINGS."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not found (the warning flags are gcc's)")
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").is_file():
+        pytest.skip(f"Python headers not installed (no {include}/Python.h)")
+    build = _build_module()
+    generated = tmp_path / "_binding.c"
+    build.ffibuilder.emit_c_code(str(generated))
+    text = generated.read_text()
+    own = build.c_source()
+    assert text.count(own) == 1, "c_source() is not verbatim in cffi's output"
+    (tmp_path / "c_source.c").write_text(own)
+    pragmas = "".join(f'#pragma GCC diagnostic error "{w}"\n' for w in OWN_C_WARNINGS)
+    generated.write_text(
+        text.replace(
+            own,
+            "\n#pragma GCC diagnostic push\n"
+            + pragmas
+            + '#include "c_source.c"\n'
+            + "#pragma GCC diagnostic pop\n",
+        )
+    )
+    proc = subprocess.run(
+        [
+            gcc,
+            "-c",
+            "-O2",
+            "-fPIC",
+            *C_WARNINGS,
+            f"-I{include}",
+            "-I.",
+            generated.name,
+            "-o",
+            "_binding.o",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "warning:" not in proc.stderr, (
+        f"{proc.stderr}\n(c_source.c is c_source() of src/_tlsctl_build.py; "
+        f"both files are in {tmp_path})"
+    )

@@ -25,7 +25,7 @@ def test_mypy_strict() -> None:
 
 
 def test_ruff() -> None:
-    proc = _run("ruff", "check", "src", "tests", "ci", "bench")
+    proc = _run("ruff", "check", "setup.py", "src", "tests", "ci", "bench")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
