@@ -595,7 +595,9 @@ def patch(
             is sent, as stock.  Not allowed with ``"suppress"``, which sends
             none.
         renew_on_resume: ``False`` resumes a session from a ticket without
-            issuing a new one (for FTPS data channels and the like).
+            issuing a new one (for FTPS data channels and the like).  It is
+            the context's: it applies to every handshake that runs after
+            the call, also of a connection made before it.
 
     Patching again replaces the policy for connections created afterwards.
     A ``sslsocket_class`` / ``sslobject_class`` set on the context before
