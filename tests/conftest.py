@@ -41,7 +41,7 @@ needs_native = pytest.mark.skipif(
 )
 native_defer = pytest.mark.skipif(
     tlsctl.info().mechanism != "native",
-    reason="defer does not use native issuing here (the stash is the mechanism)",
+    reason=f"defer does not use native issuing here (mechanism: {tlsctl.info().mechanism})",
 )
 needs_defer = pytest.mark.skipif(
     tlsctl.info().mechanism is None,

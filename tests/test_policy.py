@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _ssl
 import gc
 import ssl
 import warnings
@@ -27,6 +26,7 @@ from conftest import (
 )
 from tlsctl.scenarios import TicketCounter
 
+SSL_SOCKET = tlsctl._bind.SSL_SOCKET_TYPE  # _ssl._SSLSocket (PyPy: found)
 PairFactory = Callable[..., BioPair]
 CountedPair = Callable[..., tuple[BioPair, TicketCounter]]
 CtxFactory = Callable[..., ssl.SSLContext]
@@ -67,7 +67,7 @@ def test_defer_sends_nothing_until_first_write_then_tickets_first(
     # the stash keeps a filter BIO in C, invisible here).
     stock, _ = counted_pair(server_ctx())
     assert type(p.server) is ssl.SSLObject
-    assert type(p.server._sslobj) is _ssl._SSLSocket
+    assert type(p.server._sslobj) is SSL_SOCKET
     assert sorted(vars(p.server)) == sorted(vars(stock.server))
     # Later writes carry no ticket.
     p.server.write(b"more")
@@ -369,7 +369,7 @@ def test_client_role_on_patched_generic_context_is_stock(
     server = tlsctl.patch(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     certs.server.configure_cert(server)
     p = pair_factory(server, generic)
-    assert type(p.client._sslobj) is _ssl._SSLSocket  # never armed
+    assert type(p.client._sslobj) is SSL_SOCKET  # never armed
     assert tlsctl.connection_state(p.client) == tlsctl.ConnectionState(None, False, 0)
     p.handshake()
     p.client.write(b"c")
@@ -423,7 +423,7 @@ def test_c_proxy_answers_its_own_names_and_forwards_the_rest(
     with pytest.raises(TypeError):
         type("Sub", (type(proxy),), {})  # and it is final
     real = getattr(proxy, "".join(["_re", "al"]))
-    assert type(real) is _ssl._SSLSocket
+    assert type(real) is SSL_SOCKET
     assert proxy.version() == real.version() == "TLSv1.3"
     assert proxy.server_side is True
     other = server_ctx()

@@ -207,7 +207,8 @@ def test_which_connections_need_it(
         tlsctl.patch(server, tickets=tickets)
     _quickack.install()
     pair = bio_pair(server, scenarios.client_context(certs))
-    assert not _quickack._needs_quickack(pair.server)  # handshake not done
+    if sys.implementation.name == "cpython":  # PyPy's version() answers
+        assert not _quickack._needs_quickack(pair.server)  # handshake not done
     pair.handshake()
     assert _quickack._needs_quickack(pair.server) is expected
     assert not _quickack._needs_quickack(pair.client)
