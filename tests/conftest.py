@@ -41,7 +41,8 @@ needs_native = pytest.mark.skipif(
 )
 native_defer = pytest.mark.skipif(
     tlsctl.info().mechanism != "native",
-    reason=f"defer does not use native issuing here (mechanism: {tlsctl.info().mechanism})",
+    reason="defer does not use native issuing here "
+    f"(mechanism: {tlsctl.info().mechanism})",
 )
 needs_defer = pytest.mark.skipif(
     tlsctl.info().mechanism is None,
