@@ -145,6 +145,12 @@ def _demo(connections: int, size: int) -> int:
         f"tlsctl demo: Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
         f"mechanism={info.mechanism}"
     )
+    if info.mechanism == "python":  # tlsctl-pymech
+        print(
+            "the demo's servers are ssl sockets, which are stock with the python "
+            "mechanism; `python -m tlsctl doctor` checks a memory-BIO server"
+        )
+        return 1
     if not info.bound or info.mechanism is None:
         print(f"cannot patch here: {info.reason or 'no defer mechanism'}")
         return 1
