@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import sysconfig
 from collections.abc import Sequence
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -10,6 +11,10 @@ from importlib.machinery import EXTENSION_SUFFIXES
 # The compiled module uses the stable ABI (one wheel for CPython 3.9+), except
 # on free-threaded builds, which have no stable ABI before 3.15.
 ABI3 = not sysconfig.get_config_var("Py_GIL_DISABLED")
+# Only CPython gets the compiled module: it reads CPython's _ssl objects
+# through the CPython C API.  Elsewhere (PyPy) tlsctl installs as pure Python
+# and uses its python mechanism (memory-BIO servers; see tlsctl._pyhold).
+CPYTHON = sys.implementation.name == "cpython"
 
 # The one abi3 file name every CPython 3 loads on POSIX (3.9 .. 3.15).
 PLAIN_ABI3_SUFFIX = ".abi3.so"
@@ -51,11 +56,11 @@ def main() -> None:
             )
 
     setup(
-        cffi_modules=["src/_tlsctl_build.py:ffibuilder"],
+        cffi_modules=["src/_tlsctl_build.py:ffibuilder"] if CPYTHON else [],
         ext_package="tlsctl",
         zip_safe=False,
         cmdclass={"build_ext": BuildExt},
-        options={"bdist_wheel": {"py_limited_api": "cp39"}} if ABI3 else {},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}} if ABI3 and CPYTHON else {},
     )
 
 

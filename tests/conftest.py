@@ -41,12 +41,78 @@ needs_native = pytest.mark.skipif(
 )
 native_defer = pytest.mark.skipif(
     tlsctl.info().mechanism != "native",
-    reason="defer does not use native issuing here (the stash is the mechanism)",
+    reason="defer does not use native issuing here "
+    f"(mechanism: {tlsctl.info().mechanism})",
 )
 needs_defer = pytest.mark.skipif(
     tlsctl.info().mechanism is None,
-    reason="needs a defer mechanism (native or stash)",
+    reason="needs a defer mechanism (native, stash or python)",
 )
+
+# --- tlsctl-pymech: interpreters tlsctl cannot bind, and the python axis ----
+_INFO = tlsctl.info()
+needs_binding = pytest.mark.skipif(
+    not _INFO.bound,
+    reason=f"needs tlsctl's binding to OpenSSL; not bound here: {_INFO.reason}",
+)
+needs_socket_defer = pytest.mark.skipif(
+    _INFO.mechanism in (None, "python"),
+    reason="defers tickets on ssl sockets: with the python mechanism (no "
+    "binding, or TLSCTL_MECHANISM=python) sockets are stock",
+)
+needs_c_defer = pytest.mark.skipif(
+    _INFO.mechanism in (None, "python"),
+    reason="defers through the binding (native or stash), not the python mechanism",
+)
+needs_refcounting = pytest.mark.skipif(
+    sys.implementation.name != "cpython",
+    reason="relies on CPython's reference counting (freed at del)",
+)
+
+
+def require_binding_for(
+    tickets: str = "defer", count: int | None = None, renew_on_resume: bool = True
+) -> None:
+    """Skip the calling test where these ``patch()`` settings need the
+    binding and tlsctl is not bound (``NotBoundError`` there)."""
+    if not _INFO.bound and (
+        tickets == "suppress" or count is not None or not renew_on_resume
+    ):
+        pytest.skip(
+            f"tickets={tickets!r} count={count} renew_on_resume={renew_on_resume} "
+            f"needs tlsctl's binding; not bound here: {_INFO.reason}"
+        )
+
+
+# Whole modules: every test in them needs the binding (ticket callbacks and
+# keys, their C) or deferred sockets.  Mixed modules
+# mark their tests themselves.
+_MODULE_MARKS = {
+    "test_hardening": needs_binding,
+    "test_inject": needs_binding,  # test_pyhold covers injection unbound
+    "test_keyfiles": needs_binding,
+    "test_lifecycle": needs_binding,
+    "test_resume_amplification": needs_binding,
+    "test_ticket_callbacks": needs_binding,
+    "test_ticket_keys": needs_binding,
+    "test_http_server": needs_socket_defer,
+    "test_openssl_cli": needs_socket_defer,
+    "test_scenarios": needs_socket_defer,
+    "test_sockets": needs_socket_defer,
+    "test_wire": needs_socket_defer,
+    "test_bench": needs_socket_defer,
+}
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        mark = _MODULE_MARKS.get(getattr(module, "__name__", ""))
+        if mark is not None:
+            item.add_marker(mark)
+
+
+# --- end tlsctl-pymech -------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,7 @@ import tlsctl
 from conftest import needs_defer
 from tlsctl import scenarios
 
-pytestmark = [
-    pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound"),
-    needs_defer,
-]
+pytestmark = [needs_defer]  # native, stash or python: memory-BIO servers
 
 CtxFactory = Callable[..., ssl.SSLContext]
 

@@ -13,6 +13,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+if sys.implementation.name != "cpython":  # tlsctl-pymech
+    pytest.skip(
+        "tlsctl's compiled module is built on CPython only", allow_module_level=True
+    )
 import tlsctl._binding
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +140,7 @@ def test_compiled_module_links_no_openssl_and_uses_the_stable_abi() -> None:
     assert not [lib for lib in needed if "ssl" in lib or "crypto" in lib], needed
 
 
+@pytest.mark.skipif(not tlsctl.info().bound, reason="needs tlsctl's binding")
 def test_optional_symbols_are_capability_flags() -> None:
     """Optional symbols are capability flags: tlsctl_has_symbol reports them
     and unknown names are never 'present'."""

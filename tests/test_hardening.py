@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from conftest import bio_pair, connect, needs_native
+from conftest import bio_pair, connect, needs_c_defer, needs_native
 from tlsctl import ResumeStatus, TicketDecision, TicketKey, _bind
 from tlsctl.scenarios import TicketCounter
 
@@ -278,6 +278,7 @@ def test_fork_while_a_key_lock_is_held(
 
 
 @needs_native
+@needs_c_defer  # issue_tickets on a patched connection
 @pytest.mark.parametrize("callbacks", [False, True])
 def test_issue_tickets_is_bounded_and_the_connection_recovers(
     callbacks: bool, server_ctx: CtxFactory, client_ctx: CtxFactory
@@ -321,6 +322,7 @@ def test_patch_count_bounds_and_suppress(server_ctx: CtxFactory) -> None:
 
 
 @needs_native
+@needs_c_defer  # issue_tickets on a patched connection
 def test_issue_tickets_after_unwrap_is_refused(
     server_ctx: CtxFactory, client_ctx: CtxFactory
 ) -> None:

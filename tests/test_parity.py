@@ -14,7 +14,14 @@ from typing import Callable
 import pytest
 
 import tlsctl
-from conftest import bio_pair, connect, native_defer, needs_defer, split_records
+from conftest import (
+    bio_pair,
+    connect,
+    native_defer,
+    needs_binding,
+    needs_defer,
+    split_records,
+)
 from tlsctl import _bind
 from tlsctl.scenarios import TicketCounter
 
@@ -42,6 +49,7 @@ def _tickets_at_handshake_and_first_write(
 
 
 @needs_defer
+@needs_binding  # count=
 def test_num_tickets_reads_what_the_user_set_and_counts_the_deferred_tickets(
     server_ctx: CtxFactory, client_ctx: CtxFactory
 ) -> None:
@@ -61,6 +69,7 @@ def test_num_tickets_reads_what_the_user_set_and_counts_the_deferred_tickets(
     assert server.num_tickets == 7
 
 
+@needs_binding  # suppress, count=
 @pytest.mark.parametrize("policy", ["suppress", "immediate"])
 def test_num_tickets_with_the_other_policies(
     policy: str, server_ctx: CtxFactory, client_ctx: CtxFactory
@@ -212,6 +221,8 @@ def test_tls12_connection_is_reported_honestly_and_left_stock(
 def test_alpn_sni_keylog_and_session_stats_as_stock(
     patched: bool, server_ctx: CtxFactory, client_ctx: CtxFactory, tmp_path: Path
 ) -> None:
+    if sys.implementation.name != "cpython":
+        pytest.skip(f"{sys.implementation.name}'s ssl writes no keylog_filename")
     keylog = tmp_path / "keys.log"
     server = server_ctx()
     server.set_alpn_protocols(["h2", "http/1.1"])

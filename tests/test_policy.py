@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _ssl
 import gc
 import ssl
 import warnings
@@ -17,14 +16,17 @@ from conftest import (
     BioPair,
     connect,
     native_defer,
+    needs_binding,
+    needs_c_defer,
     needs_defer,
     needs_native,
+    needs_refcounting,
+    require_binding_for,
     split_records,
 )
 from tlsctl.scenarios import TicketCounter
 
-pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
-
+SSL_SOCKET = tlsctl._bind.SSL_SOCKET_TYPE  # _ssl._SSLSocket (PyPy: found)
 PairFactory = Callable[..., BioPair]
 CountedPair = Callable[..., tuple[BioPair, TicketCounter]]
 CtxFactory = Callable[..., ssl.SSLContext]
@@ -65,7 +67,7 @@ def test_defer_sends_nothing_until_first_write_then_tickets_first(
     # the stash keeps a filter BIO in C, invisible here).
     stock, _ = counted_pair(server_ctx())
     assert type(p.server) is ssl.SSLObject
-    assert type(p.server._sslobj) is _ssl._SSLSocket
+    assert type(p.server._sslobj) is SSL_SOCKET
     assert sorted(vars(p.server)) == sorted(vars(stock.server))
     # Later writes carry no ticket.
     p.server.write(b"more")
@@ -108,6 +110,7 @@ def test_every_policy_on_both_tls_versions(
 ) -> None:
     if policy == "defer" and tlsctl.info().mechanism is None:
         pytest.skip("needs a defer mechanism (native or stash)")
+    require_binding_for(policy)
     args = (tls_version, server_ctx, client_ctx, pair_factory)
     stock = _tickets_for(None, *args)
     got = _tickets_for(policy, *args)
@@ -122,6 +125,7 @@ def test_every_policy_on_both_tls_versions(
 
 
 @needs_defer
+@needs_binding  # count=
 @pytest.mark.parametrize("count", [0, 1, 5])
 def test_defer_count(
     count: int,
@@ -133,6 +137,7 @@ def test_defer_count(
     assert _tickets_for("defer", *args, count=count) == (0, 0, count)
 
 
+@needs_binding  # count=
 @pytest.mark.parametrize("count", [0, 3])
 def test_immediate_count(
     count: int,
@@ -160,6 +165,7 @@ def test_resumption_and_renewal(
 ) -> None:
     if policy == "defer" and tlsctl.info().mechanism is None:
         pytest.skip("needs a defer mechanism (native or stash)")
+    require_binding_for(policy or "immediate", renew_on_resume=renew)
     server = server_ctx(maximum_version=tls_version)
     if policy is not None:
         tlsctl.patch(server, tickets=policy, renew_on_resume=renew)
@@ -211,6 +217,7 @@ def test_issue_tickets_mid_connection_waits_for_next_write(
 
 
 @needs_native
+@needs_c_defer
 def test_issue_tickets_before_first_deferred_write_adds_up(
     counted_pair: CountedPair,
 ) -> None:
@@ -222,6 +229,7 @@ def test_issue_tickets_before_first_deferred_write_adds_up(
     assert counter.count == 3
 
 
+@needs_binding
 def test_issue_tickets_errors(
     server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
 ) -> None:
@@ -285,6 +293,7 @@ def test_patch_refuses_pyopenssl_context() -> None:
         tlsctl.patch(SSL.Context(SSL.TLS_SERVER_METHOD))  # type: ignore[arg-type]
 
 
+@needs_binding
 def test_patch_refuses_unproven_fixed_version_context() -> None:
     with warnings.catch_warnings():  # deprecated since 3.10
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -295,6 +304,7 @@ def test_patch_refuses_unproven_fixed_version_context() -> None:
 
 
 @needs_defer
+@needs_binding  # count=
 def test_user_classes_are_composed_not_clobbered(
     server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
 ) -> None:
@@ -326,6 +336,7 @@ def test_user_classes_are_composed_not_clobbered(
 
 
 @needs_defer
+@needs_binding  # suppress
 def test_repatch_applies_to_new_connections_only(
     server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
 ) -> None:
@@ -358,7 +369,7 @@ def test_client_role_on_patched_generic_context_is_stock(
     server = tlsctl.patch(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     certs.server.configure_cert(server)
     p = pair_factory(server, generic)
-    assert type(p.client._sslobj) is _ssl._SSLSocket  # never armed
+    assert type(p.client._sslobj) is SSL_SOCKET  # never armed
     assert tlsctl.connection_state(p.client) == tlsctl.ConnectionState(None, False, 0)
     p.handshake()
     p.client.write(b"c")
@@ -367,6 +378,7 @@ def test_client_role_on_patched_generic_context_is_stock(
 
 
 @needs_defer
+@needs_refcounting
 def test_armed_connection_has_no_reference_cycle(
     server_ctx: CtxFactory, client_ctx: CtxFactory, pair_factory: PairFactory
 ) -> None:
@@ -411,7 +423,7 @@ def test_c_proxy_answers_its_own_names_and_forwards_the_rest(
     with pytest.raises(TypeError):
         type("Sub", (type(proxy),), {})  # and it is final
     real = getattr(proxy, "".join(["_re", "al"]))
-    assert type(real) is _ssl._SSLSocket
+    assert type(real) is SSL_SOCKET
     assert proxy.version() == real.version() == "TLSv1.3"
     assert proxy.server_side is True
     other = server_ctx()
@@ -438,6 +450,7 @@ def test_connection_state_of_every_policy(
 ) -> None:
     if policy == "defer" and tlsctl.info().mechanism is None:
         pytest.skip("needs a defer mechanism (native or stash)")
+    require_binding_for(policy)
     p = connect(tlsctl.patch(server_ctx(), tickets=policy), client_ctx())
     issued = 2 if policy == "defer" else 0  # "immediate": OpenSSL's own
     assert tlsctl.connection_state(p.server) == tlsctl.ConnectionState(

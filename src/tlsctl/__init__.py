@@ -20,7 +20,10 @@ Public API: ``patch``, ``issue_tickets``, ``connection_state``, ``info``,
 multi-machine servers (``set_ticket_keys``, ``TicketKey``, and from files,
 reloaded on change: ``watch_ticket_keys``; rotated automatically, also
 fleet-wide from one master: ``rotate_ticket_keys``;
-``set_ticket_lifetime``); the exceptions rooted at ``TlsctlError``;
+``set_ticket_lifetime``); the exceptions rooted at ``TlsctlError``
+(``NotBoundError`` where tlsctl cannot bind: PyPy, uv's Pythons, where
+``defer`` serves memory-BIO connections only and says so once with
+``SocketsNotDeferredWarning``);
 ``inject_into_ssl`` / ``extract_from_ssl`` for every server context of the
 process (``python -m tlsctl run -- COMMAND`` does it for a process tree).
 ``python -m tlsctl doctor`` shows what was bound; ``python -m tlsctl demo``
@@ -31,6 +34,7 @@ from tlsctl._bind import Info, info
 from tlsctl._errors import (
     BindingError,
     ConnectionStateError,
+    NotBoundError,
     OpenSSLError,
     TlsctlError,
     UnsupportedError,
@@ -50,6 +54,7 @@ from tlsctl._policy import (
     issue_tickets,
     patch,
 )
+from tlsctl._pyhold import SocketsNotDeferredWarning
 from tlsctl._tickets import (
     ResumeStatus,
     TicketDecision,
@@ -71,8 +76,10 @@ __all__ = [
     "Info",
     "KeyFileWarning",
     "KeyWatcher",
+    "NotBoundError",
     "OpenSSLError",
     "ResumeStatus",
+    "SocketsNotDeferredWarning",
     "TicketDecision",
     "TicketKey",
     "TicketStatus",

@@ -42,6 +42,8 @@ def _doctor() -> int:
         if name == "openssl_version_number":
             value = f"{value:#x}"
         print(f"  {name:24} {value}")
+    if info.mechanism == "python":  # tlsctl-pymech
+        return _doctor_python()
     if not info.bound:
         print("not bound: patch() will raise BindingError")
         return 1
@@ -72,6 +74,48 @@ def _doctor() -> int:
     return 0 if ok else 1
 
 
+# --- tlsctl-pymech ----------------------------------------------------------
+def _doctor_python() -> int:
+    """doctor under the python mechanism: what works here, and one live
+    patched memory-BIO exchange with resumption."""
+    from tlsctl import _pyhold
+
+    print("what works here (mechanism python):")
+    for subject, verdict in _pyhold.support():
+        print(f"  {subject:24} {verdict}")
+    try:
+        import trustme  # noqa: F401
+    except ImportError:
+        print("live check skipped: install tlsctl[demo] (trustme) to run it")
+        return 0
+    import warnings
+
+    certs = scenarios.make_certs(client_sans=1)
+    with warnings.catch_warnings():  # its news is printed above
+        warnings.simplefilter("ignore", _pyhold.SocketsNotDeferredWarning)
+        server = tlsctl.patch(scenarios.server_context(certs))
+    result = scenarios.memory_bio_request_response(
+        server, scenarios.client_context(certs), connections=2
+    )
+    ok = (
+        result.replies_ok == 2
+        and result.resumed == 1
+        and result.early_bytes == 0
+        and result.tickets > 0
+    )
+    print(
+        f"live patched memory-BIO exchange (tickets='defer'): replies "
+        f"{result.replies_ok}/2, bytes sent between handshake and first write "
+        f"{result.early_bytes}, tickets delivered {result.tickets}, resumed "
+        f"{result.resumed}/1 -> {'OK' if ok else 'FAILED'}"
+    )
+    _doctor_quickack()
+    return 0 if ok else 1
+
+
+# --- end tlsctl-pymech ------------------------------------------------------
+
+
 def _doctor_quickack() -> None:
     """Where tlsctl can spare clients without TCP_NODELAY the delayed-ACK
     stall (TCP_QUICKACK after the handshake; see the README's FAQ)."""
@@ -83,7 +127,10 @@ def _doctor_quickack() -> None:
     if not hasattr(socket, "TCP_QUICKACK"):
         print("  quickack                 unavailable (no TCP_QUICKACK on this system)")
         return
-    print("  quickack sockets         active (set in C when the handshake is done)")
+    if tlsctl.info().mechanism == "python":  # tlsctl-pymech
+        print("  quickack sockets         not needed (sockets are stock here)")
+    else:
+        print("  quickack sockets         active (set in C when the handshake is done)")
     for name in ("asyncio", "trio", "uvloop"):  # what a server here would get
         try:
             importlib.import_module(name)
@@ -99,6 +146,12 @@ def _demo(connections: int, size: int) -> int:
         f"tlsctl demo: Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
         f"mechanism={info.mechanism}"
     )
+    if info.mechanism == "python":  # tlsctl-pymech
+        print(
+            "the demo's servers are ssl sockets, which are stock with the python "
+            "mechanism; `python -m tlsctl doctor` checks a memory-BIO server"
+        )
+        return 1
     if not info.bound or info.mechanism is None:
         print(f"cannot patch here: {info.reason or 'no defer mechanism'}")
         return 1

@@ -15,8 +15,16 @@ Python object unless
    connection, ``SSL_get_SSL_CTX(ssl)`` is that proven context.
 
 Binding happens once, at import.  If it fails, ``import tlsctl`` still
-succeeds, ``info()`` says why, and every call that needs OpenSSL raises
-``BindingError``.
+succeeds, ``info()`` says why, ``defer`` uses the python mechanism for
+memory-BIO connections (``_pyhold``), and every call that needs OpenSSL
+raises ``NotBoundError`` (a ``BindingError`` and an ``UnsupportedError``).
+
+Environment (read once, at import; testing aids):
+
+* ``TLSCTL_BINDING=off``: do not bind (the compiled module is not even
+  loaded), as on an interpreter tlsctl cannot bind (uv's
+  python-build-standalone builds, PyPy).
+* ``TLSCTL_MECHANISM=native|stash|python``: force ``defer``'s mechanism.
 """
 
 from __future__ import annotations
@@ -24,21 +32,54 @@ from __future__ import annotations
 import _ssl
 import os
 import ssl
+import sys
 
-from tlsctl._errors import BindingError, ConnectionStateError, OpenSSLError
+from tlsctl._errors import (
+    BindingError,
+    ConnectionStateError,
+    NotBoundError,
+    OpenSSLError,
+)
 from tlsctl._record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-try:
-    from tlsctl._binding import ffi, lib
-except ImportError as exc:  # pragma: no cover - only a broken install
+# --- tlsctl-pymech: the binding seam and the non-CPython path -------------
+#: ``TLSCTL_BINDING``, read once at import: ``off`` makes binding fail.
+BINDING_ENV = os.environ.get("TLSCTL_BINDING", "")
+#: ``TLSCTL_MECHANISM``, read once at import.
+MECHANISM_ENV = os.environ.get("TLSCTL_MECHANISM", "")
+_IMPORT_ERROR: str | None
+ffi: Any
+lib: Any
+if BINDING_ENV == "off":
     ffi = lib = None
-    _IMPORT_ERROR: str | None = f"compiled module tlsctl._binding missing: {exc}"
+    _IMPORT_ERROR = (
+        "binding switched off by TLSCTL_BINDING=off (a testing aid: tlsctl "
+        "behaves as on an interpreter it cannot bind, such as uv's "
+        "python-build-standalone builds)"
+    )
+elif BINDING_ENV not in ("", "on"):
+    ffi = lib = None
+    _IMPORT_ERROR = f"TLSCTL_BINDING={BINDING_ENV!r} is not understood (use 'off')"
+elif sys.implementation.name != "cpython":
+    ffi = lib = None
+    _IMPORT_ERROR = (
+        f"{sys.implementation.name} is not CPython: tlsctl's compiled module "
+        "reads CPython's _ssl objects through the CPython C API, so it is "
+        "neither built nor loaded here"
+    )
 else:
-    _IMPORT_ERROR = None
+    try:
+        from tlsctl._binding import ffi, lib  # type: ignore[no-redef]
+    except ImportError as exc:  # pragma: no cover - only a broken install
+        ffi = lib = None
+        _IMPORT_ERROR = f"compiled module tlsctl._binding missing: {exc}"
+    else:
+        _IMPORT_ERROR = None
+# --- end tlsctl-pymech ----------------------------------------------------
 
 __all__ = [
     "SSL_SOCKET_TYPE",
@@ -57,7 +98,20 @@ __all__ = [
 ]
 
 _MIN_VERSION = 0x10101000  # OpenSSL 1.1.1
-SSL_SOCKET_TYPE: Any = _ssl._SSLSocket  # type: ignore[attr-defined]
+
+
+def _find_sslsocket_type() -> Any:
+    """``_ssl._SSLSocket``: the type of a connection's ``_sslobj`` (PyPy's
+    ``_ssl`` does not export it under that name: found from an object)."""
+    found = getattr(_ssl, "_SSLSocket", None)
+    if found is None:  # tlsctl-pymech
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        conn: Any = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
+        found = type(conn._sslobj)
+    return found
+
+
+SSL_SOCKET_TYPE: Any = _find_sslsocket_type()
 
 
 def _find_stdlib_context() -> type[ssl.SSLContext]:
@@ -108,9 +162,13 @@ class Info(Record):
         native_tickets: ``SSL_new_session_ticket`` is available (OpenSSL 3.0+),
             so ``defer`` and ``issue_tickets`` work natively.
         mechanism: what ``defer`` uses: ``"native"`` (OpenSSL 3.0+),
-            ``"stash"`` (1.1.1), or ``None`` when nothing is bound.  The
-            environment variable ``TLSCTL_MECHANISM=stash`` forces the stash
-            on OpenSSL 3.x too (read once, at import; a testing aid).
+            ``"stash"`` (1.1.1), ``"python"`` (no binding: memory-BIO
+            servers are deferred in pure Python, sockets stay stock; see
+            ``_pyhold``), or ``None`` when ``TLSCTL_MECHANISM`` names a
+            mechanism that is not available.  ``TLSCTL_MECHANISM=stash``
+            forces the stash on OpenSSL 3.x too, ``TLSCTL_MECHANISM=python``
+            the python mechanism on any interpreter (read once, at import;
+            testing aids).
     """
 
     __slots__ = (
@@ -175,9 +233,15 @@ def _bind() -> Info:
             "library": None,
             "via": None,
             "native_tickets": False,
-            "mechanism": None,
+            # without the binding, only the python mechanism is left
+            "mechanism": "python" if MECHANISM_ENV in ("", "python") else None,
         }
         fields.update(extra)
+        if fields["mechanism"] is None and "mechanism" not in extra:
+            fields["reason"] += (
+                f"; TLSCTL_MECHANISM={MECHANISM_ENV!r} needs the binding "
+                "(only 'python' works without it)"
+            )
         return Info(**fields)
 
     if _IMPORT_ERROR is not None:
@@ -212,15 +276,16 @@ def _bind() -> Info:
 
     native = bool(lib.tlsctl_has_symbol(b"SSL_new_session_ticket"))
     mechanism = "native" if native else "stash"
-    forced = os.environ.get("TLSCTL_MECHANISM")
-    if forced == "stash" or (forced == "native" and native):
+    forced = MECHANISM_ENV
+    if forced in ("stash", "python") or (forced == "native" and native):
         mechanism = forced
     elif forced:
-        choices = "'native' or 'stash'" if native else "'stash'"
+        choices = "'native', 'stash' or 'python'" if native else "'stash' or 'python'"
         return failed(
             f"TLSCTL_MECHANISM={forced!r} is not available here (use {choices})",
             via=via,
             library=library,
+            mechanism=None,
         )
     return Info(
         bound=True,
@@ -268,11 +333,20 @@ def info() -> Info:
     return _INFO
 
 
-def require_bound() -> None:
-    """Raise ``BindingError`` unless binding succeeded."""
+def require_bound(what: str = "this call") -> None:
+    """Raise ``NotBoundError`` (a ``BindingError`` and an
+    ``UnsupportedError``) unless binding succeeded; ``what`` names the API
+    or setting that needs the binding."""
     if not _INFO.bound:
-        raise BindingError(
-            f"tlsctl is not bound to this interpreter's OpenSSL: {_INFO.reason}"
+        python = (
+            " (memory-BIO servers still get tickets='defer' through the python "
+            "mechanism)"
+            if _INFO.mechanism == "python"
+            else ""
+        )
+        raise NotBoundError(
+            f"tlsctl is not bound to this interpreter's OpenSSL, and {what} "
+            f"needs the binding: {_INFO.reason}{python}"
         )
 
 
@@ -295,13 +369,7 @@ def ctx_pointer(ctx: object) -> tuple[Any, int]:
     ``BindingError`` when its ``SSL_CTX`` is not proven to come from the bound
     OpenSSL.  Nothing is called on the context before that proof.
     """
-    # type(), not isinstance(): a Mock(spec=ssl.SSLContext) fakes __class__.
-    if not issubclass(type(ctx), STDLIB_CONTEXT):
-        raise TypeError(
-            f"expected an ssl.SSLContext, got {type(ctx).__module__}."
-            f"{type(ctx).__qualname__} (only the stdlib ssl module's objects "
-            "are supported)"
-        )
+    check_context(ctx)
     require_bound()
     ptr = lib.tlsctl_ctx_of(id(ctx))
     kind = int(lib.tlsctl_ctx_method_kind(ptr))
@@ -313,6 +381,17 @@ def ctx_pointer(ctx: object) -> tuple[Any, int]:
             "it was left untouched"
         )
     return ptr, kind
+
+
+def check_context(ctx: object) -> None:
+    """``TypeError`` unless ``ctx`` is a stdlib ``ssl.SSLContext``."""
+    # type(), not isinstance(): a Mock(spec=ssl.SSLContext) fakes __class__.
+    if not issubclass(type(ctx), STDLIB_CONTEXT):
+        raise TypeError(
+            f"expected an ssl.SSLContext, got {type(ctx).__module__}."
+            f"{type(ctx).__qualname__} (only the stdlib ssl module's objects "
+            "are supported)"
+        )
 
 
 def serving_context(ctx: Any) -> Any:
@@ -331,10 +410,15 @@ def serving_context(ctx: Any) -> Any:
     return ctx
 
 
+#: The client method kind where nothing is bound (``ctx.protocol`` is
+#: ``PROTOCOL_TLS_CLIENT``), for ``require_server_kind``.
+KIND_CLIENT = -1
+
+
 def require_server_kind(kind: int, what: str) -> None:
     """``ValueError`` unless a context's method ``kind`` (from
     ``ctx_pointer``) can serve; ``what`` names the API that needs it."""
-    if kind == lib.TLSCTL_KIND_CLIENT:
+    if kind == (lib.TLSCTL_KIND_CLIENT if lib is not None else KIND_CLIENT):
         raise ValueError(
             f"{what} needs a server context (PROTOCOL_TLS_SERVER or "
             "PROTOCOL_TLS); this one was made with PROTOCOL_TLS_CLIENT"

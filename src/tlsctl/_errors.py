@@ -7,7 +7,9 @@ came from OpenSSL carries OpenSSL's error text in ``openssl_errors``.
     TlsctlError
      +-- BindingError        nothing could be bound, or an object is not from
      |                       the bound OpenSSL instance
-     +-- UnsupportedError    this OpenSSL lacks the feature
+     +-- UnsupportedError    this OpenSSL (or interpreter) lacks the feature
+     +-- NotBoundError       (BindingError and UnsupportedError) the call
+     |                       needs the binding, which this interpreter lacks
      +-- ConnectionStateError  the connection cannot do that now
      |                       (client side, TLS 1.2, before the handshake)
      +-- OpenSSLError        an OpenSSL call failed
@@ -18,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "BindingError",
     "ConnectionStateError",
+    "NotBoundError",
     "OpenSSLError",
     "TlsctlError",
     "UnsupportedError",
@@ -47,6 +50,14 @@ class BindingError(TlsctlError):
 class UnsupportedError(TlsctlError):
     """The bound OpenSSL lacks what the call needs (for example native ticket
     issuing, which needs OpenSSL 3.0)."""
+
+
+class NotBoundError(BindingError, UnsupportedError):
+    """The call needs tlsctl's binding to the interpreter's OpenSSL, and
+    this interpreter has none (PyPy, uv's python-build-standalone builds,
+    ``TLSCTL_BINDING=off``; ``tlsctl.info().reason`` says why).  Both a
+    ``BindingError`` (what it was before the python mechanism existed) and an
+    ``UnsupportedError`` (a feature this interpreter lacks)."""
 
 
 class ConnectionStateError(TlsctlError):

@@ -43,7 +43,7 @@ import os
 import weakref
 from collections.abc import Iterable
 
-from tlsctl import _bind, _keyfiles, _lifecycle, _policy, _tickets, _wrap
+from tlsctl import _bind, _keyfiles, _lifecycle, _policy, _pyhold, _tickets, _wrap
 from tlsctl._errors import TlsctlError
 from tlsctl._record import Record
 
@@ -208,16 +208,33 @@ def inject_into_ssl(
             ``ticket_keys`` and ``ticket_key_master``, or a key file of the
             wrong size or kind (``TicketKey.from_file``).
         OSError: a key file cannot be read.
-        BindingError: tlsctl is not bound here.
+        NotBoundError: (a ``BindingError`` and an ``UnsupportedError``)
+            tlsctl is not bound here and a setting needs the binding:
+            ``"suppress"``, ``count``, ``renew_on_resume=False``,
+            ``ticket_keys``, ``ticket_key_master``, ``ticket_lifetime``.
+            Without the binding the policy is still injected (``defer``:
+            memory-BIO connections only, see ``patch``) and the default
+            key rotation is skipped; ``injected()`` says so.
     """
     global _settings
     count = _policy.check_settings(tickets, count, renew_on_resume)
-    _bind.require_bound()
     if ticket_keys is not None and ticket_key_master is not None:
         raise ValueError("give ticket_keys or ticket_key_master, not both")
     if rotate_every is not None:
         _lifecycle._int_in(rotate_every, "rotate_every", 1, 2**32 - 1)
-    _lifecycle._int_in(keep, "keep", 0, _bind.lib.TLSCTL_MAX_KEEP)
+    if not _bind.info().bound:  # tlsctl-pymech: the policy only
+        _refuse_unbound(
+            tickets,
+            count,
+            renew_on_resume,
+            ticket_keys,
+            ticket_key_master,
+            ticket_lifetime,
+        )
+        keep_max = 2**31 - 1  # unused: no keys without the binding
+    else:
+        keep_max = _bind.lib.TLSCTL_MAX_KEEP
+    _lifecycle._int_in(keep, "keep", 0, keep_max)
     if ticket_lifetime is not None:
         _lifecycle._int_in(
             ticket_lifetime, "ticket_lifetime", 1, _lifecycle.MAX_TICKET_LIFETIME
@@ -261,6 +278,40 @@ def inject_into_ssl(
         _refused.clear()
         _wrap.install()
         _wrap.adopter = _adopt
+    if tickets == "defer" and _bind.info().mechanism == "python":
+        _pyhold.warn_sockets(stacklevel=1)
+
+
+# --- tlsctl-pymech ----------------------------------------------------------
+#: What ``injected()`` reports for keys where nothing is bound.
+_KEYS_SKIPPED = (
+    "skipped: ticket keys need tlsctl's binding, and tlsctl is not bound here "
+    "(each context keeps OpenSSL's own per-context keys)"
+)
+
+
+def _refuse_unbound(
+    tickets: str,
+    count: int | None,
+    renew_on_resume: bool,
+    ticket_keys: object,
+    ticket_key_master: object,
+    ticket_lifetime: int | None,
+) -> None:
+    """``NotBoundError`` for an injection setting that needs the binding."""
+    for given, what in (
+        (tickets == "suppress", "tickets='suppress'"),
+        (count is not None, "count="),
+        (not renew_on_resume, "renew_on_resume=False"),
+        (ticket_keys is not None, "ticket_keys="),
+        (ticket_key_master is not None, "ticket_key_master="),
+        (ticket_lifetime is not None, "ticket_lifetime="),
+    ):
+        if given:
+            _bind.require_bound(f"inject_into_ssl({what})")
+
+
+# --- end tlsctl-pymech ------------------------------------------------------
 
 
 def extract_from_ssl() -> None:
@@ -276,6 +327,8 @@ def extract_from_ssl() -> None:
             _settings.watcher.stop()
         for ctx in list(_adopted):
             _policy.unpatch(ctx)
+            if not _bind.info().bound:  # tlsctl-pymech: no keys were set
+                continue
             ptr, _ = _bind.ctx_pointer(_bind.serving_context(ctx))
             _bind.lib.tlsctl_clear_ticket_keys(ptr)
             if ctx in _timeouts:
@@ -294,6 +347,20 @@ def injected() -> dict[str, Any] | None:
         if s is None:
             return None
         keys = s.watcher.keys if s.watcher is not None else s.keys
+        if not _bind.info().bound:  # tlsctl-pymech
+            return {
+                "tickets": s.tickets,
+                "count": None,
+                "renew_on_resume": True,
+                "ticket_keys": _KEYS_SKIPPED,
+                "watched": None,
+                "master": None,
+                "generated_master": False,
+                "rotate_every": None,
+                "keep": s.keep,
+                "ticket_lifetime": None,
+                "contexts": len(_adopted),
+            }
         return {
             "tickets": s.tickets,
             "count": s.ticket_count,
@@ -316,6 +383,8 @@ def _apply(ctx: Any, settings: _Settings) -> None:
         count=settings.ticket_count,
         renew_on_resume=settings.renew_on_resume,
     )
+    if not _bind.info().bound:  # tlsctl-pymech: the policy only
+        return
     ptr, _ = _bind.ctx_pointer(_bind.serving_context(ctx))
     if settings.lifetime is not None:
         if ctx not in _timeouts:

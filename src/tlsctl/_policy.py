@@ -96,7 +96,7 @@ import operator
 import ssl
 import weakref
 
-from tlsctl import _bind, _quickack, _wrap
+from tlsctl import _bind, _pyhold, _quickack, _wrap
 from tlsctl._errors import (
     ConnectionStateError,
     OpenSSLError,
@@ -375,6 +375,7 @@ _PROXIES = (_FirstWriteProxy, _GuardProxy)  # the Python ones, with a _state
 # The C first-write proxy (None when nothing is bound: then nothing is armed).
 _C_PROXY: type | None = _bind.fast.get("FirstWriteProxy")
 _ALL_PROXIES = (*_PROXIES, _C_PROXY) if _C_PROXY is not None else _PROXIES
+_ALL_PROXIES = (*_ALL_PROXIES, _pyhold.PROXY)  # the python mechanism's
 # Policy names by the C module's TLSCTL_POLICY_* codes.
 _POLICY_NAMES = (None, "defer", "suppress", "immediate")
 
@@ -540,7 +541,12 @@ def install_plan(ctx: ssl.SSLContext) -> None:
     if policy is None and not callbacks:
         settings.pop(_wrap.PLAN_ATTR, None)
         return
-    if policy is not None and not callbacks and not policy.stash:
+    if policy is not None and (
+        not _bind.info().bound
+        or (policy.tickets == "defer" and _bind.info().mechanism == "python")
+    ):
+        plan = _python_plan(policy, callbacks)
+    elif policy is not None and not callbacks and not policy.stash:
         # All in C: no Python frame per connection (see the module docstring).
         plan = _bind.fast["make_apply"](
             _POLICY_NAMES.index(policy.tickets),
@@ -555,6 +561,56 @@ def install_plan(ctx: ssl.SSLContext) -> None:
 
     _wrap.install()
     settings[_wrap.PLAN_ATTR] = plan
+
+
+# --- tlsctl-pymech: the python mechanism (see _pyhold) --------------------
+def _python_plan(policy: _Policy, callbacks: bool) -> Any:
+    """The plan of a context under the python mechanism: ``defer`` holds
+    memory-BIO connections' tickets in Python; without the binding the other
+    policies can only be ``immediate`` (stock, recorded).  With the binding
+    (``TLSCTL_MECHANISM=python``), ``count`` and ticket callbacks are set up
+    through it on every server connection, as the stash does."""
+    if policy.tickets != "defer":
+        return _pyhold.record_plan(policy.tickets)
+    setup = None
+    if _bind.info().bound and (policy.count is not None or callbacks):
+        count = policy.count
+
+        def setup(conn: Connection) -> None:
+            if count is not None:
+                ptr = _bind.sslobj_pointer(_real_sslobj(conn))
+                _bind.lib.SSL_set_num_tickets(ptr, count)
+            if callbacks:
+                _prepare(conn, None, True)
+
+    return _pyhold.make_plan(setup)
+
+
+def _patch_unbound(
+    target: ssl.SSLContext, tickets: str, count: int | None, renew_on_resume: bool
+) -> None:
+    """``patch()`` where tlsctl is not bound: the python mechanism alone."""
+    _bind.check_context(target)
+    count = check_settings(tickets, count, renew_on_resume)
+    if target.protocol == ssl.PROTOCOL_TLS_CLIENT:
+        _bind.require_server_kind(_bind.KIND_CLIENT, "tlsctl.patch()")
+    if tickets == "suppress":
+        _bind.require_bound(
+            "tickets='suppress' (per-connection ticket control; "
+            "ctx.num_tickets = 0 suppresses for the whole context)"
+        )
+    if count is not None:
+        _bind.require_bound(
+            "count= (per-connection ticket control; set ctx.num_tickets "
+            "instead: the python mechanism defers what the context sends)"
+        )
+    if not renew_on_resume:
+        _bind.require_bound("renew_on_resume=False (a C session ticket callback)")
+    target.__dict__[_POLICY_ATTR] = _Policy(tickets, None, True, False)
+    install_plan(target)
+
+
+# --- end tlsctl-pymech ----------------------------------------------------
 
 
 def _check_count(count: object, low: int, name: str = "count") -> int:
@@ -613,8 +669,19 @@ def patch(
             belong to the bound OpenSSL; ``ctx`` is left untouched.
         UnsupportedError: the context already has an SSL info callback that
             is not tlsctl's (only with the stash, on OpenSSL 1.1.1).
+        NotBoundError: (a ``BindingError`` and an ``UnsupportedError``)
+            without the binding, ``"suppress"``, ``count`` and
+            ``renew_on_resume=False``; ``"defer"`` then works for
+            memory-BIO connections only (the python mechanism: sockets stay
+            stock, and a ``SocketsNotDeferredWarning`` says so once).
     """
     target = _bind.serving_context(ctx)
+    if not _bind.info().bound:  # tlsctl-pymech
+        _patch_unbound(target, tickets, count, renew_on_resume)
+        if tickets == "defer":
+            _quickack.install()
+            _pyhold.warn_sockets(stacklevel=1)
+        return ctx
     ptr, kind = _bind.ctx_pointer(target)
     count = check_settings(tickets, count, renew_on_resume)
     _bind.require_server_kind(kind, "tlsctl.patch()")
@@ -645,6 +712,8 @@ def patch(
         # memory-BIO servers: TCP_QUICKACK from asyncio's and trio's own
         # handshake hooks (sockets do it in C: _binding, 10.)
         _quickack.install()
+    if tickets == "defer" and _bind.info().mechanism == "python":
+        _pyhold.warn_sockets(stacklevel=1)  # tlsctl-pymech
     return ctx
 
 
@@ -652,6 +721,10 @@ def unpatch(ctx: ssl.SSLContext) -> None:
     """Take ``patch()``'s policy off ``ctx``: its new connections are stock
     again (ticket callbacks stay).  For ``extract_from_ssl``."""
     target = _bind.serving_context(ctx)
+    if not _bind.info().bound:  # tlsctl-pymech
+        if target.__dict__.pop(_POLICY_ATTR, None) is not None:
+            install_plan(target)
+        return
     ptr, _ = _bind.ctx_pointer(target)
     if target.__dict__.pop(_POLICY_ATTR, None) is None:
         return
@@ -696,11 +769,19 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
         UnsupportedError: OpenSSL < 3.0 has no ``SSL_new_session_ticket``.
         BindingError: tlsctl is not bound, or ``conn`` is not proven to
             belong to the bound OpenSSL.
+        NotBoundError: (a ``BindingError`` and an ``UnsupportedError``)
+            tlsctl is not bound here.
     """
     if not _bind.is_connection(conn):
         raise TypeError(
             f"expected an ssl.SSLSocket or ssl.SSLObject, got "
             f"{type(conn).__module__}.{type(conn).__qualname__}"
+        )
+    _bind.require_bound("issue_tickets()")  # tlsctl-pymech
+    if _pyhold.manages(conn):
+        raise UnsupportedError(
+            "issue_tickets() does not combine with the python mechanism "
+            "(TLSCTL_MECHANISM=python) on the connections it set up"
         )
     ptr = _bind.sslobj_pointer(_real_sslobj(conn))
     count = _check_count(count, 1)
@@ -756,6 +837,9 @@ def connection_state(conn: Connection) -> ConnectionState:
             f"expected an ssl.SSLSocket or ssl.SSLObject, got {type(conn).__name__}"
         )
     sslobj = _sslobj_of(conn)
+    python = _pyhold.state_of(conn) if sslobj is not None else None
+    if python is not None:  # tlsctl-pymech: the python mechanism's record
+        return ConnectionState(*python)
     if sslobj is None or not _bind.info().bound:
         return _UNTRACKED
     state = _state_of(conn)

@@ -30,6 +30,11 @@ without the handshake and then does what ``_create`` does (ssl.py,
 3.9 .. 3.15): the ``ValueError`` for a non-blocking socket, the handshake,
 and closing the socket if either fails.
 
+A plan may instead be a ``BioPlan`` (the python mechanism, ``_pyhold``):
+its ``sock`` part (a plan, or ``None`` for stock) serves ``wrap_socket``,
+and its ``bio`` part is called with the connection and its outgoing
+``MemoryBIO``, which an ``SSLObject`` does not expose.
+
 Invariant: a context without a plan, and every client-side connection, gets
 exactly the stock behaviour; the hooks keep the originals' signatures.
 """
@@ -44,9 +49,25 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-__all__ = ["PLAN_ATTR", "install", "installed"]
+__all__ = ["PLAN_ATTR", "BioPlan", "install", "installed"]
 
 PLAN_ATTR = "_tlsctl_plan"
+
+
+class BioPlan:
+    """A plan in two parts: ``sock(conn)`` for ``wrap_socket`` (``None``:
+    stock) and ``bio(conn, outgoing)`` for ``wrap_bio``."""
+
+    __slots__ = ("bio", "sock")
+
+    def __init__(
+        self,
+        sock: Callable[[Any], None] | None,
+        bio: Callable[[Any, ssl.MemoryBIO], None],
+    ) -> None:
+        self.sock = sock
+        self.bio = bio
+
 
 # The methods the hooks replaced (set by install()).
 _original: dict[str, Any] = {}
@@ -69,6 +90,8 @@ def _wrap_socket(
     plan = self.__dict__.get(PLAN_ATTR) if server_side else None
     if plan is None and server_side and adopter is not None:
         plan = adopter(self)
+    if type(plan) is BioPlan:
+        plan = plan.sock
     if not plan:
         conn: ssl.SSLSocket = _original["wrap_socket"](
             self,
@@ -116,7 +139,9 @@ def _wrap_bio(
         plan = self.__dict__.get(PLAN_ATTR)
         if plan is None and adopter is not None:
             plan = adopter(self)
-        if plan:
+        if type(plan) is BioPlan:
+            plan.bio(conn, outgoing)
+        elif plan:
             plan(conn)
     return conn
 

@@ -23,12 +23,14 @@ __all__ = [
     "Certs",
     "DeadlockResult",
     "FleetResult",
+    "MemoryBioResult",
     "ResumptionResult",
     "TicketCounter",
     "UploadResult",
     "client_context",
     "fleet_resumption",
     "make_certs",
+    "memory_bio_request_response",
     "one_way_uploads",
     "recv_line",
     "request_clients",
@@ -568,3 +570,85 @@ def fleet_resumption(
                 proc.terminate()
                 proc.join()
     return FleetResult(workers, reconnects, resumed, served_by)
+
+
+# ------------------------------------------------ memory BIOs (tlsctl-pymech)
+
+
+@dataclass
+class MemoryBioResult:
+    """Outcome of ``memory_bio_request_response``."""
+
+    connections: int
+    resumed: int
+    tickets: int  # NewSessionTickets the clients read
+    replies_ok: int
+    early_bytes: int  # server bytes after its handshake, before its reply
+
+
+def _pump(src: ssl.MemoryBIO, dst: ssl.MemoryBIO) -> bytes:
+    data = src.read()
+    dst.write(data)
+    return data
+
+
+def memory_bio_request_response(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    *,
+    connections: int = 2,
+) -> MemoryBioResult:
+    """In one thread over memory BIOs (as asyncio, uvloop and trio drive
+    ``SSLObject``): each client sends a request, the server reads it and
+    replies, and the client reconnects with its newest session.
+    ``early_bytes`` counts what the servers wrote after their handshake
+    finished and before their reply (0 when ``defer`` works; the tickets
+    still reach the clients, with the reply)."""
+    counter = TicketCounter(client_ctx)
+    resumed = ok = early = 0
+    session: ssl.SSLSession | None = None
+    for i in range(connections):
+        s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+        server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+        client = client_ctx.wrap_bio(
+            c_in, c_out, server_hostname="localhost", session=session
+        )
+        server_done = client_done = False
+        for _ in range(10):  # a handshake takes at most a few round trips
+            if not client_done:
+                try:
+                    client.do_handshake()
+                    client_done = True
+                except ssl.SSLWantReadError:
+                    pass
+            _pump(c_out, s_in)
+            if not server_done:
+                try:
+                    server.do_handshake()
+                    server_done = True
+                    early += s_out.pending
+                except ssl.SSLWantReadError:
+                    pass
+                _pump(s_out, c_in)
+            if server_done and client_done:
+                break
+        request = f"request {i}\n".encode()
+        client.write(request)
+        _pump(c_out, s_in)
+        got = server.read(1024)  # a read: must not release deferred tickets
+        early += s_out.pending
+        server.write(b"reply to " + got)
+        _pump(s_out, c_in)
+        reply = b""
+        while True:
+            try:
+                chunk = client.read(1024)
+            except ssl.SSLWantReadError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+        ok += reply == b"reply to " + request
+        resumed += bool(client.session_reused)
+        session = client.session
+    return MemoryBioResult(connections, resumed, counter.count, ok, early)
