@@ -16,24 +16,49 @@
 # Debian sid (3.15: it names abi3 modules .abi3-<platform>.so, which 3.9 ..
 # 3.14 do not load) and proves that wheel binds on the host's Python 3.11.
 #
-# Chroots are made with debootstrap and reused when present (a chroot is
-# only reused once fully set up: see the .tlsctl-ready marker).  pip inside
-# the chroots cannot verify the registry's certificate here, so the test
+# and in a fifth, from source: PyPy (Debian's pypy3, the python mechanism).
+#
+# Chroots are made with debootstrap from the Debian mirror this machine's apt
+# uses (TLSCTL_MIRROR overrides) and reused when present (a chroot is only
+# reused once fully set up: see the .tlsctl-ready marker).  pip inside the
+# chroots cannot verify the registry's certificate here, so the test
 # dependencies are downloaded on the host for each Python version and
-# installed offline.  Needs root.  Any failure is fatal: nothing is skipped.
+# installed offline.  Any failure is fatal: nothing is skipped.
+#
+# Needs: root, Debian's archive (debootstrap, the peers, pypy3), about 3 GB
+# in the chroot cache, and PyPI for the Python packages.  The tools it uses
+# itself (uv, auditwheel, twine, build) go into a private virtual
+# environment, never into the Python that runs it.
 #
 # Usage: ci/matrix.sh            (TLSCTL_CHROOTS overrides the cache folder)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${TLSCTL_CHROOTS:-/var/tmp/tlsctl-chroots}
-MIRROR=${TLSCTL_MIRROR:-http://deb.debian.org/debian}
 OUT="$CACHE/out"
+ARCH=$(uname -m)                    # x86_64, aarch64: wheel platform tags
 BUILD_DEPS=(pip "setuptools>=77" "cffi>=1.14" wheel)
 SANITIZE_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
 SUMMARY=()
 
 log() { printf '\n=== matrix: %s (at %ds)\n' "$*" "$SECONDS"; }
+
+host_mirror() {  # the Debian mirror of this machine's apt sources (deb822 or one-line)
+    local uri
+    uri=$(awk '$1 == "URIs:" && $2 !~ /security/ {print $2; exit}' \
+        /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    if [ -z "$uri" ]; then
+        uri=$(sed -nE 's/^deb +(\[[^]]*\] +)?(https?:[^ ]+).*/\2/p' \
+            /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+            | grep -v security | head -n 1 || true)
+    fi
+    echo "$uri"
+}
+MIRROR=${TLSCTL_MIRROR:-$(host_mirror)}
+if [ -z "$MIRROR" ]; then
+    echo "matrix: no Debian mirror in this machine's apt sources; set TLSCTL_MIRROR" >&2
+    exit 1
+fi
 
 mounted() { mountpoint -q "$1"; }
 
@@ -45,19 +70,25 @@ enter() {  # enter DIR CMD...: run CMD in the chroot with /proc and /dev
         HOME=/root LANG=C.UTF-8 "$@"
 }
 
+unmount() {  # unmount DIR: what enter mounted in a chroot
+    local m
+    for m in dev proc; do
+        if [ -d "$1/$m" ] && mounted "$1/$m"; then umount -l "$1/$m"; fi
+    done
+}
+
 cleanup() {
     local dir
     for dir in "$CACHE"/bullseye "$CACHE"/trixie "$CACHE"/sid; do
-        for m in dev proc; do
-            if [ -d "$dir/$m" ] && mounted "$dir/$m"; then umount -l "$dir/$m"; fi
-        done
+        unmount "$dir"
     done
 }
 trap cleanup EXIT
 
-# Real peers the tests drive (tests/test_http_server.py, test_openssl_cli.py):
-# installed from Debian's archive in every system, also into cached chroots.
-PEERS=(curl openssl)
+# Real peers the tests drive (tests/test_http_server.py, test_openssl_cli.py,
+# test_wire.py's write count): installed from Debian's archive in every
+# system, also into cached chroots.
+PEERS=(curl openssl strace)
 
 ensure_peers() {  # ensure_peers [DIR]: install PEERS in a chroot or the host
     local dir=${1:-} missing=() p
@@ -79,14 +110,32 @@ ensure_peers() {  # ensure_peers [DIR]: install PEERS in a chroot or the host
     fi
 }
 
+# CPython's own test_ssl (tests/test_stdlib_suites.py): Debian ships the
+# stdlib's test package apart, as libpython3.X-testsuite; and test_ssl needs
+# "localhost" to resolve, which a minbase chroot's missing /etc/hosts breaks.
+ensure_stdlib_tests() {  # ensure_stdlib_tests DIR
+    local dir=$1 pkg
+    pkg=$(enter "$dir" python3 -c 'import sys; print("libpython3.%d-testsuite" % sys.version_info[1])')
+    if ! grep -q localhost "$dir/etc/hosts" 2>/dev/null; then
+        printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' \
+            > "$dir/etc/hosts"
+    fi
+    enter "$dir" dpkg -s "$pkg" >/dev/null 2>&1 && return
+    log "$(basename "$dir"): installing $pkg"
+    enter "$dir" /bin/sh -ec "apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $pkg >/dev/null"
+}
+
 make_chroot() {  # make_chroot SUITE
     local suite=$1 dir="$CACHE/$1"
     if [ -f "$dir/.tlsctl-ready" ]; then
         log "$suite: reusing $dir"
         ensure_peers "$dir"
+        ensure_stdlib_tests "$dir"
         return
     fi
     log "$suite: debootstrap into $dir"
+    unmount "$dir"  # a killed run may have left the host's /dev bound there
     rm -rf "$dir"
     command -v debootstrap >/dev/null || {
         apt-get update -q && apt-get install -y -q debootstrap
@@ -101,6 +150,7 @@ make_chroot() {  # make_chroot SUITE
         cd /tmp && apt-get download -q libssl-dev >/dev/null
         dpkg -x /tmp/libssl-dev_*.deb /opt/openssl-headers && rm /tmp/libssl-dev_*.deb'
     ensure_peers "$dir"
+    ensure_stdlib_tests "$dir"
     touch "$dir/.tlsctl-ready"
 }
 
@@ -111,6 +161,7 @@ make_sid() {  # the sid chroot: gcc + the newest CPython, to build a wheel
         return
     fi
     log "sid: debootstrap into $dir"
+    unmount "$dir"
     rm -rf "$dir"
     # libffi-dev: to build cffi from its sdist if no wheel exists yet for
     # this CPython (wheels_for ... build falls back to the sdist).
@@ -147,23 +198,23 @@ wheels_for() {  # wheels_for PYVER [build]: what PYVER needs, for offline use
     mkdir -p "$dest"
     log "wheels for Python $pyver${kind:+ ($kind)} -> $dest"
     printf '%s\n' "${BUILD_DEPS[@]}" > "$CACHE/build-deps.txt"
-    python3 -m uv pip compile -q --no-header --no-annotate \
-        --python-version "$pyver" --python-platform x86_64-manylinux_2_31 \
+    "$TPY" -m uv pip compile -q --no-header --no-annotate \
+        --python-version "$pyver" --python-platform "$ARCH-manylinux_2_31" \
         "${project[@]}" "$CACHE/build-deps.txt" -o "$lock"
     local platforms=() v
-    for v in $(seq 5 31); do platforms+=(--platform "manylinux_2_${v}_x86_64"); done
-    platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64
-                --platform manylinux1_x86_64)
-    python3 -m pip download -q --no-deps --only-binary=:all: \
+    for v in $(seq 5 31); do platforms+=(--platform "manylinux_2_${v}_$ARCH"); done
+    platforms+=(--platform "manylinux2014_$ARCH" --platform "manylinux2010_$ARCH"
+                --platform "manylinux1_$ARCH")
+    "$TPY" -m pip download -q --no-deps --only-binary=:all: \
         --python-version "$pyver" "${platforms[@]}" -d "$dest" -r "$lock" && return
     [ "$kind" = build ] || return 1
     # A CPython newer than some build dependency's wheels (cffi, for one):
     # take that package's sdist; the sid chroot has gcc and libffi-dev.
     local pkg
     while read -r pkg; do
-        python3 -m pip download -q --no-deps --only-binary=:all: \
+        "$TPY" -m pip download -q --no-deps --only-binary=:all: \
             --python-version "$pyver" "${platforms[@]}" -d "$dest" "$pkg" \
-        || python3 -m pip download -q --no-deps --no-binary=:all: -d "$dest" "$pkg"
+        || "$TPY" -m pip download -q --no-deps --no-binary=:all: -d "$dest" "$pkg"
     done < "$lock"
 }
 
@@ -205,15 +256,16 @@ run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
 # copy (and, for host-asan, commands setting up its environment).  The suite
 # runs from the source copy's tests/ while tlsctl itself is imported from the
 # installed wheel (src/ is not on sys.path), which the first command proves.
-suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS [SETUP]
+suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS [SETUP] [PYTHON]
     cat <<EOF
 set -e
-rm -rf $1 && python3 -m venv $1
+rm -rf $1 && ${6:-python3} -m venv $1
 . $1/bin/activate
 python -m pip install -q ${4:+--no-index --find-links $4} --upgrade pip
 python -m pip install -q ${4:+--no-index --find-links $4} "$3[test]"
 cd $2
-export TLSCTL_OPENSSL_INCLUDE=/opt/openssl-headers/usr/include:/opt/openssl-headers/usr/include/x86_64-linux-gnu
+export TLSCTL_OPENSSL_INCLUDE=/opt/openssl-headers/usr/include:/opt/openssl-headers/usr/include/$(gcc -print-multiarch 2>/dev/null || echo "$ARCH-linux-gnu")
+export TLSCTL_STDLIB_SUITES=${STDLIB_SUITES:-defer}
 ${5:-}
 python -c 'import tlsctl, sys; print("tlsctl.__file__", tlsctl.__file__); sys.exit("/site-packages/" not in tlsctl.__file__)'
 python -m pytest -p no:cacheprovider
@@ -255,7 +307,14 @@ EOF
 }
 
 mkdir -p "$CACHE" "$OUT"
-python3 -m pip install -q uv auditwheel
+# The matrix's own tools, in a private virtual environment (a system Python
+# such as Debian 12's refuses pip install; and the caller's stays untouched).
+TOOLS="$CACHE/tools"
+if [ ! -x "$TOOLS/bin/python" ]; then
+    python3 -m venv "$TOOLS"
+fi
+TPY="$TOOLS/bin/python"
+"$TPY" -m pip install -q --upgrade pip uv auditwheel twine build
 make_chroot bullseye
 make_chroot trixie
 make_sid
@@ -294,7 +353,7 @@ esac
 
 # ---- auditwheel: no OpenSSL bundled or required ----------------------------
 log "auditwheel show"
-audit=$(python3 -m auditwheel show "$WHEEL" 2>&1)
+audit=$("$TPY" -m auditwheel show "$WHEEL" 2>&1)
 echo "$audit"
 if grep -Eq 'libssl|libcrypto' <<<"$audit"; then
     echo "matrix: the wheel bundles or requires libssl/libcrypto" >&2
@@ -303,6 +362,24 @@ fi
 PLATFORM=$(grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' <<<"$audit" | head -n 1)
 [ -n "$PLATFORM" ] || { echo "matrix: no platform tag from auditwheel" >&2; exit 1; }
 SUMMARY+=("wheel: $(basename "$WHEEL"), auditwheel platform tag $PLATFORM, no libssl/libcrypto")
+
+# ---- the sdist, and twine check of both --------------------------------------
+log "sdist and twine check"
+SDIST_SRC=$(mktemp -d /tmp/tlsctl-sdist.XXXXXX)
+copy_source "$SDIST_SRC"
+rm -f "$OUT"/tlsctl-*.tar.gz
+"$TPY" -m build -q --sdist -o "$OUT" "$SDIST_SRC" >/dev/null
+rm -rf "$SDIST_SRC"
+SDIST=$(ls "$OUT"/tlsctl-*.tar.gz)
+for member in src/_tlsctl_c/tlsctl.h src/_tlsctl_c/bind.c src/_tlsctl_c/proxy.c LICENSE \
+        src/tlsctl/site-hook/sitecustomize.py; do
+    tar -tzf "$SDIST" | grep -q "/$member\$" || {
+        echo "matrix: the sdist lacks $member" >&2
+        exit 1
+    }
+done
+"$TPY" -m twine check --strict "$WHEEL" "$SDIST"
+SUMMARY+=("sdist: $(basename "$SDIST") holds the C sources; twine check --strict passes for both")
 
 # ---- the wheel built by the newest CPython, loaded by an older one --------
 # The wheel's tag (cp39-abi3) promises the module to every CPython >= 3.9,
@@ -336,7 +413,7 @@ SID_WHEEL=$(ls "$CACHE"/sid/out/tlsctl-*.whl)
 SID_NAME=$(basename "$SID_WHEEL")
 SID_SO=$(python3 -c 'import sys, zipfile
 print(*[n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.endswith(".so")])' "$SID_WHEEL")
-SID_TAG=$(python3 -m auditwheel show "$SID_WHEEL" 2>&1 \
+SID_TAG=$("$TPY" -m auditwheel show "$SID_WHEEL" 2>&1 \
     | grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' | head -n 1 || true)
 log "sid: $SID_NAME holds $SID_SO, auditwheel: ${SID_TAG:-no manylinux tag} (built in $((SECONDS - sid_start))s)"
 case "$SID_NAME" in
@@ -385,8 +462,25 @@ done
 ensure_peers
 HOST_SRC=$(mktemp -d /tmp/tlsctl-host-src.XXXXXX)
 copy_source "$HOST_SRC"
-run_suite host /bin/sh -c "$(suite_script "$HOST_SRC/.venv" "$HOST_SRC" "$WHEEL" "")"
+# The host also runs CPython's and trio's test_ssl under suppress, immediate
+# and the forced stash (tests/test_stdlib_suites.py); the chroots run defer.
+STDLIB_SUITES=all run_suite host /bin/sh -c \
+    "$(STDLIB_SUITES=all suite_script "$HOST_SRC/.venv" "$HOST_SRC" "$WHEEL" "")"
 rm -rf "$HOST_SRC"
+
+# ---- pypy: Debian's PyPy, where tlsctl cannot bind (the python mechanism) ----
+# tlsctl installs there as pure Python from the source tree; memory-BIO
+# servers are deferred, sockets stock (their tests skip with the reason).
+if ! command -v pypy3 >/dev/null || ! pypy3 -c 'import venv, ensurepip' 2>/dev/null; then
+    log "host: installing pypy3"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q pypy3 pypy3-venv >/dev/null
+fi
+PYPY_SRC=$(mktemp -d /tmp/tlsctl-pypy-src.XXXXXX)
+copy_source "$PYPY_SRC"
+run_suite pypy /bin/sh -c "$(suite_script "$PYPY_SRC/.venv" "$PYPY_SRC" "$PYPY_SRC" "" \
+    'python -c "import tlsctl; i = tlsctl.info(); print(\"tlsctl: mechanism\", i.mechanism, \"bound\", i.bound)"' pypy3)"
+rm -rf "$PYPY_SRC"
 
 # ---- host-asan: the whole suite against an ASan + UBSan build --------------
 # Its own wheel, built from source on the host: CFLAGS reaches cffi's
@@ -394,7 +488,7 @@ rm -rf "$HOST_SRC"
 log "host-asan: building the module with $SANITIZE_CFLAGS"
 ASAN_SRC=$(mktemp -d /tmp/tlsctl-asan-src.XXXXXX)
 copy_source "$ASAN_SRC"
-CFLAGS="$SANITIZE_CFLAGS" python3 -m pip wheel -q --no-deps --no-cache-dir \
+CFLAGS="$SANITIZE_CFLAGS" "$TPY" -m pip wheel -q --no-deps --no-cache-dir \
     -w "$ASAN_SRC/dist" "$ASAN_SRC"
 mkdir -p "$ASAN_SRC/no-preload"
 printf '#!/bin/sh\nunset LD_PRELOAD\nexec %s "$@"\n' "$(command -v curl)" \
@@ -408,6 +502,6 @@ rm -rf "$ASAN_SRC"
 
 log "summary"
 printf '%s\n' "${SUMMARY[@]}"
-# One closing line in the plain form CI reads: totals over the four systems.
+# One closing line in the plain form CI reads: totals over the five systems.
 count() { grep -oE "[0-9]+ $1" <<<"${SUMMARY[*]}" | awk '{s += $1} END {print s + 0}'; }
 echo "matrix: $(count passed) passed, $(count failed) failed, $(count skipped) skipped"
