@@ -6,7 +6,7 @@ import gc
 import ssl
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, cast
 from unittest import mock
 
 import pytest
@@ -67,7 +67,7 @@ def test_defer_sends_nothing_until_first_write_then_tickets_first(
     # the stash keeps a filter BIO in C, invisible here).
     stock, _ = counted_pair(server_ctx())
     assert type(p.server) is ssl.SSLObject
-    assert type(p.server._sslobj) is SSL_SOCKET
+    assert type(cast(Any, p.server)._sslobj) is SSL_SOCKET
     assert sorted(vars(p.server)) == sorted(vars(stock.server))
     # Later writes carry no ticket.
     p.server.write(b"more")
@@ -243,7 +243,12 @@ def test_issue_tickets_errors(
         tlsctl.issue_tickets(p.server, 0)
     with pytest.raises(TypeError, match="int"):
         tlsctl.issue_tickets(p.server, "2")  # type: ignore[arg-type]
-    for bad in (None, object(), mock.Mock(spec=ssl.SSLObject), p.server._sslobj):
+    for bad in (
+        None,
+        object(),
+        mock.Mock(spec=ssl.SSLObject),
+        cast(Any, p.server)._sslobj,
+    ):
         with pytest.raises(TypeError):
             tlsctl.issue_tickets(bad)  # type: ignore[arg-type]
     if not tlsctl.info().native_tickets:
@@ -290,7 +295,7 @@ def test_patch_rejects_bad_input_and_leaves_context_untouched(
 def test_patch_refuses_pyopenssl_context() -> None:
     SSL = pytest.importorskip("OpenSSL.SSL", reason="pyOpenSSL not installed")
     with pytest.raises(TypeError, match=r"OpenSSL\.SSL\.Context"):
-        tlsctl.patch(SSL.Context(SSL.TLS_SERVER_METHOD))  # type: ignore[arg-type]
+        tlsctl.patch(cast(Any, SSL.Context(SSL.TLS_SERVER_METHOD)))
 
 
 @needs_binding
@@ -369,7 +374,7 @@ def test_client_role_on_patched_generic_context_is_stock(
     server = tlsctl.patch(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     certs.server.configure_cert(server)
     p = pair_factory(server, generic)
-    assert type(p.client._sslobj) is SSL_SOCKET  # never armed
+    assert type(cast(Any, p.client)._sslobj) is SSL_SOCKET  # never armed
     assert tlsctl.connection_state(p.client) == tlsctl.ConnectionState(None, False, 0)
     p.handshake()
     p.client.write(b"c")
@@ -384,7 +389,7 @@ def test_armed_connection_has_no_reference_cycle(
 ) -> None:
     p = pair_factory(tlsctl.patch(server_ctx()), client_ctx())
     if tlsctl.info().mechanism == "native":
-        assert type(p.server._sslobj).__name__ == "FirstWriteProxy"
+        assert type(cast(Any, p.server)._sslobj).__name__ == "FirstWriteProxy"
     ref = weakref.ref(p.server)
     gc.disable()
     try:
@@ -402,7 +407,7 @@ def test_python_ex_data_index_0_is_intact(
     callback; it must still find the right one on a patched context."""
     seen: list[Any] = []
     server = tlsctl.patch(server_ctx())
-    server.sni_callback = lambda conn, name, ctx: seen.append((conn, name))  # type: ignore[assignment,misc]
+    server.sni_callback = cast(Any, lambda conn, name, ctx: seen.append((conn, name)))
     p = pair_factory(server, client_ctx())
     p.handshake()
     assert seen == [(p.server, "localhost")]
@@ -460,4 +465,4 @@ def test_connection_state_of_every_policy(
 
 def test_connection_state_rejects_non_connections() -> None:
     with pytest.raises(TypeError):
-        tlsctl.connection_state(mock.Mock(spec=ssl.SSLSocket))  # type: ignore[arg-type]
+        tlsctl.connection_state(cast(Any, mock.Mock(spec=ssl.SSLSocket)))

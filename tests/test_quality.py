@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,19 +12,36 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
 
 
 def test_mypy_strict() -> None:
     pytest.importorskip("mypy", reason="mypy is not installed (CPython-only extra)")
     proc = _run("mypy", "--strict", "src/tlsctl", "bench/clienthello.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_strict_on_the_tests() -> None:
+    """The tests are typed too; they import conftest and bench's modules as
+    top-level modules, so mypy runs from tests/ with bench/ on its path."""
+    pytest.importorskip("mypy", reason="mypy is not installed (CPython-only extra)")
+    tests = ROOT / "tests"
+    files = [
+        *sorted(p.name for p in tests.glob("*.py")),
+        "stdlib_patch/sitecustomize.py",
+    ]
+    env = dict(os.environ, MYPYPATH=str(ROOT / "bench"))
+    proc = _run("mypy", "--strict", *files, cwd=tests, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import types
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import pytest
 
@@ -266,7 +266,7 @@ def test_install_is_idempotent() -> None:
     assert asyncio.sslproto.SSLProtocol._on_handshake_complete is hooked
     assert _quickack._hook_asyncio(asyncio.sslproto) == "active"  # not twice
     assert asyncio.sslproto.SSLProtocol._on_handshake_complete is hooked
-    assert not hasattr(hooked.__wrapped__, "__wrapped__")
+    assert not hasattr(cast(Any, hooked).__wrapped__, "__wrapped__")
 
 
 def test_unexpected_private_hooks_are_left_alone() -> None:

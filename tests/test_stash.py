@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import pytest
 
@@ -56,7 +56,7 @@ def test_stash_holds_whole_records_until_the_next_write(
     # Its job done, the stash has left the write chain: later records go
     # straight to the transport (no per-write cost), one record per write.
     lib, ffi = tlsctl._bind.lib, tlsctl._bind.ffi
-    ptr = tlsctl._bind.sslobj_pointer(p.server._sslobj)
+    ptr = tlsctl._bind.sslobj_pointer(cast(Any, p.server)._sslobj)
     assert lib.tlsctl_stash_state(ptr, ffi.new("size_t *"), ffi.new("size_t *")) == 0
     p.server.write(b"again")
     assert len(split_records(p.s_out.read())) == 1

@@ -9,7 +9,7 @@ import ssl
 import threading
 import traceback
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import pytest
 
@@ -244,11 +244,12 @@ def test_callbacks_compose_with_every_policy(
     if policy is not None:
         tlsctl.patch(server, tickets=policy)
     seen: list[bytes | None] = []
-    tlsctl.set_ticket_callbacks(
-        server,
-        on_issue=lambda c: b"b",
-        on_resume=lambda c, a, s: seen.append(a) or TicketDecision.USE_RENEW,
-    )
+
+    def on_resume(c: Any, appdata: bytes | None, status: ResumeStatus) -> Any:
+        seen.append(appdata)
+        return TicketDecision.USE_RENEW
+
+    tlsctl.set_ticket_callbacks(server, on_issue=lambda c: b"b", on_resume=on_resume)
     pair = _resume(server, client, session)
     assert pair.client.session_reused
     assert seen == [b"a"]
@@ -343,7 +344,7 @@ def test_replacing_and_removing_callbacks(
     marker = _Marker()
     alive = weakref.ref(marker)
     server = server_ctx()
-    tlsctl.set_ticket_callbacks(server, on_issue=lambda c, _m=marker: b"old")
+    tlsctl.set_ticket_callbacks(server, on_issue=cast(Any, lambda c, _m=marker: b"old"))
     del marker
     calls: list[str] = []
     tlsctl.set_ticket_callbacks(server, on_issue=lambda c: calls.append("new"))
@@ -385,10 +386,12 @@ def test_python_ex_data_index_0_is_undisturbed(
     server.sni_callback = lambda obj, name, ctx: sni_saw.append(obj)
     client = client_ctx()
     session = _session(server, client)
-    tlsctl.set_ticket_callbacks(
-        server,
-        on_resume=lambda c, a, s: resume_saw.append(c) or TicketDecision.USE,
-    )
+
+    def on_resume(c: Any, appdata: bytes | None, status: ResumeStatus) -> Any:
+        resume_saw.append(c)
+        return TicketDecision.USE
+
+    tlsctl.set_ticket_callbacks(server, on_resume=on_resume)
     sni_saw.clear()
     pair = _resume(server, client, session)
     assert sni_saw == [pair.server]
@@ -405,7 +408,7 @@ def test_bad_arguments(server_ctx: CtxFactory, client_ctx: CtxFactory) -> None:
     OpenSSL = pytest.importorskip("OpenSSL")
     with pytest.raises(TypeError):
         tlsctl.set_ticket_callbacks(
-            OpenSSL.SSL.Context(OpenSSL.SSL.TLS_METHOD),  # type: ignore[arg-type]
+            cast(Any, OpenSSL.SSL.Context(OpenSSL.SSL.TLS_METHOD)),
             on_issue=lambda c: None,
         )
 
