@@ -103,6 +103,7 @@ from typing import Any, Callable, Union
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -130,9 +131,10 @@ pytestmark = pytest.mark.skipif(
 #: ``count`` tickets.  The stash follows the README's table.
 BUG_NATIVE_DEFER_IGNORES_DECISION = True
 #: Native ``waiting_for_write`` is true whenever the first-write proxy is
-#: armed: before the handshake, on TLS 1.2, with ``count=0`` and after
-#: ``unwrap()``, where no ticket is (or ever will be) held.  The stash
-#: reports held tickets only.
+#: armed: before the handshake, with ``count=0``, after an SSLObject's
+#: ``unwrap()``, and on TLS 1.2 when the context has ticket callbacks, where
+#: no ticket is (or ever will be) held.  The stash reports held tickets only
+#: (native TLS 1.2 without callbacks is right since f39b599).
 BUG_NATIVE_WAITING_FOR_WRITE = True
 #: On a stash connection (TLSCTL_MECHANISM=stash on OpenSSL 3.x), while
 #: issue_tickets() tickets wait for the next write, connection_state()
@@ -140,10 +142,12 @@ BUG_NATIVE_WAITING_FOR_WRITE = True
 #: ``waiting_for_write=False, issued=0`` (native: ``True`` and the tickets
 #: sent so far).
 BUG_STASH_STATE_IGNORES_ISSUE_TICKETS = True
-
-#: DEVELOPMENT ONLY: False keeps the rules away from the known bugs being
-#: fixed on main (the segfault would kill the pytest session).  MUST be True.
-REACH_KNOWN_BUGS = False
+#: ``renew_on_resume`` is not kept by a live connection: a handshake uses
+#: the context's setting at that time (the last ``patch()``), so a
+#: connection made under ``renew_on_resume=True`` and resumed after
+#: ``patch(..., renew_on_resume=False)`` gets no renewal ticket (and the
+#: reverse); "immediate" on both mechanisms, "defer" on the stash.
+BUG_RENEW_ON_RESUME_CONTEXT_WIDE = True
 
 # ---------------------------------------------------------------------------
 
@@ -165,6 +169,13 @@ Connection = Union[ssl.SSLObject, ssl.SSLSocket]
 @functools.cache
 def _certs() -> scenarios.Certs:
     return scenarios.make_certs(client_sans=1)
+
+
+def _note(label: str) -> None:
+    """Count an event for ``--hypothesis-show-statistics`` (the replays
+    below run outside Hypothesis)."""
+    if currently_in_test_context():
+        event(label)
 
 
 class Boom(Exception):
@@ -219,6 +230,9 @@ RESUME_KINDS = (
 # Callbacks that let the handshake go on are drawn more often than failing ones.
 ISSUE = st.sampled_from([None, None, "none", "appdata", "appdata", *ISSUE_KINDS[2:]])
 RESUME = st.sampled_from([None, None, "mirror", *RESUME_KINDS])
+#: (on_issue kind, on_resume kind); half the time none at all, so that many
+#: connections are made without callbacks (tracked in C, not Python)
+CALLBACKS = st.one_of(st.just((None, None)), st.tuples(ISSUE, RESUME))
 
 
 @dataclass
@@ -298,6 +312,7 @@ class Server:
     callbacks: Callbacks | None = None
     keys: list[TicketKey] | None = None
     builtin_name: bytes | None = None  # OpenSSL's own key name, once seen
+    changes: int = 0  # patch() and set_ticket_callbacks() calls so far
 
     def __repr__(self) -> str:
         return self.name
@@ -375,6 +390,7 @@ class Conn:
     appdata: bytes = b""  # what the connection's newest ticket carries
     sent_shutdown: bool = False  # the server sent close_notify
     saved: int = 0  # tickets received when the client's session was last saved
+    born: int = 0  # the context's ``changes`` when the connection was made
     synced: bool = True  # everything the server sent has reached the client side
 
     def __repr__(self) -> str:
@@ -516,7 +532,7 @@ class TlsctlMachine(RuleBasedStateMachine):
         self.dropped: list[tuple[str, weakref.ref[Any]]] = []
 
     def teardown(self) -> None:
-        event(f"connections made: {min(self.next_ident, 8)}")
+        _note(f"connections made: {min(self.next_ident, 8)}")
         for conn in self.conns:
             self._close_sockets(conn)
         self.conns.clear()
@@ -592,7 +608,7 @@ class TlsctlMachine(RuleBasedStateMachine):
         markers = [c.raised for c in self.log if c.raised is not None]
         error = outcome.error
         if markers:
-            event("a callback's exception re-raised")
+            _note("a callback's exception re-raised")
             assert error is markers[0], (
                 f"a callback raised {markers[0]!r} but the call "
                 f"{'returned normally' if error is None else f'raised {error!r}'}"
@@ -667,7 +683,12 @@ class TlsctlMachine(RuleBasedStateMachine):
                     "ignore_renew": TicketDecision.IGNORE_RENEW,
                     "ignore": TicketDecision.IGNORE,
                 }[str(kind)]
-        if decision is TicketDecision.USE_RENEW and server.renew_never:
+        # renew_on_resume=False turns USE_RENEW into USE: the connection's
+        # own setting (README: live connections keep their policy).
+        renew_never = conn.policy is not None and not conn.policy.renew
+        if BUG_RENEW_ON_RESUME_CONTEXT_WIDE:
+            renew_never = server.renew_never  # the context's, at handshake time
+        if decision is TicketDecision.USE_RENEW and renew_never:
             decision = TicketDecision.USE
         resumed = decision in (TicketDecision.USE, TicketDecision.USE_RENEW)
         # OpenSSL's own tickets during the handshake (README's table).
@@ -760,37 +781,50 @@ class TlsctlMachine(RuleBasedStateMachine):
         servers=st.lists(
             st.tuples(
                 st.one_of(st.none(), VALID_POLICIES, VALID_POLICIES),
-                ISSUE,
-                RESUME,
+                CALLBACKS,
                 st.sampled_from(["own", "fresh", "share"]),
             ),
             min_size=2,
             max_size=2,
         ),
-        seeds=st.lists(st.tuples(st.integers(0, 1), VERSIONS), min_size=1, max_size=2),
+        seeds=st.lists(
+            st.tuples(
+                st.integers(0, 1),
+                VERSIONS,
+                st.sampled_from(["exchanged", "exchanged", "handshaken", "created"]),
+                st.sampled_from(["bio", "bio", "socketpair", "tcp"]),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
     )
     def configure(
         self,
-        servers: list[tuple[tuple[str, int | None, bool] | None, Any, Any, str]],
-        seeds: list[tuple[int, ssl.TLSVersion]],
+        servers: list[tuple[tuple[str, int | None, bool] | None, Any, str]],
+        seeds: list[tuple[int, ssl.TLSVersion, str, str]],
     ) -> None:
-        """Start from configured contexts (a policy, callbacks, keys) and
-        sessions from a first connection or two, so that the interesting
-        states (resumption under every policy and callback) are a few
-        steps away; every later rule can still change everything."""
-        for which, (policy, issue, resume, keys) in enumerate(servers):
+        """Start from configured contexts (a policy, callbacks, keys) and a
+        few connections: exchanged ones (the clients get sessions) and idle
+        ones (handshaken or not, no write yet), so that the interesting
+        states (resumption under every policy and callback, connections
+        older than the context's current settings) are a few steps away.
+        Every later rule can still change everything."""
+        for which, (policy, callbacks, keys) in enumerate(servers):
             if policy is not None:
                 self.patch(which, *policy)
-            if issue is not None or resume is not None:
-                self.set_callbacks(which, issue, resume)
+            if callbacks != (None, None):
+                self.set_callbacks(which, callbacks)
             if keys != "own":
                 self.set_keys(which, keys)
-        for which, version in seeds:
-            self.new_connection(which, version, None, "bio", "now")
+        for which, version, stage, transport in seeds:
+            handshake = "later" if stage == "created" else "now"
+            newest = [i for i, s in enumerate(self.sessions) if s.version is version]
+            pick = newest[-1] if newest and stage != "exchanged" else None
+            self.new_connection(which, version, pick, transport, handshake)
             conn = self.conns[-1]
-            if conn.phase == "open":
+            if stage == "exchanged" and conn.phase == "open":
                 self._server_write(conn, 5)
-            if conn.phase == "open":
+            if stage == "exchanged" and conn.phase == "open":
                 self._client_read(conn)
 
     @rule(
@@ -798,14 +832,22 @@ class TlsctlMachine(RuleBasedStateMachine):
         tickets=st.sampled_from([*tlsctl.POLICIES, "bogus"]),
         count=COUNTS,
         renew=st.booleans(),
+        serve=st.booleans(),
     )
-    def patch(self, which: int, tickets: str, count: int | None, renew: bool) -> None:
+    def patch(
+        self,
+        which: int,
+        tickets: str,
+        count: int | None,
+        renew: bool,
+        serve: bool = False,
+    ) -> None:
+        """Patch or re-patch (new connections only); ``serve``: then use the
+        context's live connections (see ``_serve``)."""
         server = self.servers[which]
         valid = tickets in tlsctl.POLICIES
         if count is not None:
             in_range = 0 <= count <= MAX_TICKETS
-            if not REACH_KNOWN_BUGS and (not in_range or tickets == "suppress"):
-                return
             valid = valid and in_range and tickets != "suppress"
         outcome = self._run(
             None,
@@ -820,31 +862,58 @@ class TlsctlMachine(RuleBasedStateMachine):
             default = DEFAULT_NUM_TICKETS
             server.policy = Policy(tickets, default if count is None else count, renew)
             server.renew_never = not renew
+            server.changes += 1
+        if serve:
+            self._serve(server)
 
-    @rule(which=st.integers(0, 1), issue=ISSUE, resume=RESUME)
-    def set_callbacks(self, which: int, issue: str | None, resume: str | None) -> None:
-        """Set, replace (both None: remove) the context's ticket callbacks."""
+    @rule(which=st.integers(0, 1), callbacks=CALLBACKS, serve=st.booleans())
+    def set_callbacks(
+        self, which: int, callbacks: tuple[str | None, str | None], serve: bool = False
+    ) -> None:
+        """Set, replace (both None: remove) the context's ticket callbacks;
+        ``serve``: then use every live connection of the context (handshake
+        the new ones, an exchange on the open ones), as a server that changes
+        its callbacks while connections are in use."""
+        issue, resume = callbacks
         server = self.servers[which]
-        if not REACH_KNOWN_BUGS and any(
-            c.server_model is server and not c.guarded for c in self.conns
-        ):
-            return  # the known segfault: older connections still alive
         if issue is None and resume is None:
             self._run(None, lambda: tlsctl.set_ticket_callbacks(server.ctx), {"ok"})
             server.callbacks = None
-            return
+        else:
+            self._set_callbacks(server, issue, resume)
+        server.changes += 1
+        if serve:
+            self._serve(server)
+
+    def _serve(self, server: Server) -> None:
+        """Use every live connection of ``server``: handshake the new ones,
+        an exchange on the open ones (as a server does whose settings change
+        while connections are in use)."""
+        for conn in list(self.conns):
+            if conn.server_model is not server:
+                continue
+            if conn.phase == "new" and conn.server is not None:
+                self._handshake(conn, by_write=False)
+            if conn.phase == "open" and not conn.sent_shutdown:
+                self._server_write(conn, 3)
+            if conn.phase == "open":
+                self._client_read(conn)
+
+    def _set_callbacks(
+        self, server: Server, issue: str | None, resume: str | None
+    ) -> None:
         self.next_tag += 1
-        callbacks = Callbacks(self.log, self.next_tag, issue, resume)
+        new = Callbacks(self.log, self.next_tag, issue, resume)
         self._run(
             None,
             lambda: tlsctl.set_ticket_callbacks(
                 server.ctx,
-                on_issue=callbacks.on_issue if issue else None,
-                on_resume=callbacks.on_resume if resume else None,
+                on_issue=new.on_issue if issue else None,
+                on_resume=new.on_resume if resume else None,
             ),
             {"ok"},
         )
-        server.callbacks = callbacks
+        server.callbacks = new
 
     @rule(
         which=st.integers(0, 1),
@@ -927,6 +996,7 @@ class TlsctlMachine(RuleBasedStateMachine):
             server.callbacks is not None,
             num_tickets,
             session,
+            born=server.changes,
         )
         client_ctx = self.clients[version]
         ssl_session = session.session if session else None
@@ -1087,7 +1157,11 @@ class TlsctlMachine(RuleBasedStateMachine):
         policy = conn.policy.tickets if conn.policy else "stock"
         result = plan.error or ("resumed" if plan.resumed else "full")
         offered = " (ticket offered)" if conn.session else ""
-        event(f"handshake: {conn.version.name} {policy}: {result}{offered}")
+        _note(f"handshake: {conn.version.name} {policy}: {result}{offered}")
+        if conn.born != conn.server_model.changes:
+            _note(
+                f"handshake of a connection older than its context's settings{offered}"
+            )
         self._check_outcome(server_out, expect)
         if conn.server is None and server_out.error is None:
             conn.server = server_out.value  # made by wrap_socket()
@@ -1176,7 +1250,9 @@ class TlsctlMachine(RuleBasedStateMachine):
         before = conn.s_out.pending if conn.s_out is not None else 0
         outcome = self._run(conn, lambda: _write_all(server, data), {expect})
         if due:
-            event(f"write sends {'held' if conn.held else 'new'} tickets: {expect}")
+            _note(f"write sends {'held' if conn.held else 'new'} tickets: {expect}")
+        if due and conn.born != conn.server_model.changes:
+            _note("tickets written on a connection older than its context's settings")
         self._check_callback_log(conn, None, issue_calls)
         if outcome.error is not None:
             conn.phase = "failed"
@@ -1313,16 +1389,10 @@ class TlsctlMachine(RuleBasedStateMachine):
         server = conn.server
         if server is None:
             return
-        if not REACH_KNOWN_BUGS and (
-            count > MAX_TICKETS
-            or self._waiting_count(conn) + count > MAX_TICKETS
-            or (conn.transport == "bio" and conn.sent_shutdown)
-        ):
-            return  # known bugs: no upper bound; accepted after unwrap()
         expect = self._plan_issue(conn, count)
         caught_up = self._caught_up(conn)
         outcome = self._run(conn, lambda: tlsctl.issue_tickets(server, count), expect)
-        event(f"issue_tickets: {sorted(expect)}")
+        _note(f"issue_tickets: {sorted(expect)}")
         self._check_callback_log(conn, None, 0)
         if outcome.error is None and conn.phase == "open":
             conn.extra += count
@@ -1424,7 +1494,7 @@ class TlsctlMachine(RuleBasedStateMachine):
             assert len(self._client_tickets(conn)) - before == released
         conn.synced = True  # the client has read up to the close_notify
         if released:
-            event("unwrap releases the stash's tickets")
+            _note("unwrap releases the stash's tickets")
         conn.issued += released
         conn.held = 0
         conn.sent_shutdown = True
@@ -1497,8 +1567,11 @@ class TlsctlMachine(RuleBasedStateMachine):
         waiting = conn.tickets_due() > 0
         issued = conn.issued
         if BUG_NATIVE_WAITING_FOR_WRITE and not conn.stash:
-            # What native reports: the first-write proxy is armed.
-            waiting = (conn.native_defer and not conn.written) or conn.extra > 0
+            # What native reports: the first-write proxy is armed (the C one
+            # steps aside after a TLS 1.2 handshake, the Python one does not).
+            armed = conn.native_defer and not conn.written
+            stays = conn.phase == "new" or conn.tls13 or conn.guarded
+            waiting = (armed and stays) or conn.extra > 0
         if BUG_STASH_STATE_IGNORES_ISSUE_TICKETS and conn.stash and conn.extra:
             # What the stash reports: its own held / released records only.
             held = conn.held if not conn.written else 0
@@ -1561,3 +1634,112 @@ TlsctlMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestTlsctlStateMachine = TlsctlMachine.TestCase
+
+
+# --- bugs, replayed ----------------------------------------------------------
+# Random runs reach these (a soak surely, the bounded run sometimes); these
+# programs reach them every time, through the same rules and invariants.
+# "fixed-*": the bugs fixed in 8b66a00 (before it, the first three crashed
+# the interpreter).  "open-*": the bugs behind the BUG_* flags; they pass
+# with the flags as set, and verify the fix once a flag is set to False.
+
+Step = Callable[[TlsctlMachine], object]
+
+BUG_REPLAYS: dict[str, list[Step]] = {
+    # set_ticket_callbacks(), then the first write of an older "defer" connection
+    "fixed-segv-first-write": [
+        lambda m: m.patch(0, "defer", None, True),
+        lambda m: m.new_connection(0, V13, None, "bio", "now"),
+        lambda m: m.set_callbacks(0, ("appdata", None)),
+        lambda m: m.server_write(0, 5),
+    ],
+    # set_ticket_callbacks(), then an older connection resumes (socket, TLS 1.2)
+    "fixed-segv-resume": [
+        lambda m: m.patch(0, "immediate", None, True),
+        lambda m: m.new_connection(0, V12, None, "socketpair", "now"),
+        lambda m: m.exchange(0, 5),
+        lambda m: m.new_connection(0, V12, 0, "socketpair", "later"),
+        lambda m: m.set_callbacks(0, ("none", "mirror")),
+        lambda m: m.handshake(0, False),
+    ],
+    # issue_tickets() on an unpatched context, set_ticket_callbacks(), a write
+    "fixed-segv-issue-tickets": [
+        lambda m: m.new_connection(0, V13, None, "bio", "now"),
+        lambda m: m.issue_tickets(0, 1, False),
+        lambda m: m.set_callbacks(0, ("raise", None), True),
+    ],
+    # patch(): a count above MAX_TICKETS, and a count with "suppress"
+    "fixed-patch-count": [
+        lambda m: m.patch(0, "defer", MAX_TICKETS + 1, True),
+        lambda m: m.patch(0, "defer", 2**31 - 1, True),
+        lambda m: m.patch(0, "suppress", 1, True),
+    ],
+    # issue_tickets() past MAX_TICKETS, in one call or in total
+    "fixed-issue-count": [
+        lambda m: m.patch(0, "defer", 1, True),
+        lambda m: m.new_connection(0, V13, None, "bio", "now"),
+        lambda m: m.issue_tickets(0, 2**31 - 1, False),
+        lambda m: m.issue_tickets(0, MAX_TICKETS, False),
+        lambda m: m.issue_tickets(0, MAX_TICKETS - 1, False),
+        lambda m: m.issue_tickets(0, 1, False),
+        lambda m: m.exchange(0, 5),
+    ],
+    # issue_tickets() after unwrap()
+    "fixed-issue-after-unwrap": [
+        lambda m: m.new_connection(0, V13, None, "bio", "now"),
+        lambda m: m.unwrap(0),
+        lambda m: m.issue_tickets(0, 1, False),
+    ],
+    # BUG_NATIVE_DEFER_IGNORES_DECISION: on_resume says USE, then IGNORE
+    "open-defer-decision": [
+        lambda m: m.patch(0, "defer", None, True),
+        lambda m: m.reconnect(0, V13, "bio"),
+        lambda m: m.set_callbacks(0, (None, "use")),
+        lambda m: m.reconnect(0, V13, "bio"),
+        lambda m: m.set_callbacks(0, (None, "ignore")),
+        lambda m: m.reconnect(0, V13, "socketpair"),
+    ],
+    # BUG_NATIVE_WAITING_FOR_WRITE: before the handshake, count=0, after
+    # close_notify, TLS 1.2 with callbacks
+    "open-native-waiting": [
+        lambda m: m.patch(0, "defer", 0, True),
+        lambda m: m.new_connection(0, V13, None, "bio", "later"),
+        lambda m: m.new_connection(0, V13, None, "bio", "now"),
+        lambda m: m.unwrap(0),
+        lambda m: m.set_callbacks(1, ("none", None)),
+        lambda m: m.patch(1, "defer", None, True),
+        lambda m: m.new_connection(1, V12, None, "tcp", "now"),
+    ],
+    # BUG_STASH_STATE_IGNORES_ISSUE_TICKETS (the stash only)
+    "open-stash-state": [
+        lambda m: m.patch(0, "defer", None, True),
+        lambda m: m.reconnect(0, V13, "bio"),
+        lambda m: m.issue_tickets(0, 1, False),
+        lambda m: m.exchange(0, 5),
+    ],
+    # BUG_RENEW_ON_RESUME_CONTEXT_WIDE: re-patched between a connection's
+    # creation and its (resumed) handshake
+    "open-renew-live": [
+        lambda m: m.patch(0, "immediate", 1, True),
+        lambda m: m.reconnect(0, V13, "bio"),
+        lambda m: m.new_connection(0, V13, 0, "bio", "later"),
+        lambda m: m.patch(0, "immediate", 1, False, True),
+        lambda m: m.patch(1, "defer", None, False),
+        lambda m: m.reconnect(1, V13, "bio"),
+        lambda m: m.new_connection(1, V13, 1, "socketpair", "later"),
+        lambda m: m.patch(1, "defer", None, True, True),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(BUG_REPLAYS))
+def test_bug_replay(name: str) -> None:
+    machine = TlsctlMachine()
+    try:
+        for step in BUG_REPLAYS[name]:
+            step(machine)
+            machine.connection_states()
+            machine.tickets_received_match_issued()
+            machine.nothing_out_of_turn()
+    finally:
+        machine.teardown()
