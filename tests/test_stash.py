@@ -112,6 +112,7 @@ def test_suites_pass_with_the_stash_forced() -> None:
         "test_stash.py",
         "test_ticket_callbacks.py",
         "test_ticket_keys.py",
+        "test_statemachine.py",
         "test_http_server.py",
         "test_trio.py",
     ]
