@@ -139,19 +139,19 @@ pytestmark = pytest.mark.skipif(
 #: Native ``defer`` ignores on_resume's decision: after USE it still sends a
 #: renewal ticket, after IGNORE (full handshake, "no new ticket") it sends
 #: ``count`` tickets.  The stash follows the README's table.
-BUG_NATIVE_DEFER_IGNORES_DECISION = True
+BUG_NATIVE_DEFER_IGNORES_DECISION = False
 #: Native ``waiting_for_write`` is true whenever the first-write proxy is
 #: armed: before the handshake, with ``count=0``, after an SSLObject's
 #: ``unwrap()``, and on TLS 1.2 when the context has ticket callbacks, where
 #: no ticket is (or ever will be) held.  The stash reports held tickets only
 #: (native TLS 1.2 without callbacks is right since f39b599).
-BUG_NATIVE_WAITING_FOR_WRITE = True
+BUG_NATIVE_WAITING_FOR_WRITE = False
 #: On a stash connection (TLSCTL_MECHANISM=stash on OpenSSL 3.x), while
 #: issue_tickets() tickets wait for the next write, connection_state()
 #: reports only the stash's own records: after the first write
 #: ``waiting_for_write=False, issued=0`` (native: ``True`` and the tickets
 #: sent so far).
-BUG_STASH_STATE_IGNORES_ISSUE_TICKETS = True
+BUG_STASH_STATE_IGNORES_ISSUE_TICKETS = False
 #: ``renew_on_resume`` is not kept by a live connection: a handshake uses
 #: the context's setting at that time (the last ``patch()``), so a
 #: connection made under ``renew_on_resume=True`` and resumed after
