@@ -1,10 +1,18 @@
 """bench/bench.py runs end to end (--smoke: tiny sizes).  No timing is
-asserted here: the benchmark's numbers are read by people, not tests."""
+asserted here: the benchmark's numbers are read by people, not tests.
+What is checked: every row appears, counts and sizes are sane (positive,
+ordered intervals, the verdict words), and the helpers the rows rest on
+(the strace parser, the bootstrap, the verdict rule) do what the module
+docstring says."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,48 +20,214 @@ import pytest
 import tlsctl
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
 
 pytestmark = pytest.mark.skipif(
     tlsctl.info().mechanism is None, reason="needs a defer mechanism"
 )
 
+VERDICTS = ("meets", "misses", "inconclusive", "reference")
+NUMBER = r"[-+]?\d+(?:\.\d+)?"
+INTERVAL = rf"\[({NUMBER}), ({NUMBER})\]"
 
-def test_bench_smoke_prints_every_metric_and_writes_charts(tmp_path: Path) -> None:
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    plots = tmp_path_factory.mktemp("plots")
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench.py"),
-            "--smoke",
-            "--plot-dir",
-            str(tmp_path),
-        ],
+        [sys.executable, str(BENCH / "bench.py"), "--smoke", "--plot-dir", str(plots)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for metric in (
-        "full handshakes/s",
+    return proc.stdout, plots
+
+
+def _line(stdout: str, start: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith(start)]
+    assert len(lines) == 1, (start, stdout)
+    return lines[0]
+
+
+def _check_interval(line: str) -> tuple[float, float]:
+    m = re.search(INTERVAL, line)
+    assert m, line
+    lo, hi = float(m.group(1)), float(m.group(2))
+    assert lo <= hi, line
+    return lo, hi
+
+
+def test_smoke_prints_every_ratio_row_with_interval_and_verdict(
+    smoke: tuple[str, Path],
+) -> None:
+    stdout, _ = smoke
+    assert "load average at start:" in stdout and "load average at end:" in stdout
+    rows = [
+        "full handshakes/s ",
         "resumed handshakes/s ",
         "resumed handshakes/s, shared keys",
+        "server CPU, full + request/response",
+        "server CPU, resumed + request/response",
         "1 KiB writes/s",
         "bulk MB/s",
         "junk-PSK hellos/s, on_resume (CPU)",
-        "RSS per 1,000 idle conns",
-        "256 KiB, read delay",
-    ):
-        assert metric in proc.stdout, metric
+    ]
     # The references by hand need SSL_new_session_ticket (OpenSSL 3.0+).
-    for metric in (
+    by_hand = [
         "full handshakes/s, technique by hand",
         "resumed handshakes/s, technique by hand",
-    ):
-        assert (metric in proc.stdout) == tlsctl.info().native_tickets, metric
+    ]
+    for metric in by_hand:
+        assert (metric in stdout) == tlsctl.info().native_tickets, metric
+    if tlsctl.info().native_tickets:
+        rows += by_hand
+    for metric in rows:
+        line = _line(stdout, metric)
+        stock, patched, ratio = (float(x) for x in line[40:].split()[:3])
+        assert stock > 0 and patched > 0 and ratio > 0, line
+        lo, hi = _check_interval(line)
+        assert lo <= ratio <= hi, line
+        assert line.split()[-1] in VERDICTS, line
+        reference = "technique by hand" in metric
+        assert (line.split()[-1] == "reference") == reference, line
+
+
+def test_smoke_first_response_rows(smoke: tuple[str, Path]) -> None:
+    stdout, _ = smoke
+    mechanism = tlsctl.info().mechanism
+    for client in ("without TCP_NODELAY", "with TCP_NODELAY"):
+        line = _line(stdout, f"{client} ({mechanism})")
+        numbers = [float(x) for x in re.findall(NUMBER, line.split(")", 1)[1])]
+        stock_ms, _, patched_ms, _, ratio = numbers[:5]
+        assert 0 < stock_ms < 10_000 and 0 < patched_ms < 10_000, line
+        assert ratio > 0, line
+        _check_interval(line)
+
+
+def test_smoke_rss_rows_for_both_mechanisms(smoke: tuple[str, Path]) -> None:
+    stdout, _ = smoke
+    configs = ["stash"] + (["native"] if tlsctl.info().native_tickets else [])
+    for config in configs:
+        line = _line(stdout, f"RSS per idle conn, {config}")
+        stock, patched = (float(x) for x in line.split()[5:7])
+        assert stock > 1000 and patched > 1000, line  # an SSL costs KBs
+        _check_interval(line)
+        assert line.split()[-1] in VERDICTS[:3], line
+        breakdown = _line(stdout, f"  breakdown {config}:")
+        assert "waiting for their first write" in breakdown, breakdown
+        # Every idle patched connection still waits for its first write.
+        waiting = re.search(r"(\d+)/(\d+) waiting", breakdown)
+        assert waiting and waiting.group(1) == waiting.group(2), breakdown
+    # The stash holds the tickets' bytes (two records, ~500 bytes).
+    held = re.search(
+        r"ticket bytes held \+(\d+) B", _line(stdout, "  breakdown stash:")
+    )
+    assert held and 200 < int(held.group(1)) < 2000
+
+
+def test_smoke_import_time_row(smoke: tuple[str, Path]) -> None:
+    stdout, _ = smoke
+    line = _line(stdout, "import ms added over import ssl")
+    ssl_ms, tlsctl_ms = (float(x) for x in line[40:].split()[:2])
+    assert 0 < ssl_ms < tlsctl_ms < 10_000, line
+    _check_interval(line)
+    assert line.split()[-1] in VERDICTS[:3], line
+    cross = _line(stdout, "  cross-check: process CPU ms added")
+    cpu_ssl, cpu_tlsctl = (float(x) for x in cross[40:].split()[:2])
+    assert 0 < cpu_ssl < cpu_tlsctl < 10_000, cross
+    _check_interval(cross)
+    assert "largest self times (ms) among modules tlsctl adds: tlsctl" in stdout
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+def test_smoke_write_calls_one_per_first_write(smoke: tuple[str, Path]) -> None:
+    stdout, _ = smoke
+    header = _line(stdout, "first write after")
+    assert header.split()[3:] == (
+        ["stock", "native", "stash"]
+        if tlsctl.info().native_tickets
+        else ["stock", "stash"]
+    )
+    for mode in ("full", "resumed"):
+        line = _line(stdout, f"a {mode} handshake")
+        cells = re.findall(r"(\d+(?:-\d+)?) \((\d+(?:-\d+)?) B\)", line)
+        assert len(cells) == len(header.split()) - 3, line
+        calls = [c for c, _ in cells]
+        written = [int(b.split("-")[0]) for _, b in cells]
+        # Every server writes its first response in one call; patched ones
+        # carry the tickets in it, so they write more bytes than stock.
+        assert calls == ["1"] * len(cells), line
+        assert all(w > written[0] for w in written[1:]), line
+
+
+def test_smoke_scaling_and_charts(smoke: tuple[str, Path]) -> None:
+    stdout, plots = smoke
+    assert "256 KiB, read delay" in stdout
     for name in ("ratios.png", "scaling.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # The one-way scenario itself: patched never loses an upload.
     losses = [
-        line for line in proc.stdout.splitlines() if "patched" in line and "KiB" in line
+        line for line in stdout.splitlines() if "patched" in line and "KiB," in line
     ]
     assert losses and all(line.rstrip().endswith("patched    0%") for line in losses)
+
+
+def test_verdict_needs_the_whole_interval_on_one_side() -> None:
+    import bench
+
+    assert bench.verdict(0.991, 1.02, 0.99, True) == "meets"
+    assert bench.verdict(0.95, 0.989, 0.99, True) == "misses"
+    assert bench.verdict(0.98, 1.0, 0.99, True) == "inconclusive"
+    assert bench.verdict(100, 256, 256, False) == "meets"
+    assert bench.verdict(257, 900, 256, False) == "misses"
+    assert bench.verdict(-5, 300, 256, False) == "inconclusive"
+    assert bench.verdict(0.5, 0.6, None, True) == "reference"
+
+
+def test_bootstrap_ci_contains_the_median_and_is_deterministic() -> None:
+    import bench
+
+    values = [0.97, 0.99, 1.0, 1.01, 0.98, 1.02, 0.995, 1.005, 0.985]
+    lo, hi = bench.bootstrap_ci(values)
+    assert lo <= 0.995 <= hi and (lo, hi) == bench.bootstrap_ci(values)
+    assert bench.bootstrap_ci([1.0] * 5) == (1.0, 1.0)
+
+
+def test_first_write_calls_parses_an_strace_log() -> None:
+    import bench
+
+    log = "\n".join(
+        [
+            '4242  write(1, "41235\\n", 6)       = 6',
+            '4242  write(4, "tlsctl-bench:begin:5", 20) = 20',
+            '4242  write(5, "\\27\\3\\3\\2F"..., 632) = 632',
+            '4242  write(6, "unrelated", 9) = 9',
+            '4242  write(4, "tlsctl-bench:end", 16) = 16',
+            'write(4, "tlsctl-bench:begin:7", 20) = 20',
+            'sendto(7, "\\27\\3\\3", 100, 0, NULL, 0) = 100',
+            'write(7, "\\27\\3\\3", 22) = 22',
+            'write(4, "tlsctl-bench:end", 16) = 16',
+        ]
+    )
+    assert bench.first_write_calls(log) == [(1, 632), (2, 122)]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
+def test_server_process_instructions_per_connection() -> None:
+    """The callgrind row's machinery on one tiny configuration (N = 1: 1 vs
+    11 connections): a server-only count per connection in a sane range."""
+    import bench
+    from tlsctl import scenarios
+
+    certs = scenarios.make_certs(client_sans=1)
+    client = scenarios.client_context(certs)
+    with tempfile.TemporaryDirectory() as tmp:
+        certfile = os.path.join(tmp, "server.pem")
+        certs.server.private_key_and_cert_chain_pem.write_to_path(certfile)
+        small = bench._server_instructions("stock", "full", 1, certfile, client)
+        large = bench._server_instructions("stock", "full", 11, certfile, client)
+    per_connection = (large - small) / 10
+    # A full handshake costs the server millions of instructions, not billions.
+    assert 500_000 < per_connection < 100_000_000, per_connection

@@ -1,0 +1,152 @@
+"""A TLS server process for bench.py's server-only rows (real sockets).
+
+    python bench/tlsserver.py SIDE N CERTFILE [--mark] [--idle [--warm W]]
+                              [--tracemalloc]
+
+``SIDE`` is ``stock`` (a plain ``PROTOCOL_TLS_SERVER`` context; tlsctl is
+not even imported) or ``patched`` (``tlsctl.patch(ctx)``; the mechanism is
+whatever ``TLSCTL_MECHANISM`` in this process's environment selects).
+``CERTFILE`` holds the server's key and certificate chain (PEM).  It listens
+on 127.0.0.1, prints its port on one line, and then:
+
+* by default serves ``N`` connections one at a time: handshake (in
+  ``wrap_socket``), read one request line, ``sendall`` one response
+  (``RESPONSE``), close.  bench.py runs it under callgrind (instructions
+  per connection) and strace (``--mark``: around each connection's first
+  application write it writes ``MARK_BEGIN<fd>`` and ``MARK_END`` to
+  /dev/null, so the write calls on the connection in between can be
+  counted in the trace);
+* with ``--idle``: serves ``W`` warm-up connections as above, then accepts
+  ``N`` connections, completes their handshakes and keeps them open
+  without reading or writing; prints one line ``rss=<bytes> py=<bytes>
+  held=<bytes> waiting=<count>`` (growth of the resident set, of the bytes
+  tracemalloc traces with ``--tracemalloc``, else -1; bytes tlsctl's stash
+  holds back, -1 when unknown; connections whose tickets wait for their
+  first write) and waits for stdin to close.
+
+Stdlib only, plus tlsctl on the patched side.  The peer is bench.py, in
+another process, so nothing of the client is counted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import socket
+import ssl
+import sys
+
+REQUEST = b"GET /index.html HTTP/1.1 Host: localhost\n"  # one line
+RESPONSE = b"HTTP/1.1 200 OK " + b"x" * 83 + b"\n"  # 100 bytes
+MARK_BEGIN = b"tlsctl-bench:begin:"
+MARK_END = b"tlsctl-bench:end"
+LOCALHOST = "127.0.0.1"
+
+
+def recv_line(conn: socket.socket) -> bytes:
+    """Read up to and including the first newline (or what came before EOF)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(1024)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _held_bytes(conns: list[ssl.SSLSocket]) -> tuple[int, int]:
+    """(bytes the stash holds back in total or -1, connections waiting for
+    their first write), from tlsctl's private stash accessor (a measuring
+    aid: tlsctl.connection_state says only whether tickets wait)."""
+    import tlsctl
+
+    waiting = sum(tlsctl.connection_state(c).waiting_for_write for c in conns)
+    try:
+        from tlsctl import _bind, _policy
+
+        held = 0
+        for conn in conns:
+            ptr = _bind.sslobj_pointer(_policy._real_sslobj(conn))
+            held += _policy._stash_state_of(ptr)[0]
+    except (AttributeError, ImportError):  # the private accessor moved
+        held = -1
+    return held, waiting
+
+
+def serve_one(ctx: ssl.SSLContext, listener: socket.socket, mark: int | None) -> None:
+    raw, _ = listener.accept()
+    raw.settimeout(None)  # a blocking server
+    with ctx.wrap_socket(raw, server_side=True) as conn:
+        if not recv_line(conn).endswith(b"\n"):
+            raise ConnectionError("the client sent no request line")
+        if mark is not None:
+            os.write(mark, MARK_BEGIN + str(conn.fileno()).encode())
+        conn.sendall(RESPONSE)
+        if mark is not None:
+            os.write(mark, MARK_END)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("side", choices=["stock", "patched"])
+    parser.add_argument("connections", type=int)
+    parser.add_argument("certfile")
+    parser.add_argument("--mark", action="store_true")
+    parser.add_argument("--idle", action="store_true")
+    parser.add_argument("--warm", type=int, default=0)
+    parser.add_argument("--tracemalloc", action="store_true")
+    args = parser.parse_args(argv)
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.certfile)
+    if args.side == "patched":
+        import tlsctl
+
+        tlsctl.patch(ctx)
+    listener = socket.socket()
+    listener.bind((LOCALHOST, 0))
+    listener.listen(128)
+    listener.settimeout(120.0)  # never hang for ever on a lost client
+    print(listener.getsockname()[1], flush=True)
+    mark = os.open(os.devnull, os.O_WRONLY) if args.mark else None
+
+    if not args.idle:
+        for _ in range(args.connections):
+            serve_one(ctx, listener, mark)
+        return 0
+
+    for _ in range(args.warm):
+        serve_one(ctx, listener, None)
+    gc.collect()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start()
+        py_before = tracemalloc.get_traced_memory()[0]
+    before = _rss_bytes()
+    idle = []
+    for _ in range(args.connections):
+        raw, _ = listener.accept()
+        raw.settimeout(None)
+        idle.append(ctx.wrap_socket(raw, server_side=True))
+    gc.collect()
+    grown = _rss_bytes() - before
+    py = -1
+    if args.tracemalloc:
+        py = tracemalloc.get_traced_memory()[0] - py_before
+    held, waiting = _held_bytes(idle) if args.side == "patched" else (0, 0)
+    print(f"rss={grown} py={py} held={held} waiting={waiting}", flush=True)
+    sys.stdin.read()  # the client closes its end when it has read the line
+    for conn in idle:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
