@@ -14,7 +14,9 @@ Python object unless
    method pointer is one of the bound ``TLS_*_method()`` results, and for a
    connection, ``SSL_get_SSL_CTX(ssl)`` is that proven context.
 
-Binding happens once, at import.  If it fails, ``import tlsctl`` still
+Binding happens once, at import (symbols and version); the layout
+self-test runs at the first ``info()``, which every function taking a
+pointer from a Python object calls first.  If it fails, ``import tlsctl`` still
 succeeds, ``info()`` says why, ``defer`` uses the python mechanism for
 memory-BIO connections (``_pyhold``), and every call that needs OpenSSL
 raises ``NotBoundError`` (a ``BindingError`` and an ``UnsupportedError``).
@@ -223,27 +225,32 @@ class Info(Record):
         )
 
 
-def _bind() -> Info:
-    def failed(reason: str, **extra: Any) -> Info:
-        fields: dict[str, Any] = {
-            "bound": False,
-            "reason": reason,
-            "openssl_version": ssl.OPENSSL_VERSION,
-            "openssl_version_number": ssl.OPENSSL_VERSION_NUMBER,
-            "library": None,
-            "via": None,
-            "native_tickets": False,
-            # without the binding, only the python mechanism is left
-            "mechanism": "python" if MECHANISM_ENV in ("", "python") else None,
-        }
-        fields.update(extra)
-        if fields["mechanism"] is None and "mechanism" not in extra:
-            fields["reason"] += (
-                f"; TLSCTL_MECHANISM={MECHANISM_ENV!r} needs the binding "
-                "(only 'python' works without it)"
-            )
-        return Info(**fields)
+def _failed(reason: str, **extra: Any) -> Info:
+    """What ``info()`` says when nothing could be bound, and why."""
+    fields: dict[str, Any] = {
+        "bound": False,
+        "reason": reason,
+        "openssl_version": ssl.OPENSSL_VERSION,
+        "openssl_version_number": ssl.OPENSSL_VERSION_NUMBER,
+        "library": None,
+        "via": None,
+        "native_tickets": False,
+        # without the binding, only the python mechanism is left
+        "mechanism": "python" if MECHANISM_ENV in ("", "python") else None,
+    }
+    fields.update(extra)
+    if fields["mechanism"] is None and "mechanism" not in extra:
+        fields["reason"] += (
+            f"; TLSCTL_MECHANISM={MECHANISM_ENV!r} needs the binding "
+            "(only 'python' works without it)"
+        )
+    return Info(**fields)
 
+
+def _bind() -> Info:
+    """Bind the symbols and check the version (the self-test waits for the
+    first ``info()``)."""
+    failed = _failed
     if _IMPORT_ERROR is not None:
         return failed(_IMPORT_ERROR)
     if ssl.OPENSSL_VERSION.startswith("LibreSSL"):
@@ -268,9 +275,6 @@ def _bind() -> Info:
             library=library,
             openssl_version_number=number,
         )
-    problem = _self_test()
-    if problem is not None:
-        return failed(f"layout self-test failed: {problem}", via=via, library=library)
     if lib.tlsctl_fast_init(id(fast), id(SSL_SOCKET_TYPE), id(_raise_queue_error)) != 1:
         return failed("creating tlsctl's C connection types failed", via=via)
 
@@ -325,11 +329,26 @@ def _self_test() -> str | None:
     return None
 
 
+# Symbols and version at import; the layout self-test (which makes the
+# process's first SSL_CTX, ~1.3 ms of OpenSSL's own start-up that a server
+# pays anyway when it makes its context) on the first info() call, which
+# every call taking a pointer from a Python object makes first.
 _INFO = _bind()
+_TESTED = not _INFO.bound
 
 
 def info() -> Info:
     """Return what tlsctl bound to, or why it could not bind."""
+    global _INFO, _TESTED
+    if not _TESTED:
+        _TESTED = True
+        problem = _self_test()
+        if problem is not None:
+            _INFO = _failed(
+                f"layout self-test failed: {problem}",
+                via=_INFO.via,
+                library=_INFO.library,
+            )
     return _INFO
 
 
@@ -337,16 +356,17 @@ def require_bound(what: str = "this call") -> None:
     """Raise ``NotBoundError`` (a ``BindingError`` and an
     ``UnsupportedError``) unless binding succeeded; ``what`` names the API
     or setting that needs the binding."""
-    if not _INFO.bound:
+    bound = info()
+    if not bound.bound:
         python = (
             " (memory-BIO servers still get tickets='defer' through the python "
             "mechanism)"
-            if _INFO.mechanism == "python"
+            if bound.mechanism == "python"
             else ""
         )
         raise NotBoundError(
             f"tlsctl is not bound to this interpreter's OpenSSL, and {what} "
-            f"needs the binding: {_INFO.reason}{python}"
+            f"needs the binding: {bound.reason}{python}"
         )
 
 
@@ -447,7 +467,7 @@ def sslobj_pointer(sslobj: Any) -> Any:
         raise TypeError(
             f"conn._sslobj is {type(sslobj).__qualname__}, not _ssl._SSLSocket"
         )
-    if _INFO.bound:
+    if info().bound:
         # The whole proof in one C call (it runs once per connection, on
         # its first write); _ssl._SSLSocket.context is always a real
         # _ssl._SSLContext, so its id() is safe to cast.

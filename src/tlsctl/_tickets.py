@@ -556,5 +556,5 @@ def _resume(
     return int(decision)
 
 
-if _bind.info().bound:
+if _bind._INFO.bound:  # symbols bound (the self-test waits for first use)
     _bind.lib.tlsctl_set_dispatcher(id(_dispatch))
