@@ -31,18 +31,27 @@ given, for the native mechanism and ``TLSCTL_MECHANISM=stash``:
   ``set_ticket_keys([new, previous, anchor])`` and by
   ``rotate_ticket_keys(every=2, keep=64, master=...)`` (keys derived from
   one master, rotating lazily in C every 2 seconds), and the callbacks
-  replaced every 1,000 connections.
+  replaced every 1,000 connections;
+* ``keys+abort``: the same, and one connection in ten is a resumption that
+  ``on_resume`` refuses by raising (the handshake fails).  OpenSSL 1.1.1
+  and 3.x leak the decrypted ``SSL_SESSION`` whenever the decrypt callback
+  answers ``SSL_TICKET_RETURN_ABORT`` (``tls_parse_ctos_psk`` returns
+  without freeing it; fixed upstream by openssl#30464, May 2026, after the
+  3.0.19 used here), and tlsctl answers that for ``ABORT`` and for an
+  exception: ~1 KB per refused resumption, ~100 B per connection here.
 
 Each connection is one of ten kinds, in turn, so every path tlsctl has for
 a connection's end is taken: full handshake then the first write; resumed
 handshake then the first write; resumed, write, ``close_notify`` both ways;
 full and resumed handshakes dropped before any write (deferred tickets
 never sent); ``issue_tickets(conn, 1)`` then a 16 KiB write and a client
-request; a TLS 1.2 connection; a resumption whose ``on_resume`` raises (the
-handshake fails; ``keys`` only, otherwise a plain resumption); the server
-reading the request before its first write; a resumption answered ``USE``
-(no renewal ticket).  With ``--threads N`` every thread makes its share of
-the connections (and of the warm-up) on the same contexts.
+request; a TLS 1.2 connection; a resumption whose ``on_resume`` raises
+(``keys+abort`` only, otherwise a plain resumption); the server reading the
+request before its first write; a resumption answered ``USE`` (no renewal
+ticket).  With ``--threads N`` every thread makes its share of the
+connections (and of the warm-up) on the same contexts; a few resumptions
+then race a key change and get a full handshake (the epoch a session is
+chosen by changes just after the contexts' keys do).
 
 Resumptions use sessions the client kept during the warm-up only (the
 first of each kind of key epoch: under the anchor key, which stays listed,
@@ -50,8 +59,8 @@ or under the derived keys, which resume for 64 x 2 seconds): on CPython
 3.11 (and 3.12 / 3.13 before the fix of late 2024) every read of
 ``SSLObject.session`` leaks a copy of the session (CPython gh-116810;
 ~6.5 KB a read with 3.11.7 and OpenSSL 3.0, in ``stock`` too), which would
-otherwise be most of the figure.  The ``resumed``
-column counts completed resumption handshakes that did resume.
+otherwise be most of the figure.  The ``resumed`` column counts completed
+resumption handshakes that did resume.
 """
 
 from __future__ import annotations
@@ -73,7 +82,7 @@ from typing import Any, Callable
 import tlsctl
 from tlsctl import ResumeStatus, TicketDecision, TicketKey, scenarios
 
-CONFIGS = ("stock", "defer", "keys")
+CONFIGS = ("stock", "defer", "keys", "keys+abort")
 MECHANISMS = ("native", "stash")
 KINDS = 10
 ROTATE_EVERY = 250
@@ -210,6 +219,8 @@ class Servers:
 
     def __init__(self, config: str, certs: scenarios.Certs) -> None:
         self.config = config
+        self.keyed = config.startswith("keys")
+        self.refusals = config == "keys+abort"
         self.local = threading.local()
         self.first = scenarios.server_context(certs)
         self.second = self.first
@@ -225,7 +236,7 @@ class Servers:
         if config == "stock":
             return
         tlsctl.patch(self.first)
-        if config == "keys":
+        if self.keyed:
             self.epoch = "listed"
             self.second = tlsctl.patch(scenarios.server_context(certs))
             for ctx in (self.first, self.second):
@@ -257,7 +268,7 @@ class Servers:
         """Count a connection; every ``ROTATE_EVERY`` change the keys."""
         with self.lock:
             self.done += 1
-            due = self.config == "keys" and self.done % ROTATE_EVERY == 0
+            due = self.keyed and self.done % ROTATE_EVERY == 0
             if not due:
                 return
             self.rotations += 1
@@ -379,7 +390,7 @@ class Worker:
             pair.handshake()
             pair.respond(b"x")
         elif kind == 7:  # on_resume raises: the handshake fails
-            if self.servers.config == "keys" and self.servers.epoch in self.sessions:
+            if self.servers.refusals and self.servers.epoch in self.sessions:
                 local.mode = "raise"
                 try:
                     self._resumed()
@@ -531,7 +542,7 @@ def _mib(n: int | None) -> str:
 
 
 HEADER = (
-    f"{'config':<7} {'mechanism':<9} {'threads':>7} {'conns':>6} "
+    f"{'config':<10} {'mechanism':<9} {'threads':>7} {'conns':>6} "
     f"{'RSS warm MiB':>12} {'RSS end MiB':>11} {'B/conn':>7} "
     f"{'trimmed B/conn':>14} {'objects +':>9} {'resumed':>11} {'seconds':>7}"
 )
@@ -545,7 +556,7 @@ def row(r: Result) -> str:
     )
     resumed = f"{r.counts['resumed']}/{r.counts['resume_attempts']}"
     return (
-        f"{r.config:<7} {r.mechanism or '-':<9} {r.threads:>7} {r.connections:>6} "
+        f"{r.config:<10} {r.mechanism or '-':<9} {r.threads:>7} {r.connections:>6} "
         f"{_mib(r.rss_warm):>12} {_mib(r.rss_end):>11} "
         f"{r.bytes_per_connection:>7.1f} {trimmed:>14} "
         f"{r.objects_end - r.objects_warm:>9} {resumed:>11} {r.seconds:>7.1f}"
