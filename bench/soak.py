@@ -49,9 +49,9 @@ request; a TLS 1.2 connection; a resumption whose ``on_resume`` raises
 (``keys+abort`` only, otherwise a plain resumption); the server reading the
 request before its first write; a resumption answered ``USE`` (no renewal
 ticket).  With ``--threads N`` every thread makes its share of the
-connections (and of the warm-up) on the same contexts; a few resumptions
-then race a key change and get a full handshake (the epoch a session is
-chosen by changes just after the contexts' keys do).
+connections (and of the warm-up) on the same contexts; a resumption that
+overlapped another thread's key change (and may have had a full handshake)
+is left out of the ``resumed`` column and counted as ``raced``.
 
 Resumptions use sessions the client kept during the warm-up only (the
 first of each kind of key epoch: under the anchor key, which stays listed,
@@ -59,8 +59,8 @@ or under the derived keys, which resume for 64 x 2 seconds): on CPython
 3.11 (and 3.12 / 3.13 before the fix of late 2024) every read of
 ``SSLObject.session`` leaks a copy of the session (CPython gh-116810;
 ~6.5 KB a read with 3.11.7 and OpenSSL 3.0, in ``stock`` too), which would
-otherwise be most of the figure.  The ``resumed`` column counts completed
-resumption handshakes that did resume.
+otherwise be most of the figure.  The ``resumed`` column counts, out of the
+completed resumption handshakes, those that did resume.
 """
 
 from __future__ import annotations
@@ -204,6 +204,7 @@ class Counts:
     connections: int = 0
     resumed: int = 0
     resume_attempts: int = 0
+    raced: int = 0
     failed_on_purpose: int = 0
     issued_by_hand: int = 0
     rotations: int = 0
@@ -228,6 +229,7 @@ class Servers:
         self.done = 0
         self.rotations = 0
         self.epoch = "fixed"
+        self.generation = 0  # key changes completed
         # Listed keys: [new, previous, anchor]; the anchor stays listed, so
         # a session kept during the warm-up resumes for the whole run.
         self.anchor = TicketKey.generate()
@@ -295,6 +297,12 @@ class Servers:
             if self.done % CALLBACKS_EVERY == 0:
                 for ctx in contexts:
                     self._set_callbacks(ctx)
+            self.generation += 1
+
+    def snapshot(self) -> tuple[int, str]:
+        """(generation, epoch), never in the middle of a key change."""
+        with self.lock:
+            return self.generation, self.epoch
 
 
 # --- the connections --------------------------------------------------------
@@ -322,6 +330,7 @@ class Worker:
         self.on_connection = on_connection
         self.sessions: dict[str, ssl.SSLSession] = {}
         self.harvest = True
+        self.before = (0, "")
         self.counts = Counts()
         self.patched = servers.config != "stock"
 
@@ -333,11 +342,16 @@ class Worker:
     def _resumed(self) -> Pair:
         """A resumption attempt with the session kept for the epoch in force
         (a full handshake when there is none)."""
-        session = self.sessions.get(self.servers.epoch)
+        before = self.servers.snapshot()
+        session = self.sessions.get(before[1])
         if session is None:
             return self._full()
         pair = Pair(self.servers.second, self.client, session)
         pair.handshake()
+        if self.servers.snapshot() != before:
+            # Another thread changed the keys meanwhile: not counted.
+            self.counts.raced += 1
+            return pair
         self.counts.resume_attempts += 1  # handshakes that completed
         if pair.client.session_reused:
             self.counts.resumed += 1
@@ -345,9 +359,12 @@ class Worker:
 
     def _keep_session(self, pair: Pair) -> None:
         """Keep the first session of each kind of epoch (a listed epoch's
-        first is under the anchor key, listed for good)."""
-        epoch = self.servers.epoch
-        if not self.harvest or epoch in self.sessions:
+        first is under the anchor key, listed for good), if no key change
+        (another thread's) overlapped the connection."""
+        if not self.harvest or self.before != self.servers.snapshot():
+            return
+        epoch = self.before[1]
+        if epoch in self.sessions:
             return
         session = pair.client.session
         if session is not None and session.has_ticket:
@@ -355,6 +372,8 @@ class Worker:
 
     def one(self, index: int) -> None:
         kind = index % KINDS
+        if self.harvest:
+            self.before = self.servers.snapshot()
         local = self.servers.local
         local.mode = None
         if kind == 0:  # full handshake, first write; keep the session
@@ -544,7 +563,8 @@ def _mib(n: int | None) -> str:
 HEADER = (
     f"{'config':<10} {'mechanism':<9} {'threads':>7} {'conns':>6} "
     f"{'RSS warm MiB':>12} {'RSS end MiB':>11} {'B/conn':>7} "
-    f"{'trimmed B/conn':>14} {'objects +':>9} {'resumed':>11} {'seconds':>7}"
+    f"{'trimmed B/conn':>14} {'objects +':>9} {'resumed':>11} {'raced':>5} "
+    f"{'seconds':>7}"
 )
 
 
@@ -559,7 +579,8 @@ def row(r: Result) -> str:
         f"{r.config:<10} {r.mechanism or '-':<9} {r.threads:>7} {r.connections:>6} "
         f"{_mib(r.rss_warm):>12} {_mib(r.rss_end):>11} "
         f"{r.bytes_per_connection:>7.1f} {trimmed:>14} "
-        f"{r.objects_end - r.objects_warm:>9} {resumed:>11} {r.seconds:>7.1f}"
+        f"{r.objects_end - r.objects_warm:>9} {resumed:>11} "
+        f"{r.counts['raced']:>5} {r.seconds:>7.1f}"
     )
 
 

@@ -124,14 +124,12 @@ def parse(path: Path) -> Log:
     for para in paragraphs:
         head = para[0]
         frames = [m.group(1) for line in para[1:] if (m := _FRAME.match(line))]
-        if head.startswith("Command: "):
-            log.command = head[len("Command: ") :]
+        if any(line.startswith(("Command: ", "Parent PID: ")) for line in para):
             for line in para:
-                if line.startswith("Parent PID: "):
+                if line.startswith("Command: "):
+                    log.command = line[len("Command: ") :]
+                elif line.startswith("Parent PID: "):
                     log.parent = line[len("Parent PID: ") :]
-            continue
-        if head.startswith("Parent PID: "):
-            log.parent = head[len("Parent PID: ") :]
             continue
         summary = next((m for line in para if (m := _SUMMARY.match(line))), None)
         if summary is not None:
