@@ -511,10 +511,14 @@ def run(config: str, connections: int, warmup: int, threads: int) -> Result:
         ]
         for t in pool:
             t.start()
-        barrier.wait()
-        rss_warm, trimmed_warm, objects_warm = _measure()
-        samples.append((warmup, rss_warm))
-        barrier.wait()
+        rss_warm, trimmed_warm, objects_warm = 0, None, 0
+        try:
+            barrier.wait()
+            rss_warm, trimmed_warm, objects_warm = _measure()
+            samples.append((warmup, rss_warm))
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass  # a worker failed: its exception is raised below
         for t in pool:
             t.join()
         if errors:
