@@ -165,6 +165,11 @@ the share of one-way uploads (the client uploads and closes without
 reading) that lost data, stock vs patched, against the upload size
 (4 KiB .. 4 MiB) and against the server's read delay after the handshake.
 
+Rotation (``--rotation``, about 4 s): the share of reconnects that resume
+when ``rotate_ticket_keys(every=1, keep=2)`` rotates the keys, against the
+reconnect delay in periods (real clock; an hour-long period behaves the
+same, scaled).
+
 This is a measuring tool, not a test: nothing here asserts timings.
 """
 
@@ -1596,6 +1601,56 @@ def report_import(r: ImportRow, runs: int) -> None:
     print(f"  largest self times (ms) among modules tlsctl adds: {top}")
 
 
+# ----------------------------------------- resumption under key rotation
+
+
+ROTATION_EVERY = 1  # seconds: the rotation period, scaled down from hours
+ROTATION_DELAYS = (0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.25, 3.75)  # x every
+ROTATION_SESSIONS = 8  # per delay
+
+
+def rotation_resumption(keep: int = 2) -> list[tuple[float, int, int]]:
+    """Share of reconnects that resume when the keys rotate every
+    ROTATION_EVERY s with ``keep`` previous keys (``rotate_ticket_keys``),
+    against the reconnect delay in periods: [(delay, resumed, tried)].
+    Real handshakes and the real clock: sessions are taken at spread
+    phases of a window, all delays waited at once (about 4 s)."""
+    certs = scenarios.make_certs(client_sans=1)
+    server = tlsctl.rotate_ticket_keys(
+        scenarios.server_context(certs), every=ROTATION_EVERY, keep=keep
+    )
+    client = scenarios.client_context(certs)
+    sessions: list[tuple[float, ssl.SSLSession]] = []
+    for _ in range(ROTATION_SESSIONS):
+        time.sleep(ROTATION_EVERY / ROTATION_SESSIONS)  # spread over a window
+        pair = Pair(server, client).handshake_and_first_byte()
+        if pair.client.session is not None:
+            sessions.append((time.monotonic(), pair.client.session))
+    due = sorted(
+        (made + delay * ROTATION_EVERY, delay, session)
+        for delay in ROTATION_DELAYS
+        for made, session in sessions
+    )
+    tally: dict[float, list[int]] = {d: [0, 0] for d in ROTATION_DELAYS}
+    for when, delay, session in due:
+        time.sleep(max(0.0, when - time.monotonic()))
+        pair = Pair(server, client, session).handshake_and_first_byte()
+        tally[delay][0] += pair.client.session_reused
+        tally[delay][1] += 1
+    return [(d, r, n) for d, (r, n) in sorted(tally.items())]
+
+
+def report_rotation(rows: list[tuple[float, int, int]], keep: int) -> None:
+    print(
+        f"\nresumption under key rotation (rotate_ticket_keys every="
+        f"{ROTATION_EVERY} s, keep={keep}; a ticket stays usable between "
+        f"{keep} and {keep + 1} periods):"
+    )
+    print("  reconnect after (periods)  resumed")
+    for delay, resumed, tried in rows:
+        print(f"  {delay:25.2f}  {resumed}/{tried}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="9 rounds, not 41")
@@ -1611,6 +1666,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--scaling", action="store_true", help="also one-way loss vs size and delay"
+    )
+    parser.add_argument(
+        "--rotation",
+        action="store_true",
+        help="also the resumption rate under key rotation (about 4 s)",
     )
     parser.add_argument(
         "--plot-dir",
@@ -1715,6 +1775,8 @@ def main() -> int:
         print("\nwrite calls per first write: not measured (strace not installed)")
     report_rss(rss_rows, plan)
     report_import(imports, plan.import_runs)
+    if args.rotation:
+        report_rotation(rotation_resumption(), 2)
     if counts is not None:
         targets = {m: t for m, t in TARGETS.items() if t is not None}
         report_counts(
