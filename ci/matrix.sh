@@ -371,9 +371,10 @@ rm -f "$OUT"/tlsctl-*.tar.gz
 "$TPY" -m build -q --sdist -o "$OUT" "$SDIST_SRC" >/dev/null
 rm -rf "$SDIST_SRC"
 SDIST=$(ls "$OUT"/tlsctl-*.tar.gz)
-for member in src/_tlsctl_c/tlsctl.h src/_tlsctl_c/bind.c src/_tlsctl_c/proxy.c LICENSE \
-        src/tlsctl/site-hook/sitecustomize.py; do
-    tar -tzf "$SDIST" | grep -q "/$member\$" || {
+SDIST_FILES=$(tar -tzf "$SDIST")
+for member in src/_tlsctl_build.py src/_tlsctl_c/tlsctl.h src/_tlsctl_c/bind.c \
+        src/_tlsctl_c/proxy.c LICENSE src/tlsctl/site-hook/sitecustomize.py; do
+    grep -q "/$member\$" <<<"$SDIST_FILES" || {
         echo "matrix: the sdist lacks $member" >&2
         exit 1
     }
@@ -488,8 +489,9 @@ rm -rf "$PYPY_SRC"
 log "host-asan: building the module with $SANITIZE_CFLAGS"
 ASAN_SRC=$(mktemp -d /tmp/tlsctl-asan-src.XXXXXX)
 copy_source "$ASAN_SRC"
+# (from the sdist: this also proves the sdist builds the compiled module)
 CFLAGS="$SANITIZE_CFLAGS" "$TPY" -m pip wheel -q --no-deps --no-cache-dir \
-    -w "$ASAN_SRC/dist" "$ASAN_SRC"
+    -w "$ASAN_SRC/dist" "$SDIST"
 mkdir -p "$ASAN_SRC/no-preload"
 printf '#!/bin/sh\nunset LD_PRELOAD\nexec %s "$@"\n' "$(command -v curl)" \
     > "$ASAN_SRC/no-preload/curl"
