@@ -256,7 +256,7 @@ run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
 # copy (and, for host-asan, commands setting up its environment).  The suite
 # runs from the source copy's tests/ while tlsctl itself is imported from the
 # installed wheel (src/ is not on sys.path), which the first command proves.
-suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS [SETUP] [PYTHON]
+suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS [SETUP] [PYTHON] [LAST]
     cat <<EOF
 set -e
 rm -rf $1 && ${6:-python3} -m venv $1
@@ -269,7 +269,7 @@ export TLSCTL_STDLIB_SUITES=${STDLIB_SUITES:-defer}
 ${5:-}
 python -c 'import tlsctl, sys; print("tlsctl.__file__", tlsctl.__file__); sys.exit("/site-packages/" not in tlsctl.__file__)'
 python -m pytest -p no:cacheprovider
-python -m tlsctl demo --connections 200
+${7:-python -m tlsctl demo --connections 200}
 EOF
 }
 
@@ -480,7 +480,7 @@ fi
 PYPY_SRC=$(mktemp -d /tmp/tlsctl-pypy-src.XXXXXX)
 copy_source "$PYPY_SRC"
 run_suite pypy /bin/sh -c "$(suite_script "$PYPY_SRC/.venv" "$PYPY_SRC" "$PYPY_SRC" "" \
-    'python -c "import tlsctl; i = tlsctl.info(); print(\"tlsctl: mechanism\", i.mechanism, \"bound\", i.bound)"' pypy3)"
+    'python -c "import tlsctl; i = tlsctl.info(); print(\"tlsctl: mechanism\", i.mechanism, \"bound\", i.bound)"' pypy3 'python -m tlsctl doctor')"
 rm -rf "$PYPY_SRC"
 
 # ---- host-asan: the whole suite against an ASan + UBSan build --------------
