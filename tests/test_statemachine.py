@@ -87,10 +87,13 @@ Product bugs
 The rules reach the bugs fixed in 8b66a00 (``set_ticket_callbacks()`` while
 connections made before it are alive, then a write or a resumption on them:
 a segfault; counts above ``MAX_TICKETS``; ``count`` with ``"suppress"``;
-``issue_tickets()`` after ``unwrap()``) and assert the fixed behaviour.
-Bugs this test found that are not fixed yet are tolerated only where a
-``BUG_*`` constant below says so, each exactly as narrow as the deviation;
-set it to ``False`` once the bug is fixed.  ``test_bug_replay`` runs a short
+``issue_tickets()`` after ``unwrap()``) and those this test found, fixed in
+64b1b04 (native ``defer`` ignored on_resume's decision; native
+``waiting_for_write`` was true with nothing held; the stash's
+``connection_state()`` forgot ``issue_tickets()``), and assert the fixed
+behaviour.  A bug not fixed yet is tolerated only where a ``BUG_*``
+constant below says so, exactly as narrowly as the deviation; set it to
+``False`` once the bug is fixed.  ``test_bug_replay`` runs a short
 program for each of them (random programs reach them too, but not in every
 bounded run).  Not reached: a ClientHello with thousands of PSK identities
 (Python's client offers one session; test_resume_amplification covers it).
@@ -137,28 +140,12 @@ pytestmark = pytest.mark.skipif(
 # expect exactly the deviation described (nothing more); False expects the
 # documented behaviour.  test_bug_replay has a short program for each.
 
-#: Native ``defer`` ignores on_resume's decision: after USE it still sends a
-#: renewal ticket, after IGNORE (full handshake, "no new ticket") it sends
-#: ``count`` tickets.  The stash follows the README's table.
-BUG_NATIVE_DEFER_IGNORES_DECISION = False
-#: Native ``waiting_for_write`` is true whenever the first-write proxy is
-#: armed: before the handshake, with ``count=0``, after an SSLObject's
-#: ``unwrap()``, and on TLS 1.2 when the context has ticket callbacks, where
-#: no ticket is (or ever will be) held.  The stash reports held tickets only
-#: (native TLS 1.2 without callbacks is right since f39b599).
-BUG_NATIVE_WAITING_FOR_WRITE = False
-#: On a stash connection (TLSCTL_MECHANISM=stash on OpenSSL 3.x), while
-#: issue_tickets() tickets wait for the next write, connection_state()
-#: reports only the stash's own records: after the first write
-#: ``waiting_for_write=False, issued=0`` (native: ``True`` and the tickets
-#: sent so far).
-BUG_STASH_STATE_IGNORES_ISSUE_TICKETS = False
-#: ``renew_on_resume`` is not kept by a live connection: a handshake uses
-#: the context's setting at that time (the last ``patch()``), so a
-#: connection made under ``renew_on_resume=True`` and resumed after
-#: ``patch(..., renew_on_resume=False)`` gets no renewal ticket (and the
-#: reverse); "immediate" on both mechanisms, "defer" on the stash.
-BUG_RENEW_ON_RESUME_CONTEXT_WIDE = True
+#: Native ``defer``: a connection made while the context had
+#: ``renew_on_resume=False`` gets no renewal ticket when it resumes after
+#: ``patch(..., renew_on_resume=True)``, although ``renew_on_resume`` is the
+#: context's setting for the handshakes after the call (README); "immediate"
+#: and the stash do renew.
+BUG_NATIVE_DEFER_RENEW_AT_CREATION = True
 
 # ---------------------------------------------------------------------------
 
@@ -215,10 +202,6 @@ class Policy:
     tickets: str
     count: int
     renew: bool
-
-    @property
-    def resumed_count(self) -> int:
-        return min(self.count, 1) if self.renew else 0
 
 
 ISSUE_KINDS = ("none", "appdata", "raise", "bad_type", "too_big")
@@ -318,7 +301,7 @@ class Server:
     name: str
     ctx: ssl.SSLContext
     policy: Policy | None = None
-    renew_never: bool = False  # context-wide: the last patch() said renew=False
+    renew_never: bool = False  # the last patch() said renew_on_resume=False
     callbacks: Callbacks | None = None
     keys: list[TicketKey] | None = None
     builtin_name: bytes | None = None  # OpenSSL's own key name, once seen
@@ -699,12 +682,9 @@ class TlsctlMachine(RuleBasedStateMachine):
                     "ignore_renew": TicketDecision.IGNORE_RENEW,
                     "ignore": TicketDecision.IGNORE,
                 }[str(kind)]
-        # renew_on_resume=False turns USE_RENEW into USE: the connection's
-        # own setting (README: live connections keep their policy).
-        renew_never = conn.policy is not None and not conn.policy.renew
-        if BUG_RENEW_ON_RESUME_CONTEXT_WIDE:
-            renew_never = server.renew_never  # the context's, at handshake time
-        if decision is TicketDecision.USE_RENEW and renew_never:
+        # renew_on_resume=False turns USE_RENEW into USE: the context's
+        # setting when the handshake runs (README).
+        if decision is TicketDecision.USE_RENEW and server.renew_never:
             decision = TicketDecision.USE
         resumed = decision in (TicketDecision.USE, TicketDecision.USE_RENEW)
         # OpenSSL's own tickets during the handshake (README's table).
@@ -719,17 +699,18 @@ class TlsctlMachine(RuleBasedStateMachine):
             )
         else:
             made = 0 if decision is TicketDecision.IGNORE else conn.num_tickets
+        # Native "defer": what stock would send in the handshake, with the
+        # first write instead (at most one after a resumption).
         deferred = 0
         if conn.native_defer and conn.tls13:
             assert conn.policy is not None
-            if BUG_NATIVE_DEFER_IGNORES_DECISION:
-                deferred = conn.policy.resumed_count if resumed else conn.policy.count
-            elif resumed:
+            if resumed:
                 renewing = decision is TicketDecision.USE_RENEW
-                deferred = conn.policy.resumed_count if renewing else 0
-            else:
-                ignore = decision is TicketDecision.IGNORE
-                deferred = 0 if ignore else conn.policy.count
+                if BUG_NATIVE_DEFER_RENEW_AT_CREATION and not conn.policy.renew:
+                    renewing = False
+                deferred = min(conn.policy.count, 1) if renewing else 0
+            elif decision is not TicketDecision.IGNORE:
+                deferred = conn.policy.count
         # on_issue runs for each ticket made in the handshake, and, when the
         # server's first write drives the handshake, for the deferred ones.
         made_here = made + (deferred if by_write else 0)
@@ -1594,20 +1575,7 @@ class TlsctlMachine(RuleBasedStateMachine):
 
     def _expected_state(self, conn: Conn) -> tlsctl.ConnectionState:
         policy = conn.policy.tickets if conn.policy else None
-        waiting = conn.tickets_due() > 0
-        issued = conn.issued
-        if BUG_NATIVE_WAITING_FOR_WRITE and not conn.stash:
-            # What native reports: the first-write proxy is armed (the C one
-            # steps aside after a TLS 1.2 handshake, the Python one does not).
-            armed = conn.native_defer and not conn.written
-            stays = conn.phase == "new" or conn.tls13 or conn.guarded
-            waiting = (armed and stays) or conn.extra > 0
-        if BUG_STASH_STATE_IGNORES_ISSUE_TICKETS and conn.stash and conn.extra:
-            # What the stash reports: its own held / released records only.
-            held = conn.held if not conn.written else 0
-            waiting = held > 0 and conn.tickets_due() > 0
-            issued = 0 if conn.written else conn.issued
-        return tlsctl.ConnectionState(policy, waiting, issued)
+        return tlsctl.ConnectionState(policy, conn.tickets_due() > 0, conn.issued)
 
     @invariant()
     def tickets_received_match_issued(self) -> None:
@@ -1696,9 +1664,10 @@ TestTlsctlStateMachine = pytest.mark.skipif(
 # --- bugs, replayed ----------------------------------------------------------
 # Random runs reach these (a soak surely, the bounded run sometimes); these
 # programs reach them every time, through the same rules and invariants.
-# "fixed-*": the bugs fixed in 8b66a00 (before it, the first three crashed
-# the interpreter).  "open-*": the bugs behind the BUG_* flags; they pass
-# with the flags as set, and verify the fix once a flag is set to False.
+# "fixed-*": bugs fixed in 8b66a00 (before it, the first three crashed the
+# interpreter) and, found by this test, in 64b1b04.  "open-*": the bugs
+# behind the BUG_* flags; they pass with the flags as set, and verify the
+# fix once a flag is set to False.
 
 Step = Callable[[TlsctlMachine], object]
 
@@ -1747,8 +1716,8 @@ BUG_REPLAYS: dict[str, list[Step]] = {
         lambda m: m.unwrap(0),
         lambda m: m.issue_tickets(0, 1, False),
     ],
-    # BUG_NATIVE_DEFER_IGNORES_DECISION: on_resume says USE, then IGNORE
-    "open-defer-decision": [
+    # native "defer" sent tickets after on_resume said USE, then IGNORE
+    "fixed-defer-decision": [
         lambda m: m.patch(0, "defer", None, True),
         lambda m: m.reconnect(0, V13, "bio"),
         lambda m: m.set_callbacks(0, (None, "use")),
@@ -1756,9 +1725,9 @@ BUG_REPLAYS: dict[str, list[Step]] = {
         lambda m: m.set_callbacks(0, (None, "ignore")),
         lambda m: m.reconnect(0, V13, "socketpair"),
     ],
-    # BUG_NATIVE_WAITING_FOR_WRITE: before the handshake, count=0, after
-    # close_notify, TLS 1.2 with callbacks
-    "open-native-waiting": [
+    # native waiting_for_write was true before the handshake, with count=0,
+    # after close_notify and on TLS 1.2 with callbacks
+    "fixed-native-waiting": [
         lambda m: m.patch(0, "defer", 0, True),
         lambda m: m.new_connection(0, V13, None, "bio", "later"),
         lambda m: m.new_connection(0, V13, None, "bio", "now"),
@@ -1767,24 +1736,32 @@ BUG_REPLAYS: dict[str, list[Step]] = {
         lambda m: m.patch(1, "defer", None, True),
         lambda m: m.new_connection(1, V12, None, "tcp", "now"),
     ],
-    # BUG_STASH_STATE_IGNORES_ISSUE_TICKETS (the stash only)
-    "open-stash-state": [
+    # the stash's connection_state() forgot issue_tickets() (stash only)
+    "fixed-stash-state": [
         lambda m: m.patch(0, "defer", None, True),
         lambda m: m.reconnect(0, V13, "bio"),
         lambda m: m.issue_tickets(0, 1, False),
         lambda m: m.exchange(0, 5),
     ],
-    # BUG_RENEW_ON_RESUME_CONTEXT_WIDE: re-patched between a connection's
-    # creation and its (resumed) handshake
-    "open-renew-live": [
+    # renew_on_resume is the context's setting at handshake time (README):
+    # re-patched between a connection's creation and its resumption
+    "renew-is-the-contexts": [
         lambda m: m.patch(0, "immediate", 1, True),
         lambda m: m.reconnect(0, V13, "bio"),
         lambda m: m.new_connection(0, V13, 0, "bio", "later"),
         lambda m: m.patch(0, "immediate", 1, False, True),
-        lambda m: m.patch(1, "defer", None, False),
+        lambda m: m.patch(1, "defer", None, True),
         lambda m: m.reconnect(1, V13, "bio"),
         lambda m: m.new_connection(1, V13, 1, "socketpair", "later"),
-        lambda m: m.patch(1, "defer", None, True, True),
+        lambda m: m.patch(1, "defer", None, False, True),
+    ],
+    # BUG_NATIVE_DEFER_RENEW_AT_CREATION: made under renew_on_resume=False,
+    # resumed after patch(renew_on_resume=True)
+    "open-defer-renew-at-creation": [
+        lambda m: m.patch(0, "defer", None, False),
+        lambda m: m.reconnect(0, V13, "bio"),
+        lambda m: m.new_connection(0, V13, 0, "bio", "later"),
+        lambda m: m.patch(0, "defer", None, True, True),
     ],
 }
 
