@@ -9,20 +9,23 @@ TCP on 127.0.0.1), certificates from ``trustme``.
 
 Running it
 ----------
-``python -m pytest tests/test_statemachine.py`` runs a bounded number of
-random programs (about ten seconds) and the replays at the end of the
-module; ``TLSCTL_MECHANISM=stash`` runs the same on the OpenSSL 1.1.1
-mechanism.  For a soak, ask for more programs (``TLSCTL_FUZZ_EXAMPLES``,
-default 40) and optionally longer ones (``TLSCTL_FUZZ_STEPS``, default 30)::
+``python -m pytest tests/test_statemachine.py`` runs the same 40 programs
+every time (derandomized, so a red run is reproducible; 5 to 8 s here) and
+the replays at the end of the module; ``TLSCTL_MECHANISM=stash`` runs the
+same on the OpenSSL 1.1.1 mechanism.  Soaked on OpenSSL 3.0.19 (Python
+3.11) and 3.5.9 (Python 3.13), both mechanisms.  For a soak, ask for
+more programs (``TLSCTL_FUZZ_EXAMPLES``, default 40) and optionally longer
+ones (``TLSCTL_FUZZ_STEPS``, default 30)::
 
     TLSCTL_FUZZ_EXAMPLES=5000 python -m pytest tests/test_statemachine.py
     TLSCTL_FUZZ_EXAMPLES=5000 TLSCTL_FUZZ_STEPS=60 TLSCTL_MECHANISM=stash \\
         python -m pytest tests/test_statemachine.py --hypothesis-show-statistics
 
-(5000 programs take about 15 minutes here.)  ``--hypothesis-show-statistics``
-shows what the programs reached (handshakes by version, policy and outcome,
-callback exceptions, tickets written on connections older than their
-context's settings, ...).  Hypothesis keeps failing programs in
+(About 0.2 s of CPU a program here: 5000 take 15 to 25 minutes, depending
+on the machine's load.)  ``--hypothesis-show-statistics`` shows what the
+programs reached (handshakes by version, policy and outcome, on_resume's
+decisions by policy, callback exceptions, tickets written on connections
+older than their context's settings, ...).  Hypothesis keeps failing programs in
 ``.hypothesis/`` and replays them first.
 
 What the model tracks
@@ -86,10 +89,13 @@ Product bugs
 The rules reach the bugs fixed in 8b66a00 (``set_ticket_callbacks()`` while
 connections made before it are alive, then a write or a resumption on them:
 a segfault; counts above ``MAX_TICKETS``; ``count`` with ``"suppress"``;
-``issue_tickets()`` after ``unwrap()``) and assert the fixed behaviour.
-Bugs this test found that are not fixed yet are tolerated only where a
-``BUG_*`` constant below says so, each exactly as narrow as the deviation;
-set it to ``False`` once the bug is fixed.  ``test_bug_replay`` runs a short
+``issue_tickets()`` after ``unwrap()``) and those this test found, fixed in
+64b1b04 (native ``defer`` ignored on_resume's decision; native
+``waiting_for_write`` was true with nothing held; the stash's
+``connection_state()`` forgot ``issue_tickets()``), and assert the fixed
+behaviour.  A bug not fixed yet is tolerated only where a ``BUG_*``
+constant below says so, exactly as narrowly as the deviation; set it to
+``False`` once the bug is fixed.  ``test_bug_replay`` runs a short
 program for each of them (random programs reach them too, but not in every
 bounded run).  Not reached: a ClientHello with thousands of PSK identities
 (Python's client offers one session; test_resume_amplification covers it).
@@ -136,28 +142,12 @@ pytestmark = pytest.mark.skipif(
 # expect exactly the deviation described (nothing more); False expects the
 # documented behaviour.  test_bug_replay has a short program for each.
 
-#: Native ``defer`` ignores on_resume's decision: after USE it still sends a
-#: renewal ticket, after IGNORE (full handshake, "no new ticket") it sends
-#: ``count`` tickets.  The stash follows the README's table.
-BUG_NATIVE_DEFER_IGNORES_DECISION = False
-#: Native ``waiting_for_write`` is true whenever the first-write proxy is
-#: armed: before the handshake, with ``count=0``, after an SSLObject's
-#: ``unwrap()``, and on TLS 1.2 when the context has ticket callbacks, where
-#: no ticket is (or ever will be) held.  The stash reports held tickets only
-#: (native TLS 1.2 without callbacks is right since f39b599).
-BUG_NATIVE_WAITING_FOR_WRITE = False
-#: On a stash connection (TLSCTL_MECHANISM=stash on OpenSSL 3.x), while
-#: issue_tickets() tickets wait for the next write, connection_state()
-#: reports only the stash's own records: after the first write
-#: ``waiting_for_write=False, issued=0`` (native: ``True`` and the tickets
-#: sent so far).
-BUG_STASH_STATE_IGNORES_ISSUE_TICKETS = False
-#: ``renew_on_resume`` is not kept by a live connection: a handshake uses
-#: the context's setting at that time (the last ``patch()``), so a
-#: connection made under ``renew_on_resume=True`` and resumed after
-#: ``patch(..., renew_on_resume=False)`` gets no renewal ticket (and the
-#: reverse); "immediate" on both mechanisms, "defer" on the stash.
-BUG_RENEW_ON_RESUME_CONTEXT_WIDE = True
+#: Native ``defer``: a connection made while the context had
+#: ``renew_on_resume=False`` gets no renewal ticket when it resumes after
+#: ``patch(..., renew_on_resume=True)``, although ``renew_on_resume`` is the
+#: context's setting for the handshakes after the call (README); "immediate"
+#: and the stash do renew.
+BUG_NATIVE_DEFER_RENEW_AT_CREATION = True
 
 # ---------------------------------------------------------------------------
 
@@ -214,10 +204,6 @@ class Policy:
     tickets: str
     count: int
     renew: bool
-
-    @property
-    def resumed_count(self) -> int:
-        return min(self.count, 1) if self.renew else 0
 
 
 ISSUE_KINDS = ("none", "appdata", "raise", "bad_type", "too_big")
@@ -317,7 +303,7 @@ class Server:
     name: str
     ctx: ssl.SSLContext
     policy: Policy | None = None
-    renew_never: bool = False  # context-wide: the last patch() said renew=False
+    renew_never: bool = False  # the last patch() said renew_on_resume=False
     callbacks: Callbacks | None = None
     keys: list[TicketKey] | None = None
     builtin_name: bytes | None = None  # OpenSSL's own key name, once seen
@@ -698,12 +684,9 @@ class TlsctlMachine(RuleBasedStateMachine):
                     "ignore_renew": TicketDecision.IGNORE_RENEW,
                     "ignore": TicketDecision.IGNORE,
                 }[str(kind)]
-        # renew_on_resume=False turns USE_RENEW into USE: the connection's
-        # own setting (README: live connections keep their policy).
-        renew_never = conn.policy is not None and not conn.policy.renew
-        if BUG_RENEW_ON_RESUME_CONTEXT_WIDE:
-            renew_never = server.renew_never  # the context's, at handshake time
-        if decision is TicketDecision.USE_RENEW and renew_never:
+        # renew_on_resume=False turns USE_RENEW into USE: the context's
+        # setting when the handshake runs (README).
+        if decision is TicketDecision.USE_RENEW and server.renew_never:
             decision = TicketDecision.USE
         resumed = decision in (TicketDecision.USE, TicketDecision.USE_RENEW)
         # OpenSSL's own tickets during the handshake (README's table).
@@ -718,17 +701,18 @@ class TlsctlMachine(RuleBasedStateMachine):
             )
         else:
             made = 0 if decision is TicketDecision.IGNORE else conn.num_tickets
+        # Native "defer": what stock would send in the handshake, with the
+        # first write instead (at most one after a resumption).
         deferred = 0
         if conn.native_defer and conn.tls13:
             assert conn.policy is not None
-            if BUG_NATIVE_DEFER_IGNORES_DECISION:
-                deferred = conn.policy.resumed_count if resumed else conn.policy.count
-            elif resumed:
+            if resumed:
                 renewing = decision is TicketDecision.USE_RENEW
-                deferred = conn.policy.resumed_count if renewing else 0
-            else:
-                ignore = decision is TicketDecision.IGNORE
-                deferred = 0 if ignore else conn.policy.count
+                if BUG_NATIVE_DEFER_RENEW_AT_CREATION and not conn.policy.renew:
+                    renewing = False
+                deferred = min(conn.policy.count, 1) if renewing else 0
+            elif decision is not TicketDecision.IGNORE:
+                deferred = conn.policy.count
         # on_issue runs for each ticket made in the handshake, and, when the
         # server's first write drives the handshake, for the deferred ones.
         made_here = made + (deferred if by_write else 0)
@@ -985,6 +969,10 @@ class TlsctlMachine(RuleBasedStateMachine):
         transport: str,
         handshake: str,
     ) -> None:
+        """A new connection pair on a memory BIO, a socketpair or TCP on
+        127.0.0.1, the client offering one of its sessions or none; its
+        handshake ``later`` (a rule), ``now``, or ``on_connect`` (sockets:
+        inside ``wrap_socket``, which must re-raise a callback's exception)."""
         server = self.servers[which]
         session: Session | None = None
         if session_pick is not None and self.sessions:
@@ -1089,6 +1077,7 @@ class TlsctlMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(c.phase == "new" for c in self.conns))
     @rule(index=st.integers(0, MAX_CONNS - 1), by_write=st.booleans())
     def handshake(self, index: int, by_write: bool) -> None:
+        """Handshake a connection made with ``later``."""
         fresh = [c for c in self.conns if c.phase == "new"]
         self._handshake(fresh[index % len(fresh)], by_write)
 
@@ -1177,6 +1166,9 @@ class TlsctlMachine(RuleBasedStateMachine):
             _note(
                 f"handshake of a connection older than its context's settings{offered}"
             )
+        if plan.resume_call and conn.server_model.callbacks is not None:
+            kind = conn.server_model.callbacks.resume_kind
+            _note(f"on_resume {kind} under {policy}, {conn.version.name}")
         self._check_outcome(server_out, expect)
         if conn.server is None and server_out.error is None:
             conn.server = server_out.value  # made by wrap_socket()
@@ -1186,6 +1178,11 @@ class TlsctlMachine(RuleBasedStateMachine):
                 name = _outcome_name(client_out.error)
                 assert name in ("SSLError", "OSError"), client_out.error
             self._check_callback_log(conn, plan, plan.issue_calls)
+            if conn.session in self.sessions:
+                # OpenSSL 3.5's client marks a session it offered in a
+                # handshake that got a fatal alert not resumable (it is never
+                # offered again; 3.0 and 1.1.1 keep offering it): not used again.
+                self.sessions.remove(conn.session)
             return
         assert client_out.error is None, client_out.error
         conn.phase = "open"
@@ -1585,20 +1582,7 @@ class TlsctlMachine(RuleBasedStateMachine):
 
     def _expected_state(self, conn: Conn) -> tlsctl.ConnectionState:
         policy = conn.policy.tickets if conn.policy else None
-        waiting = conn.tickets_due() > 0
-        issued = conn.issued
-        if BUG_NATIVE_WAITING_FOR_WRITE and not conn.stash:
-            # What native reports: the first-write proxy is armed (the C one
-            # steps aside after a TLS 1.2 handshake, the Python one does not).
-            armed = conn.native_defer and not conn.written
-            stays = conn.phase == "new" or conn.tls13 or conn.guarded
-            waiting = (armed and stays) or conn.extra > 0
-        if BUG_STASH_STATE_IGNORES_ISSUE_TICKETS and conn.stash and conn.extra:
-            # What the stash reports: its own held / released records only.
-            held = conn.held if not conn.written else 0
-            waiting = held > 0 and conn.tickets_due() > 0
-            issued = 0 if conn.written else conn.issued
-        return tlsctl.ConnectionState(policy, waiting, issued)
+        return tlsctl.ConnectionState(policy, conn.tickets_due() > 0, conn.issued)
 
     @invariant()
     def tickets_received_match_issued(self) -> None:
@@ -1670,26 +1654,15 @@ TlsctlMachine.TestCase.settings = settings(
     derandomize=not EXAMPLES,
 )
 TestTlsctlStateMachine = TlsctlMachine.TestCase
-# The model's oracle was validated against OpenSSL 1.1.1 and 3.0 (with
-# Python 3.9 and 3.11).  On Debian trixie (OpenSSL 3.5, Python 3.13) one of
-# its TLS 1.2 programs expects a resumption (and on_resume's ABORT) that
-# does not happen; tlsctl's own TLS 1.2 resumption and ABORT tests pass
-# there, so the model, not tlsctl, is the suspect.  Until that is settled,
-# the random programs run where the model is known to be right; the
-# replays below run everywhere.
-TestTlsctlStateMachine = pytest.mark.skipif(
-    ssl.OPENSSL_VERSION_INFO >= (3, 5),
-    reason="the model's TLS 1.2 session oracle disagrees with OpenSSL 3.5 "
-    "(under investigation; validated on 1.1.1 and 3.0)",
-)(TestTlsctlStateMachine)
 
 
 # --- bugs, replayed ----------------------------------------------------------
 # Random runs reach these (a soak surely, the bounded run sometimes); these
 # programs reach them every time, through the same rules and invariants.
-# "fixed-*": the bugs fixed in 8b66a00 (before it, the first three crashed
-# the interpreter).  "open-*": the bugs behind the BUG_* flags; they pass
-# with the flags as set, and verify the fix once a flag is set to False.
+# "fixed-*": bugs fixed in 8b66a00 (before it, the first three crashed the
+# interpreter) and, found by this test, in 64b1b04.  "open-*": the bugs
+# behind the BUG_* flags; they pass with the flags as set, and verify the
+# fix once a flag is set to False.
 
 Step = Callable[[TlsctlMachine], object]
 
@@ -1738,8 +1711,8 @@ BUG_REPLAYS: dict[str, list[Step]] = {
         lambda m: m.unwrap(0),
         lambda m: m.issue_tickets(0, 1, False),
     ],
-    # BUG_NATIVE_DEFER_IGNORES_DECISION: on_resume says USE, then IGNORE
-    "open-defer-decision": [
+    # native "defer" sent tickets after on_resume said USE, then IGNORE
+    "fixed-defer-decision": [
         lambda m: m.patch(0, "defer", None, True),
         lambda m: m.reconnect(0, V13, "bio"),
         lambda m: m.set_callbacks(0, (None, "use")),
@@ -1747,9 +1720,9 @@ BUG_REPLAYS: dict[str, list[Step]] = {
         lambda m: m.set_callbacks(0, (None, "ignore")),
         lambda m: m.reconnect(0, V13, "socketpair"),
     ],
-    # BUG_NATIVE_WAITING_FOR_WRITE: before the handshake, count=0, after
-    # close_notify, TLS 1.2 with callbacks
-    "open-native-waiting": [
+    # native waiting_for_write was true before the handshake, with count=0,
+    # after close_notify and on TLS 1.2 with callbacks
+    "fixed-native-waiting": [
         lambda m: m.patch(0, "defer", 0, True),
         lambda m: m.new_connection(0, V13, None, "bio", "later"),
         lambda m: m.new_connection(0, V13, None, "bio", "now"),
@@ -1758,24 +1731,32 @@ BUG_REPLAYS: dict[str, list[Step]] = {
         lambda m: m.patch(1, "defer", None, True),
         lambda m: m.new_connection(1, V12, None, "tcp", "now"),
     ],
-    # BUG_STASH_STATE_IGNORES_ISSUE_TICKETS (the stash only)
-    "open-stash-state": [
+    # the stash's connection_state() forgot issue_tickets() (stash only)
+    "fixed-stash-state": [
         lambda m: m.patch(0, "defer", None, True),
         lambda m: m.reconnect(0, V13, "bio"),
         lambda m: m.issue_tickets(0, 1, False),
         lambda m: m.exchange(0, 5),
     ],
-    # BUG_RENEW_ON_RESUME_CONTEXT_WIDE: re-patched between a connection's
-    # creation and its (resumed) handshake
-    "open-renew-live": [
+    # renew_on_resume is the context's setting at handshake time (README):
+    # re-patched between a connection's creation and its resumption
+    "renew-is-the-contexts": [
         lambda m: m.patch(0, "immediate", 1, True),
         lambda m: m.reconnect(0, V13, "bio"),
         lambda m: m.new_connection(0, V13, 0, "bio", "later"),
         lambda m: m.patch(0, "immediate", 1, False, True),
-        lambda m: m.patch(1, "defer", None, False),
+        lambda m: m.patch(1, "defer", None, True),
         lambda m: m.reconnect(1, V13, "bio"),
         lambda m: m.new_connection(1, V13, 1, "socketpair", "later"),
-        lambda m: m.patch(1, "defer", None, True, True),
+        lambda m: m.patch(1, "defer", None, False, True),
+    ],
+    # BUG_NATIVE_DEFER_RENEW_AT_CREATION: made under renew_on_resume=False,
+    # resumed after patch(renew_on_resume=True)
+    "open-defer-renew-at-creation": [
+        lambda m: m.patch(0, "defer", None, False),
+        lambda m: m.reconnect(0, V13, "bio"),
+        lambda m: m.new_connection(0, V13, 0, "bio", "later"),
+        lambda m: m.patch(0, "defer", None, True, True),
     ],
 }
 
