@@ -215,6 +215,11 @@ def test_first_write_calls_parses_an_strace_log() -> None:
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="valgrind cannot run a process with AddressSanitizer preloaded "
+    "(the matrix's host-asan run)",
+)
 def test_server_process_instructions_per_connection() -> None:
     """The callgrind row's machinery on one tiny configuration (N = 1: 1 vs
     11 connections): a server-only count per connection in a sane range."""
