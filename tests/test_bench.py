@@ -131,12 +131,14 @@ def test_smoke_import_time_row(smoke: tuple[str, Path]) -> None:
     stdout, _ = smoke
     line = _line(stdout, "import ms added over import ssl")
     ssl_ms, tlsctl_ms = (float(x) for x in line[40:].split()[:2])
-    assert 0 < ssl_ms < tlsctl_ms < 10_000, line
+    # sane magnitudes only: the smoke run's few processes can order them
+    # either way on a busy machine (no timing assertion in a unit test)
+    assert 0 < ssl_ms < 10_000 and 0 < tlsctl_ms < 10_000, line
     _check_interval(line)
     assert line.split()[-1] in VERDICTS[:3], line
     cross = _line(stdout, "  cross-check: process CPU ms added")
     cpu_ssl, cpu_tlsctl = (float(x) for x in cross[40:].split()[:2])
-    assert 0 < cpu_ssl < cpu_tlsctl < 10_000, cross
+    assert 0 < cpu_ssl < 10_000 and 0 < cpu_tlsctl < 10_000, cross
     _check_interval(cross)
     assert "largest self times (ms) among modules tlsctl adds: tlsctl" in stdout
 
