@@ -282,6 +282,10 @@ static const int TLSCTL_POLICY_NONE;
 static const int TLSCTL_POLICY_DEFER;
 static const int TLSCTL_POLICY_SUPPRESS;
 static const int TLSCTL_POLICY_IMMEDIATE;
+static const int TLSCTL_STATE_STOCK;
+static const int TLSCTL_STATE_DUE;
+static const int TLSCTL_STATE_FLUSHING;
+static const int TLSCTL_STATE_GUARDED;
 """
 )
 
@@ -311,7 +315,6 @@ int tlsctl_quickack_install(SSL *ssl);
 int tlsctl_set_dispatcher(uintptr_t dispatch_object);
 int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref, int on_issue,
                          int on_resume);
-int tlsctl_conn_register(SSL *ssl, uintptr_t record);
 int tlsctl_keys_mode(void);
 int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
                            size_t nbytes);
@@ -324,10 +327,8 @@ long long tlsctl_rotation_window(SSL_CTX *ctx);
 int tlsctl_set_lifetime(SSL_CTX *ctx, long seconds);
 int tlsctl_test_hold_keys(SSL_CTX *ctx, unsigned int milliseconds);
 int tlsctl_test_keys_busy(SSL_CTX *ctx);
-int tlsctl_guard_done(SSL *ssl);
 int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
-                     uintptr_t raise_queue_error);
-long tlsctl_conn_info(SSL *ssl);
+                     uintptr_t raise_error);
 """
 
 CDEF = CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + CDEF_CUSTOMIZATIONS

@@ -142,12 +142,7 @@ pytestmark = pytest.mark.skipif(
 # expect exactly the deviation described (nothing more); False expects the
 # documented behaviour.  test_bug_replay has a short program for each.
 
-#: Native ``defer``: a connection made while the context had
-#: ``renew_on_resume=False`` gets no renewal ticket when it resumes after
-#: ``patch(..., renew_on_resume=True)``, although ``renew_on_resume`` is the
-#: context's setting for the handshakes after the call (README); "immediate"
-#: and the stash do renew.
-BUG_NATIVE_DEFER_RENEW_AT_CREATION = True
+#: (None open.)
 
 # ---------------------------------------------------------------------------
 
@@ -708,8 +703,6 @@ class TlsctlMachine(RuleBasedStateMachine):
             assert conn.policy is not None
             if resumed:
                 renewing = decision is TicketDecision.USE_RENEW
-                if BUG_NATIVE_DEFER_RENEW_AT_CREATION and not conn.policy.renew:
-                    renewing = False
                 deferred = min(conn.policy.count, 1) if renewing else 0
             elif decision is not TicketDecision.IGNORE:
                 deferred = conn.policy.count
@@ -1750,9 +1743,10 @@ BUG_REPLAYS: dict[str, list[Step]] = {
         lambda m: m.new_connection(1, V13, 1, "socketpair", "later"),
         lambda m: m.patch(1, "defer", None, False, True),
     ],
-    # BUG_NATIVE_DEFER_RENEW_AT_CREATION: made under renew_on_resume=False,
-    # resumed after patch(renew_on_resume=True)
-    "open-defer-renew-at-creation": [
+    # native defer made under renew_on_resume=False, resumed after
+    # patch(renew_on_resume=True): renews, as immediate and the stash do
+    # (fixed: was BUG_NATIVE_DEFER_RENEW_AT_CREATION)
+    "fixed-defer-renew-at-creation": [
         lambda m: m.patch(0, "defer", None, False),
         lambda m: m.reconnect(0, V13, "bio"),
         lambda m: m.new_connection(0, V13, 0, "bio", "later"),

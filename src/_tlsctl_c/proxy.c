@@ -1,35 +1,11 @@
-/* proxy.c: the per-connection path in C: the first-write proxy, the
- * plan applied to new connections, issue_tickets' arm (9.). */
+/* proxy.c: the one per-connection path (9.): the plan applied to new
+ * server connections, the first-write proxy, issue_tickets' arm and the
+ * report behind connection_state. */
 
-/* ---- the first-write proxy in C (see 9.) -------------------------- */
+/* ---- per-connection record in the SSL's ex_data ------------------- */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *real;          /* the connection's _ssl._SSLSocket */
-    SSL *ssl;                /* its SSL, proven when the proxy was made */
-    int queue;               /* tickets are still to be queued */
-    int n_full, n_resumed;   /* the policy's: after a full / resumed handshake */
-    int extra;               /* issue_tickets(): whatever the handshake */
-    int flushing;            /* queued tickets not yet fully written */
-    int memory;              /* the SSL writes to a memory BIO (SSLObject) */
-    PyObject *do_handshake;  /* real.do_handshake, made on first lookup */
-} tlsctl_fw;
-
-static PyTypeObject *tlsctl_fw_type = NULL;
-static PyObject *tlsctl_sslsocket_type = NULL;
-static PyObject *tlsctl_raise_queue_error = NULL;
-static PyObject *tlsctl_s_write = NULL, *tlsctl_s_do_handshake = NULL,
-    *tlsctl_s_owner = NULL, *tlsctl_s_sslobj = NULL, *tlsctl_s_real = NULL,
-    *tlsctl_s_context = NULL;
-static Py_hash_t tlsctl_h_write = -1, tlsctl_h_real = -1;
-
-#define TLSCTL_POLICY_NONE 0
-#define TLSCTL_POLICY_DEFER 1
-#define TLSCTL_POLICY_SUPPRESS 2
-#define TLSCTL_POLICY_IMMEDIATE 3
-
-/* A C-tracked connection's state as issued * 4 + policy, or -1 when ssl
- * is not tracked in C (nothing there, or a Python record). */
+/* A connection's (issued * 4 + policy), or -1 when tlsctl never set it
+ * up (see TLSCTL_IS_COUNT). */
 static long tlsctl_conn_info(SSL *ssl)
 {
     void *v;
@@ -41,25 +17,48 @@ static long tlsctl_conn_info(SSL *ssl)
     return (long)((uintptr_t)v >> 1);
 }
 
-/* Track ssl in C with this policy (if nothing else is there yet); then
- * count n more issued tickets.  0 when the slot holds a Python record. */
+/* Record ssl with this policy (if not recorded yet), then count n more
+ * issued tickets.  1, or 0 when OpenSSL could not store it. */
 static int tlsctl_conn_track(SSL *ssl, int policy, int n)
 {
     long info = tlsctl_conn_info(ssl);
-    if (info < 0) {
-        if (p_SSL_get_ex_data(ssl, tlsctl_ssl_idx) != NULL)
-            return 0;
+    if (info < 0)
         info = policy;
-    }
     info += 4L * n;
     return p_SSL_set_ex_data(ssl, tlsctl_ssl_idx,
                              (void *)(((uintptr_t)info << 1) | 1u)) == 1;
 }
 
+/* ---- the first-write proxy ---------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *real;          /* the connection's _ssl._SSLSocket */
+    PyObject *record;        /* its ticket-callback record (8.), or NULL */
+    PyObject *do_handshake;  /* real.do_handshake while the handshake runs */
+    SSL *ssl;                /* its SSL, proven when the proxy was made */
+    int state;               /* TLSCTL_STATE_* */
+    int n_full, n_resumed;   /* the policy's tickets after a full / resumed
+                              * handshake, still to be queued */
+    int extra;               /* issue_tickets()'s, still to be queued */
+    int memory;              /* the SSL writes to a memory BIO (SSLObject) */
+    int stash;               /* the stash filter holds OpenSSL's own tickets
+                              * until the next write (7.) */
+} tlsctl_fw;
+
+static PyTypeObject *tlsctl_fw_type = NULL;
+static PyObject *tlsctl_sslsocket_type = NULL;
+static PyObject *tlsctl_raise_error = NULL;
+static PyObject *tlsctl_s_write = NULL, *tlsctl_s_do_handshake = NULL,
+    *tlsctl_s_read = NULL, *tlsctl_s_owner = NULL, *tlsctl_s_sslobj = NULL,
+    *tlsctl_s_real = NULL, *tlsctl_s_context = NULL, *tlsctl_s_exc = NULL;
+static Py_hash_t tlsctl_h_write = -1, tlsctl_h_real = -1;
+
 #define TLSCTL_NAME_OTHER 0         /* forwarded to the real object */
 #define TLSCTL_NAME_WRITE 1         /* the proxy's own write */
 #define TLSCTL_NAME_REAL 2          /* the real object itself */
-#define TLSCTL_NAME_DO_HANDSHAKE 3  /* forwarded, bound method cached */
+#define TLSCTL_NAME_DO_HANDSHAKE 3  /* guarded, or forwarded and cached */
+#define TLSCTL_NAME_READ 4          /* guarded, or forwarded */
 
 /* Names in code are interned, so the pointer tests decide almost every
  * lookup (each handshake step looks up do_handshake); a hash test, not a
@@ -72,6 +71,8 @@ static int tlsctl_name_kind(PyObject *name)
         return TLSCTL_NAME_DO_HANDSHAKE;
     if (name == tlsctl_s_write)
         return TLSCTL_NAME_WRITE;
+    if (name == tlsctl_s_read)
+        return TLSCTL_NAME_READ;
     if (name == tlsctl_s_real)
         return TLSCTL_NAME_REAL;
     if (!PyUnicode_Check(name) || (h = PyObject_Hash(name)) == -1) {
@@ -85,28 +86,149 @@ static int tlsctl_name_kind(PyObject *name)
     return TLSCTL_NAME_OTHER;
 }
 
-/* The handshake finished with another version than TLS 1.3: the proxy
- * has nothing to hold (tickets are TLS 1.3's post-handshake messages). */
-static int tlsctl_fw_not_tls13(tlsctl_fw *fw)
+/* Raise tlsctl's OpenSSLError(what, OpenSSL's error queue) through the
+ * Python function tlsctl_fast_init was given; returns NULL. */
+static PyObject *tlsctl_raise_openssl(const char *what)
 {
-    return !fw->flushing && p_SSL_is_init_finished(fw->ssl)
-        && p_SSL_version(fw->ssl) != TLS1_3_VERSION;
+    PyObject *r = PyObject_CallFunction(tlsctl_raise_error, "s", what);
+    if (r != NULL) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_RuntimeError, what);
+    }
+    return NULL;
 }
 
-static int tlsctl_fw_disarm(tlsctl_fw *fw);
+/* PyErr_GetRaisedException is 3.12+; the stable ABI tlsctl is built for
+ * (3.9) has only the Fetch / Normalize pair, deprecated since 3.12. */
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#endif
+/* If a ticket callback left an exception in the record (8.), raise it
+ * instead of the current one (if any), which becomes its __context__, as
+ * `raise exc` in an except block would; its traceback stays the
+ * callback's.  Returns 1 when it raised (or reading the record failed),
+ * 0 with the current exception, if any, left as it was. */
+static int tlsctl_fw_reraise(tlsctl_fw *fw)
+{
+    PyObject *exc, *t, *v, *tb;
+    if (fw->record == NULL)
+        return 0;
+    PyErr_Fetch(&t, &v, &tb);
+    exc = PyObject_GetAttr(fw->record, tlsctl_s_exc);
+    if (exc == Py_None) {
+        Py_DECREF(exc);
+        PyErr_Restore(t, v, tb);
+        return 0;
+    }
+    if (exc == NULL || PyObject_SetAttr(fw->record, tlsctl_s_exc, Py_None) < 0) {
+        Py_XDECREF(exc);
+        Py_XDECREF(t);
+        Py_XDECREF(v);
+        Py_XDECREF(tb);
+        return 1;
+    }
+    if (t != NULL) {
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (tb != NULL)
+            PyException_SetTraceback(v, tb);
+        PyException_SetContext(exc, v);  /* steals v */
+        Py_DECREF(t);
+        Py_XDECREF(tb);
+    }
+    Py_INCREF(Py_TYPE(exc));
+    PyErr_Restore((PyObject *)Py_TYPE(exc), exc, PyException_GetTraceback(exc));
+    return 1;
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+/* Put the real object back on the connection (if the proxy is still
+ * there: close() / unwrap() may have replaced it, and the python
+ * mechanism's proxy may stand in front of this one). */
+static int tlsctl_fw_disarm(tlsctl_fw *fw)
+{
+    PyObject *owner, *current;
+    int rc = 0;
+    owner = PyObject_GetAttr(fw->real, tlsctl_s_owner);
+    if (owner == NULL)
+        return -1;
+    if (owner != Py_None) {
+        current = PyObject_GetAttr(owner, tlsctl_s_sslobj);
+        if (current == NULL)
+            rc = -1;
+        else if (current == (PyObject *)fw)
+            rc = PyObject_SetAttr(owner, tlsctl_s_sslobj, fw->real);
+        Py_XDECREF(current);
+    }
+    Py_DECREF(owner);
+    return rc;
+}
+
+/* Done: the connection is the stock object from now on. */
+static int tlsctl_fw_retire(tlsctl_fw *fw)
+{
+    if (fw->stash && tlsctl_stash_remove(fw->ssl))
+        fw->stash = 0;
+    fw->state = TLSCTL_STATE_STOCK;
+    Py_CLEAR(fw->do_handshake);
+    Py_CLEAR(fw->record);
+    return tlsctl_fw_disarm(fw);
+}
+
+/* Nothing left for the proxy after the handshake: TLS 1.2 (tickets are
+ * TLS 1.3's post-handshake messages; a TLS 1.2 connection with ticket
+ * callbacks may renegotiate, so a guarded one stays), or a guarded TLS
+ * 1.3 connection with nothing due. */
+static int tlsctl_fw_idle(tlsctl_fw *fw)
+{
+    if (fw->state == TLSCTL_STATE_FLUSHING || !p_SSL_is_init_finished(fw->ssl))
+        return 0;
+    if (p_SSL_version(fw->ssl) == TLS1_3_VERSION)
+        return fw->state == TLSCTL_STATE_GUARDED && !fw->stash;
+    return fw->record == NULL;
+}
+
+/* After a successful call: raise what a callback left although OpenSSL
+ * went on, and retire once nothing is due and no callback can run. */
+static int tlsctl_fw_settle(tlsctl_fw *fw)
+{
+    if (tlsctl_fw_reraise(fw))
+        return -1;
+    if (fw->state == TLSCTL_STATE_GUARDED && !fw->stash
+            && (fw->record == NULL || tlsctl_guard_done(fw->ssl)))
+        return tlsctl_fw_retire(fw);
+    return 0;
+}
+
+/* real.<method>(arg) (arg may be NULL); a callback's exception replaces
+ * a failure.  0, or -1 with the exception set. */
+static int tlsctl_fw_call(tlsctl_fw *fw, PyObject *method, PyObject *arg,
+                          PyObject **result)
+{
+    PyObject *r = PyObject_CallMethodObjArgs(fw->real, method, arg, NULL);
+    if (r == NULL) {
+        tlsctl_fw_reraise(fw);
+        return -1;
+    }
+    if (result != NULL)
+        *result = r;
+    else
+        Py_DECREF(r);
+    return 0;
+}
 
 static PyObject *tlsctl_fw_getattro(PyObject *self, PyObject *name)
 {
     tlsctl_fw *fw = (tlsctl_fw *)self;
     int kind = tlsctl_name_kind(name);
-    if (kind != TLSCTL_NAME_REAL && tlsctl_fw_not_tls13(fw)) {
-        /* A TLS 1.2 connection: put the real object back at the first
-         * look after the handshake, so the connection costs what stock
-         * costs from then on. */
-        if (tlsctl_fw_disarm(fw) < 0)
+    if (kind != TLSCTL_NAME_REAL && fw->state != TLSCTL_STATE_STOCK
+            && tlsctl_fw_idle(fw)) {
+        /* Put the real object back at the first look after the handshake,
+         * so the connection costs what stock costs from then on. */
+        if (tlsctl_fw_retire(fw) < 0)
             return NULL;
-        fw->queue = 0;
-        Py_CLEAR(fw->do_handshake);
         return PyObject_GetAttr(fw->real, name);
     }
     switch (kind) {
@@ -115,7 +237,13 @@ static PyObject *tlsctl_fw_getattro(PyObject *self, PyObject *name)
     case TLSCTL_NAME_REAL:
         Py_INCREF(fw->real);
         return fw->real;
+    case TLSCTL_NAME_READ:
+        if (fw->record != NULL)
+            return PyObject_GenericGetAttr(self, name);
+        break;
     case TLSCTL_NAME_DO_HANDSHAKE:
+        if (fw->record != NULL)
+            return PyObject_GenericGetAttr(self, name);
         /* While the handshake runs, make the bound method of the real
          * object once instead of once per step; drop it afterwards so an
          * idle connection does not carry it. */
@@ -142,108 +270,140 @@ static void tlsctl_fw_dealloc(PyObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     Py_XDECREF(((tlsctl_fw *)self)->do_handshake);
+    Py_XDECREF(((tlsctl_fw *)self)->record);
     Py_XDECREF(((tlsctl_fw *)self)->real);
     PyObject_Free(self);
     Py_DECREF(tp);
 }
 
-/* Put the real object back on the connection (if the proxy is still
- * there: close() / unwrap() may have replaced it). */
-static int tlsctl_fw_disarm(tlsctl_fw *fw)
+/* DUE -> queue the tickets with SSL_new_session_ticket: FLUSHING on a
+ * socket, or (a memory BIO, where SSL_write writes them ahead of the data;
+ * or nothing to send) GUARDED.  0, or -1 with the exception set. */
+static int tlsctl_fw_queue(tlsctl_fw *fw)
 {
-    PyObject *owner, *current;
-    int rc = 0;
-    owner = PyObject_GetAttr(fw->real, tlsctl_s_owner);
-    if (owner == NULL)
-        return -1;
-    if (owner != Py_None) {
-        current = PyObject_GetAttr(owner, tlsctl_s_sslobj);
-        if (current == NULL)
-            rc = -1;
-        else if (current == (PyObject *)fw)
-            rc = PyObject_SetAttr(owner, tlsctl_s_sslobj, fw->real);
-        Py_XDECREF(current);
+    int rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
+    if (rc == TLSCTL_ERR_HANDSHAKE) {
+        /* The write would run the handshake itself: run it first (it
+         * raises SSLWantReadError etc. as the write would; the proxy stays
+         * for the retry), then queue. */
+        if (tlsctl_fw_call(fw, tlsctl_s_do_handshake, NULL, NULL) < 0)
+            return -1;
+        rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
     }
-    Py_DECREF(owner);
-    return rc;
-}
-
-static int tlsctl_fw_call(PyObject *obj, PyObject *method, PyObject *arg,
-                          PyObject **result)
-{
-    PyObject *r = PyObject_CallMethodObjArgs(obj, method, arg, NULL);
-    if (r == NULL)
+    if (rc < 0) {
+        if (tlsctl_fw_retire(fw) == 0)
+            tlsctl_raise_openssl("SSL_new_session_ticket failed before the first write");
         return -1;
-    if (result != NULL)
-        *result = r;
-    else
-        Py_DECREF(r);
+    }
+    fw->n_full = fw->n_resumed = fw->extra = 0;
+    if (rc > 0 && !tlsctl_conn_track(fw->ssl, TLSCTL_POLICY_NONE, rc)) {
+        tlsctl_raise_openssl("counting the tickets issued failed");
+        return -1;
+    }
+    fw->state = rc > 0 && !fw->memory ? TLSCTL_STATE_FLUSHING
+                                      : TLSCTL_STATE_GUARDED;
     return 0;
 }
 
-/* Raise tlsctl's OpenSSLError with OpenSSL's error queue (through the
- * Python function tlsctl_fast_init was given); returns NULL. */
-static PyObject *tlsctl_raise_openssl(void)
+/* FLUSHING -> GUARDED: the handshake driver writes the queued tickets, not
+ * SSL_write: when a socket takes part of a ticket record, SSL_write's
+ * retry with the caller's buffer fails OpenSSL's pending-write check
+ * (SSL_R_BAD_LENGTH); SSL_do_handshake resumes cleanly.  The stash filter
+ * captures them (a captured write always succeeds) and the data record
+ * takes them along in one write() (10.); a stash connection's filter
+ * already sends what it releases with the next record. */
+static int tlsctl_fw_flush(tlsctl_fw *fw)
 {
-    PyObject *r = PyObject_CallObject(tlsctl_raise_queue_error, NULL);
-    if (r != NULL) {
-        Py_DECREF(r);
-        PyErr_SetString(PyExc_RuntimeError, "queueing tickets failed");
+    int rc, capture = fw->stash ? 0 : tlsctl_capture(fw->ssl, 1);
+    if (capture < 0) {
+        tlsctl_raise_openssl("holding the tickets for the first write failed");
+        return -1;
     }
-    return NULL;
+    rc = tlsctl_fw_call(fw, tlsctl_s_do_handshake, NULL, NULL);
+    if (capture)
+        tlsctl_capture(fw->ssl, 0);
+    if (rc < 0)
+        return -1;
+    fw->state = TLSCTL_STATE_GUARDED;
+    return 0;
+}
+
+/* After the first write returned: a stash connection's held tickets are
+ * out once its filter can go (a partial drain keeps it, and the proxy, for
+ * the next write); elsewhere the capture filter goes. */
+static int tlsctl_fw_after_write(tlsctl_fw *fw)
+{
+    size_t held = 0, released = 0;
+    if (!fw->stash) {
+        tlsctl_stash_remove(fw->ssl);  /* sent: nothing left to capture */
+    } else {
+        tlsctl_stash_state(fw->ssl, &held, &released);
+        if (!tlsctl_stash_remove(fw->ssl))
+            return 0;
+        fw->stash = 0;
+        if (!tlsctl_conn_track(fw->ssl, TLSCTL_POLICY_NONE, (int)released)) {
+            tlsctl_raise_openssl("counting the tickets issued failed");
+            return -1;
+        }
+    }
+    if (fw->state == TLSCTL_STATE_DUE)  /* the stash's: nothing queued */
+        fw->state = TLSCTL_STATE_GUARDED;
+    return 0;
 }
 
 static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
 {
     tlsctl_fw *fw = (tlsctl_fw *)self;
     PyObject *result = NULL;
-    int rc;
-    if (fw->queue) {
-        rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
-        if (rc == TLSCTL_ERR_HANDSHAKE) {
-            /* The write would run the handshake itself: run it first (it
-             * raises SSLWantReadError etc. as the write would; the proxy
-             * stays for the retry), then queue. */
-            if (tlsctl_fw_call(fw->real, tlsctl_s_do_handshake, NULL, NULL) < 0)
-                return NULL;
-            rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed,
-                                      fw->extra);
-        }
-        if (rc < 0) {
-            if (tlsctl_fw_disarm(fw) < 0)
-                return NULL;
-            return tlsctl_raise_openssl();
-        }
-        fw->queue = 0;
-        fw->n_full = fw->n_resumed = fw->extra = 0;
-        if (rc > 0) {
-            tlsctl_conn_track(fw->ssl, TLSCTL_POLICY_NONE, rc);
-            /* A memory BIO takes every byte, so SSL_write itself writes
-             * the tickets (the state machine runs first) and then the
-             * data; a socket may take part of a ticket record. */
-            fw->flushing = !fw->memory;
-        }
-    }
-    if (fw->flushing) {
-        /* The handshake driver writes the queued tickets into the stash
-         * filter (captured, so it cannot stop half-way); the data record
-         * then takes them along in one write() (see 10. and _policy). */
-        if (tlsctl_capture(fw->ssl, 1) < 0)
-            return tlsctl_raise_openssl();
-        rc = tlsctl_fw_call(fw->real, tlsctl_s_do_handshake, NULL, NULL);
-        tlsctl_capture(fw->ssl, 0);
-        if (rc < 0)
-            return NULL;
-        fw->flushing = 0;
-    }
-    if (tlsctl_fw_call(fw->real, tlsctl_s_write, data, &result) < 0)
+    /* A stash connection's policy tickets are OpenSSL's own, held by the
+     * filter; only issue_tickets()'s are queued. */
+    if (fw->state == TLSCTL_STATE_DUE && (!fw->stash || fw->extra > 0)
+            && tlsctl_fw_queue(fw) < 0)
         return NULL;
-    tlsctl_stash_remove(fw->ssl);  /* sent: the filter has nothing to do */
-    if (tlsctl_fw_disarm(fw) < 0) {
+    if (fw->state == TLSCTL_STATE_FLUSHING && tlsctl_fw_flush(fw) < 0)
+        return NULL;
+    if (tlsctl_fw_call(fw, tlsctl_s_write, data, &result) < 0)
+        return NULL;
+    if ((fw->state != TLSCTL_STATE_STOCK && tlsctl_fw_after_write(fw) < 0)
+            || tlsctl_fw_settle(fw) < 0) {
         Py_DECREF(result);
         return NULL;
     }
     return result;
+}
+
+/* do_handshake() and read() of a connection with ticket callbacks: the
+ * real call, then a callback's exception re-raised (8.). */
+static PyObject *tlsctl_fw_guarded(tlsctl_fw *fw, PyObject *result)
+{
+    if (result == NULL) {
+        tlsctl_fw_reraise(fw);
+        return NULL;
+    }
+    if (tlsctl_fw_settle(fw) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static PyObject *tlsctl_fw_do_handshake(PyObject *self, PyObject *unused)
+{
+    tlsctl_fw *fw = (tlsctl_fw *)self;
+    (void)unused;
+    return tlsctl_fw_guarded(
+        fw, PyObject_CallMethodObjArgs(fw->real, tlsctl_s_do_handshake, NULL));
+}
+
+static PyObject *tlsctl_fw_read(PyObject *self, PyObject *args)
+{
+    tlsctl_fw *fw = (tlsctl_fw *)self;
+    PyObject *method = PyObject_GetAttr(fw->real, tlsctl_s_read), *result;
+    if (method == NULL)
+        return NULL;
+    result = PyObject_Call(method, args, NULL);
+    Py_DECREF(method);
+    return tlsctl_fw_guarded(fw, result);
 }
 
 /* Only tlsctl_fw_install makes proxies: one made from Python would have no
@@ -256,10 +416,27 @@ static PyObject *tlsctl_fw_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     return NULL;
 }
 
+/* state: the TLSCTL_STATE_* code (STOCK once the real object is back). */
+static PyObject *tlsctl_fw_get_state(PyObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(((tlsctl_fw *)self)->state);
+}
+
 static PyMethodDef tlsctl_fw_methods[] = {
     {"write", tlsctl_fw_write, METH_O,
      "Queue and write the connection's tickets, then the data."},
+    {"do_handshake", tlsctl_fw_do_handshake, METH_NOARGS,
+     "The real do_handshake(), then a ticket callback's exception."},
+    {"read", tlsctl_fw_read, METH_VARARGS,
+     "The real read(), then a ticket callback's exception."},
     {NULL, NULL, 0, NULL}
+};
+
+static PyGetSetDef tlsctl_fw_getset[] = {
+    {"_tlsctl_state", tlsctl_fw_get_state, NULL,
+     "the TLSCTL_STATE_* code (tlsctl._policy.STATES names it)", NULL},
+    {NULL, NULL, NULL, NULL, NULL}
 };
 
 static PyType_Slot tlsctl_fw_slots[] = {
@@ -268,6 +445,7 @@ static PyType_Slot tlsctl_fw_slots[] = {
     {Py_tp_getattro, (void *)tlsctl_fw_getattro},
     {Py_tp_setattro, (void *)tlsctl_fw_setattro},
     {Py_tp_methods, (void *)tlsctl_fw_methods},
+    {Py_tp_getset, (void *)tlsctl_fw_getset},
     {Py_tp_doc, (void *)"tlsctl's stand-in for a connection's _sslobj until "
                         "its first write (see tlsctl._policy)."},
     {0, NULL}
@@ -277,22 +455,6 @@ static PyType_Spec tlsctl_fw_spec = {
     "tlsctl._binding.FirstWriteProxy", sizeof(tlsctl_fw), 0,
     Py_TPFLAGS_DEFAULT, tlsctl_fw_slots
 };
-
-/* n more tickets for the next write; refused (ValueError) past
- * TLSCTL_MAX_TICKETS waiting, with the connection left as it was. */
-static int tlsctl_add_count(tlsctl_fw *fw, int n)
-{
-    int waiting = fw->n_full + fw->extra;
-    if (n < 1 || waiting > TLSCTL_MAX_TICKETS - n) {
-        PyErr_Format(PyExc_ValueError,
-                     "at most %d tickets can wait for one write; %d already "
-                     "do, %d more asked for",
-                     TLSCTL_MAX_TICKETS, waiting, n);
-        return -1;
-    }
-    fw->extra += n;
-    return 0;
-}
 
 /* The SSL of real if real is an _ssl._SSLSocket whose SSL is proven to
  * belong to the bound library (see 2.), else NULL (no exception set). */
@@ -312,39 +474,56 @@ static SSL *tlsctl_real_ssl(PyObject *real)
     return ssl;
 }
 
-/* Put a new proxy for (real, ssl) in front of conn._sslobj. */
-static int tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
-                             int n_full, int n_resumed, int extra)
+/* A new proxy for (real, ssl) in state, in front of conn._sslobj, with
+ * the connection's callback record if it has one; a borrowed reference
+ * (conn holds it), or NULL with the exception set. */
+static tlsctl_fw *tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
+                                    int state)
 {
     tlsctl_fw *fw = (tlsctl_fw *)PyType_GenericAlloc(tlsctl_fw_type, 0);
     int rc;
     if (fw == NULL)
-        return -1;
+        return NULL;
     Py_INCREF(real);
     fw->real = real;
-    fw->ssl = ssl;
-    fw->queue = 1;
-    fw->n_full = n_full;
-    fw->n_resumed = n_resumed;
-    fw->extra = extra;
-    fw->flushing = 0;
+    fw->record = tlsctl_record_of(ssl);
+    Py_XINCREF(fw->record);
     fw->do_handshake = NULL;
+    fw->ssl = ssl;
+    fw->state = state;
+    fw->n_full = fw->n_resumed = fw->extra = fw->stash = 0;
     fw->memory = p_BIO_method_type(p_SSL_get_wbio(ssl)) == BIO_TYPE_MEM;
     rc = PyObject_SetAttr(conn, tlsctl_s_sslobj, (PyObject *)fw);
     Py_DECREF(fw);
-    return rc;
+    return rc < 0 ? NULL : fw;
 }
 
-/* arm(conn, n) -> bool, for issue_tickets(): n more tickets with the next
+/* n more tickets for the next write; refused (ValueError) past
+ * TLSCTL_MAX_TICKETS waiting, with the connection left as it was. */
+static int tlsctl_add_count(tlsctl_fw *fw, int n)
+{
+    int waiting = fw->n_full + fw->extra;
+    if (n < 1 || waiting > TLSCTL_MAX_TICKETS - n) {
+        PyErr_Format(PyExc_ValueError,
+                     "at most %d tickets can wait for one write; %d already "
+                     "do, %d more asked for",
+                     TLSCTL_MAX_TICKETS, waiting, n);
+        return -1;
+    }
+    fw->extra += n;
+    fw->state = TLSCTL_STATE_DUE;
+    return 0;
+}
+
+/* arm(conn, n) -> None, for issue_tickets(): n more tickets with the next
  * write, through the proxy already in front of conn._sslobj or a new one.
- * False when conn._sslobj is not a proven _ssl._SSLSocket or ssl carries
- * a Python record (the caller handles those). */
+ * TypeError when conn._sslobj is neither (the caller proved it first). */
 static PyObject *tlsctl_fast_arm(PyObject *unused, PyObject *args)
 {
-    PyObject *conn, *current, *result = Py_False;
-    tlsctl_fw *fw;
+    PyObject *conn, *current;
+    tlsctl_fw *fw = NULL;
     SSL *ssl;
-    int n;
+    int n, rc = -1;
     (void)unused;
     if (!PyArg_ParseTuple(args, "Oi:arm", &conn, &n))
         return NULL;
@@ -352,77 +531,135 @@ static PyObject *tlsctl_fast_arm(PyObject *unused, PyObject *args)
         return NULL;
     if (Py_TYPE(current) == tlsctl_fw_type) {
         fw = (tlsctl_fw *)current;
-        if (tlsctl_add_count(fw, n) < 0) {
-            Py_DECREF(current);
-            return NULL;
+        if (fw->state == TLSCTL_STATE_STOCK && fw->record == NULL) {
+            /* retired, but back in front (the python mechanism's proxy
+             * stood before it when it retired) */
+            fw->record = tlsctl_record_of(fw->ssl);
+            Py_XINCREF(fw->record);
         }
-        fw->queue = 1;
-        result = Py_True;
-    } else if ((ssl = tlsctl_real_ssl(current)) != NULL && n >= 1
-               && n <= TLSCTL_MAX_TICKETS
-               && tlsctl_conn_track(ssl, TLSCTL_POLICY_NONE, 0)) {
-        if (tlsctl_fw_install(conn, current, ssl, 0, 0, n) < 0) {
-            Py_DECREF(current);
-            return NULL;
-        }
-        result = Py_True;
+        rc = tlsctl_add_count(fw, n);
+    } else if ((ssl = tlsctl_real_ssl(current)) == NULL) {
+        PyErr_SetString(PyExc_TypeError, "arm: not a proven connection");
+    } else if (!tlsctl_conn_track(ssl, TLSCTL_POLICY_NONE, 0)) {
+        tlsctl_raise_openssl("attaching tlsctl's state to a connection failed");
+    } else if ((fw = tlsctl_fw_install(conn, current, ssl,
+                                       TLSCTL_STATE_GUARDED)) != NULL) {
+        rc = tlsctl_add_count(fw, n);
     }
     Py_DECREF(current);
-    Py_INCREF(result);
-    return result;
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* The tickets a defer connection sends after a full handshake: count, or
  * (count < 0) its context's num_tickets now, so a later
  * `ctx.num_tickets = n` applies to new connections; at most
  * TLSCTL_MAX_TICKETS. */
-static int tlsctl_deferred_count(SSL *ssl, long count)
+static int tlsctl_deferred_tickets(SSL *ssl, long count)
 {
     size_t n = count >= 0 ? (size_t)count
                           : p_SSL_CTX_get_num_tickets(p_SSL_get_SSL_CTX(ssl));
     return n > TLSCTL_MAX_TICKETS ? TLSCTL_MAX_TICKETS : (int)n;
 }
 
+/* The plan's settings (make_apply's arguments). */
+#define TLSCTL_PLAN_POLICY 0
+#define TLSCTL_PLAN_COUNT 1
+#define TLSCTL_PLAN_STASH 2
+#define TLSCTL_PLAN_RECORD 3
+#define TLSCTL_PLAN_FALLBACK 4
+
+/* Set up ssl (tracked, server side) as its plan says; 0, or -1 with the
+ * exception set. */
+static int tlsctl_apply_policy(PyObject *plan, PyObject *conn, PyObject *real,
+                               SSL *ssl)
+{
+    long policy = PyLong_AsLong(PyTuple_GetItem(plan, TLSCTL_PLAN_POLICY));
+    long count = PyLong_AsLong(PyTuple_GetItem(plan, TLSCTL_PLAN_COUNT));
+    int stash = PyTuple_GetItem(plan, TLSCTL_PLAN_STASH) == Py_True;
+    PyObject *factory = PyTuple_GetItem(plan, TLSCTL_PLAN_RECORD), *record;
+    tlsctl_fw *fw;
+    int n, rc;
+    if (factory != Py_None) {
+        /* A context with ticket callbacks: the record they reach the
+         * connection through, and where they leave an exception (8.). */
+        if ((record = PyObject_CallFunctionObjArgs(factory, conn, NULL)) == NULL)
+            return -1;
+        rc = tlsctl_conn_register(ssl, record);
+        Py_DECREF(record);
+        if (!rc) {
+            tlsctl_raise_openssl("attaching tlsctl's record to a new connection failed");
+            return -1;
+        }
+    }
+    if (policy == TLSCTL_POLICY_IMMEDIATE || policy == TLSCTL_POLICY_NONE) {
+        if (count >= 0)
+            p_SSL_set_num_tickets(ssl, (size_t)count);
+    } else if (stash) {
+        /* OpenSSL makes the tickets; the stash holds them (its info
+         * callback also sets TCP_QUICKACK). */
+        p_SSL_set_num_tickets(ssl, (size_t)tlsctl_deferred_tickets(ssl, count));
+        if (tlsctl_stash_install(ssl) != 1) {
+            tlsctl_raise_openssl("installing the ticket stash on a new connection failed");
+            return -1;
+        }
+    } else {
+        p_SSL_set_num_tickets(ssl, 0);  /* no ticket in the handshake */
+        tlsctl_quickack_install(ssl);
+    }
+    if (policy == TLSCTL_POLICY_DEFER) {
+        if ((fw = tlsctl_fw_install(conn, real, ssl, TLSCTL_STATE_DUE)) == NULL)
+            return -1;
+        if (stash) {
+            fw->stash = 1;
+        } else {
+            /* At most one after a resumed handshake, as stock; none where
+             * this handshake's ticket decisions (renew_on_resume, on_resume)
+             * mean stock sends none: see tlsctl_pending_tickets. */
+            n = tlsctl_deferred_tickets(ssl, count);
+            fw->n_full = n;
+            fw->n_resumed = n > 0 ? 1 : 0;
+        }
+    } else if (factory != Py_None
+               && tlsctl_fw_install(conn, real, ssl, TLSCTL_STATE_GUARDED) == NULL) {
+        return -1;
+    }
+    return 0;
+}
+
 /* apply(conn): tlsctl's policy for a server connection that
- * SSLContext.wrap_socket / wrap_bio just made on a patched context without
- * ticket callbacks (see 9. and _policy).  self is the tuple (policy,
- * count, renew, fallback) given to make_apply; count < 0 follows the
- * context's num_tickets.  The connection is tracked in C; for defer and
- * suppress its own num_tickets becomes 0 (its handshake sends none; the
- * context's value, the user's knob, is left alone) and it gets
- * TCP_QUICKACK (see 10.); for immediate with a count, its num_tickets is
- * that count; for defer, a first-write proxy.  fallback(conn) handles a
- * connection whose SSL cannot be proven here (it raises the reason).
- * Called before the handshake starts. */
+ * SSLContext.wrap_socket / wrap_bio just made (see 9. and _policy),
+ * before its handshake starts.  self is make_apply's tuple.  The
+ * connection is tracked in the SSL's ex_data; for defer and suppress its
+ * own num_tickets becomes 0 (its handshake sends none; the context's
+ * value, the user's knob, is left alone) and it gets TCP_QUICKACK (10.);
+ * for immediate with a count, its num_tickets is that count; for defer a
+ * first-write proxy in state DUE (with the stash: the filter in front of
+ * its write BIO), and on a context with ticket callbacks a proxy in state
+ * GUARDED otherwise.  fallback(conn) handles a connection whose SSL
+ * cannot be proven here (it raises the reason).  Client connections are
+ * left exactly as stock. */
 static PyObject *tlsctl_fast_apply(PyObject *self, PyObject *conn)
 {
     PyObject *real, *r;
     SSL *ssl;
-    long policy, count;
-    int renew, n, rc = 0;
+    long policy;
+    int rc = 0;
     if ((real = PyObject_GetAttr(conn, tlsctl_s_sslobj)) == NULL)
         return NULL;
-    policy = PyLong_AsLong(PyTuple_GetItem(self, 0));
-    count = PyLong_AsLong(PyTuple_GetItem(self, 1));
-    renew = PyObject_IsTrue(PyTuple_GetItem(self, 2));
+    policy = PyLong_AsLong(PyTuple_GetItem(self, TLSCTL_PLAN_POLICY));
     if (real == Py_None) {
         rc = 0;  /* not connected: no SSL yet */
     } else if ((ssl = tlsctl_real_ssl(real)) != NULL && !p_SSL_is_server(ssl)) {
-        rc = 0;  /* the client role is left exactly as stock */
+        rc = 0;
     } else if (ssl == NULL || !tlsctl_conn_track(ssl, (int)policy, 0)) {
-        r = PyObject_CallFunctionObjArgs(PyTuple_GetItem(self, 3), conn, NULL);
+        r = PyObject_CallFunctionObjArgs(
+            PyTuple_GetItem(self, TLSCTL_PLAN_FALLBACK), conn, NULL);
         rc = r == NULL ? -1 : 0;
         Py_XDECREF(r);
-    } else if (policy == TLSCTL_POLICY_IMMEDIATE) {
-        if (count >= 0)
-            p_SSL_set_num_tickets(ssl, (size_t)count);
     } else {
-        p_SSL_set_num_tickets(ssl, 0);
-        tlsctl_quickack_install(ssl);
-        if (policy == TLSCTL_POLICY_DEFER) {
-            n = tlsctl_deferred_count(ssl, count);
-            rc = tlsctl_fw_install(conn, real, ssl, n, renew && n > 0 ? 1 : 0, 0);
-        }
+        rc = tlsctl_apply_policy(self, conn, real, ssl);
     }
     Py_DECREF(real);
     if (rc < 0)
@@ -435,52 +672,76 @@ static PyMethodDef tlsctl_fast_apply_def = {
     "Apply tlsctl's policy to a server connection just made (in C)."
 };
 
-/* make_apply(policy, count, renew, fallback): the function the wrap_socket
- * / wrap_bio hooks call with each new connection of a context. */
+/* make_apply(policy, count, stash, record_factory, fallback): the
+ * function the wrap_socket / wrap_bio hooks call with each new connection
+ * of a context.  count < 0 follows the context's num_tickets;
+ * record_factory(conn) makes the record of a connection on a context with
+ * ticket callbacks (None: no callbacks). */
 static PyObject *tlsctl_fast_make_apply(PyObject *unused, PyObject *args)
 {
-    PyObject *fallback;
-    int policy, count, renew;
+    PyObject *record_factory, *fallback, *plan, *apply;
+    int policy, count, stash;
     (void)unused;
-    if (!PyArg_ParseTuple(args, "iipO:make_apply", &policy, &count, &renew,
-                          &fallback))
+    if (!PyArg_ParseTuple(args, "iipOO:make_apply", &policy, &count, &stash,
+                          &record_factory, &fallback))
         return NULL;
-    if (policy < TLSCTL_POLICY_DEFER || policy > TLSCTL_POLICY_IMMEDIATE
-            || count < -1 || count > TLSCTL_MAX_TICKETS) {
-        PyErr_SetString(PyExc_ValueError, "make_apply: bad policy or count");
+    if (policy < TLSCTL_POLICY_NONE || policy > TLSCTL_POLICY_IMMEDIATE
+            || count < -1 || count > TLSCTL_MAX_TICKETS
+            || (stash && policy != TLSCTL_POLICY_DEFER)
+            || (policy == TLSCTL_POLICY_NONE && record_factory == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "make_apply: bad settings");
         return NULL;
     }
-    return PyCFunction_NewEx(&tlsctl_fast_apply_def, args, NULL);
+    /* The flag as a bool: apply tests it by identity with Py_True. */
+    plan = Py_BuildValue("(iiOOO)", policy, count, stash ? Py_True : Py_False,
+                         record_factory, fallback);
+    if (plan == NULL)
+        return NULL;
+    apply = PyCFunction_NewEx(&tlsctl_fast_apply_def, plan, NULL);
+    Py_DECREF(plan);
+    return apply;
 }
 
-/* The count of the tickets a defer connection on a Python path (ticket
- * callbacks, the stash) sends: see tlsctl_deferred_count. */
-static int tlsctl_deferred_tickets(SSL *ssl, long count)
+/* report(sslobj) -> (policy, state, waiting, issued) or None: what tlsctl
+ * knows of a connection (connection_state).  sslobj is conn._sslobj: a
+ * proxy, or the real object (proven here); None when tlsctl never set the
+ * connection up.  waiting: the next write sends tickets (none before the
+ * handshake, after close_notify, on TLS 1.2, or where stock would send
+ * none after this handshake). */
+static PyObject *tlsctl_fast_report(PyObject *unused, PyObject *sslobj)
 {
-    return tlsctl_deferred_count(ssl, count);
-}
-
-/* waiting(sslobj) -> bool: a proxy whose next write sends tickets (none
- * before the handshake, after close_notify, on TLS 1.2, or where stock
- * would send none after this handshake). */
-static PyObject *tlsctl_fast_waiting(PyObject *unused, PyObject *sslobj)
-{
-    tlsctl_fw *fw = (tlsctl_fw *)sslobj;
+    tlsctl_fw *fw = NULL;
+    SSL *ssl;
+    long info;
+    size_t held = 0, released = 0;
+    int waiting = 0, state = TLSCTL_STATE_STOCK;
     (void)unused;
-    if (Py_TYPE(sslobj) == tlsctl_fw_type
-            && (fw->flushing
-                || (fw->queue && tlsctl_pending_tickets(fw->ssl, fw->n_full,
-                                                        fw->n_resumed,
-                                                        fw->extra) > 0)))
-        Py_RETURN_TRUE;
-    Py_RETURN_FALSE;
+    if (Py_TYPE(sslobj) == tlsctl_fw_type) {
+        fw = (tlsctl_fw *)sslobj;
+        ssl = fw->ssl;
+        state = fw->state;
+    } else if ((ssl = tlsctl_real_ssl(sslobj)) == NULL) {
+        Py_RETURN_NONE;
+    }
+    if ((info = tlsctl_conn_info(ssl)) < 0)
+        Py_RETURN_NONE;
+    if (fw != NULL && fw->stash)
+        tlsctl_stash_state(ssl, &held, &released);
+    waiting = state == TLSCTL_STATE_FLUSHING || held > 0
+        || (state == TLSCTL_STATE_DUE
+            && tlsctl_pending_tickets(ssl, fw->n_full, fw->n_resumed,
+                                      fw->extra) > 0);
+    return Py_BuildValue("(iiOl)", (int)(info & 3), state,
+                         waiting ? Py_True : Py_False,
+                         (info >> 2) + (long)released);
 }
 
 static PyMethodDef tlsctl_fast_functions[] = {
-    {"arm", tlsctl_fast_arm, METH_VARARGS, "arm(conn, n) -> bool"},
+    {"arm", tlsctl_fast_arm, METH_VARARGS, "arm(conn, n) -> None"},
     {"make_apply", tlsctl_fast_make_apply, METH_VARARGS,
-     "make_apply(policy, count, renew, fallback)"},
-    {"waiting", tlsctl_fast_waiting, METH_O, "waiting(sslobj) -> bool"},
+     "make_apply(policy, count, stash, record_factory, fallback)"},
+    {"report", tlsctl_fast_report, METH_O,
+     "report(sslobj) -> (policy, state, waiting, issued) or None"},
     {NULL, NULL, 0, NULL}
 };
 
@@ -492,10 +753,11 @@ static PyObject *tlsctl_intern(const char *s, int *ok)
     return u;
 }
 
-/* Called once at import: put FirstWriteProxy, arm and waiting into the
- * dict at namespace_dict (id() of a dict the caller keeps alive). */
+/* Called once at import: put FirstWriteProxy, arm, make_apply and report
+ * into the dict at namespace_dict (id() of a dict the caller keeps
+ * alive).  raise_error(what) raises tlsctl's OpenSSLError. */
 static int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
-                            uintptr_t raise_queue_error)
+                            uintptr_t raise_error)
 {
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *ns = (PyObject *)namespace_dict, *f;
@@ -504,10 +766,12 @@ static int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
     if (tlsctl_fw_type == NULL) {
         tlsctl_s_write = tlsctl_intern("write", &ok);
         tlsctl_s_do_handshake = tlsctl_intern("do_handshake", &ok);
+        tlsctl_s_read = tlsctl_intern("read", &ok);
         tlsctl_s_owner = tlsctl_intern("owner", &ok);
         tlsctl_s_sslobj = tlsctl_intern("_sslobj", &ok);
         tlsctl_s_real = tlsctl_intern("_real", &ok);
         tlsctl_s_context = tlsctl_intern("context", &ok);
+        tlsctl_s_exc = tlsctl_intern("exc", &ok);
         if (ok) {
             tlsctl_h_write = PyObject_Hash(tlsctl_s_write);
             tlsctl_h_real = PyObject_Hash(tlsctl_s_real);
@@ -520,9 +784,9 @@ static int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
         Py_IncRef((PyObject *)sslsocket_type);
         Py_XDECREF(tlsctl_sslsocket_type);
         tlsctl_sslsocket_type = (PyObject *)sslsocket_type;
-        Py_IncRef((PyObject *)raise_queue_error);
-        Py_XDECREF(tlsctl_raise_queue_error);
-        tlsctl_raise_queue_error = (PyObject *)raise_queue_error;
+        Py_IncRef((PyObject *)raise_error);
+        Py_XDECREF(tlsctl_raise_error);
+        tlsctl_raise_error = (PyObject *)raise_error;
         ok = PyDict_SetItemString(ns, "FirstWriteProxy",
                                   (PyObject *)tlsctl_fw_type) == 0;
     }

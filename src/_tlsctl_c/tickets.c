@@ -54,14 +54,17 @@ typedef struct tlsctl_ctx_ext {
 
 static void tlsctl_rotate_locked(tlsctl_ctx_ext *ext);  /* rotation, below */
 
-/* The SSL ex_data slot holds either the Python record of a connection on
- * a context with ticket callbacks (a PyObject *, even address) or, for a
- * connection tracked in C (see 9.), a tagged integer, odd: bit 0 set, bits
- * 1-2 the policy (TLSCTL_POLICY_*), the rest the tickets issued so far. */
+/* The tlsctl_ssl_idx slot of a connection tlsctl set up (see 9.) holds a
+ * tagged integer, never a pointer: bit 0 set (NULL means untracked), bits
+ * 1-2 the policy (TLSCTL_POLICY_*), the rest the tickets issued so far.
+ * The tlsctl_rec_idx slot holds the Python record of a connection on a
+ * context with ticket callbacks (a strong reference, released by the
+ * ex_data free function). */
 #define TLSCTL_IS_COUNT(p) ((((uintptr_t)(p)) & 1u) != 0)
 
 static int tlsctl_ctx_idx = -1;
 static int tlsctl_ssl_idx = -1;
+static int tlsctl_rec_idx = -1;
 /* SSL slots with no Python in them: the SSL_CTX (referenced) whose keys a
  * connection uses, and the number of on_resume calls it has made. */
 static int tlsctl_keyctx_idx = -1;
@@ -157,8 +160,7 @@ static void tlsctl_ssl_rec_free(void *parent, void *ptr, void *ad, int idx,
                                 long argl, void *argp)
 {
     (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
-    if (!TLSCTL_IS_COUNT(ptr))
-        tlsctl_decref(ptr);
+    tlsctl_decref(ptr);
 }
 
 /* SSL_dup copies ex_data pointers: give the copy its own reference.
@@ -169,7 +171,7 @@ static int tlsctl_ssl_rec_dup(void *to, const void *from, void *from_d,
     PyObject *obj = *(PyObject **)from_d;
     PyGILState_STATE g;
     (void)to; (void)from; (void)idx; (void)argl; (void)argp;
-    if (obj != NULL && !TLSCTL_IS_COUNT(obj)) {
+    if (obj != NULL) {
         g = PyGILState_Ensure();
         Py_IncRef(obj);
         PyGILState_Release(g);
@@ -185,6 +187,9 @@ static int tlsctl_ext_init(void)
             CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, tlsctl_ctx_ext_free);
     if (tlsctl_ssl_idx < 0)
         tlsctl_ssl_idx = p_CRYPTO_get_ex_new_index(
+            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL, NULL);
+    if (tlsctl_rec_idx < 0)
+        tlsctl_rec_idx = p_CRYPTO_get_ex_new_index(
             CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, tlsctl_ssl_rec_dup,
             tlsctl_ssl_rec_free);
     if (tlsctl_keyctx_idx < 0)
@@ -196,8 +201,8 @@ static int tlsctl_ext_init(void)
             CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL, NULL);
     /* Index 0 of SSL is _ssl's app data; a fresh index is never 0 for SSL
      * (OpenSSL reserves 0 for app data), but refuse to share it anyway. */
-    return tlsctl_ctx_idx > 0 && tlsctl_ssl_idx > 0 && tlsctl_keyctx_idx > 0
-        && tlsctl_calls_idx > 0;
+    return tlsctl_ctx_idx > 0 && tlsctl_ssl_idx > 0 && tlsctl_rec_idx > 0
+        && tlsctl_keyctx_idx > 0 && tlsctl_calls_idx > 0;
 }
 
 static tlsctl_ctx_ext *tlsctl_ext_of(const SSL_CTX *ctx)
@@ -350,13 +355,11 @@ static int tlsctl_client_hello_cb(SSL *s, int *alert, void *arg)
 }
 
 /* tlsctl's Python record of a connection on a context with ticket
- * callbacks, or NULL: nothing there, or a C-tracked connection's tagged
- * integer (a connection made before set_ticket_callbacks(), which the
- * callbacks ignore). */
+ * callbacks (borrowed), or NULL: a connection made before
+ * set_ticket_callbacks(), which the callbacks ignore. */
 static PyObject *tlsctl_record_of(const SSL *s)
 {
-    void *v = tlsctl_ssl_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_ssl_idx) : NULL;
-    return v == NULL || TLSCTL_IS_COUNT(v) ? NULL : (PyObject *)v;
+    return tlsctl_rec_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_rec_idx) : NULL;
 }
 
 /* Call the Python dispatcher with rec (a record, see tlsctl_record_of);
@@ -539,25 +542,20 @@ static int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref,
     return tlsctl_install_ticket_cb(ctx, ext);
 }
 
-/* Attach tlsctl's per-connection record (strong reference) to ssl. */
-static int tlsctl_conn_register(SSL *ssl, uintptr_t record)
+/* Attach a connection's Python record (a new strong reference) to ssl.
+ * The GIL is held (called from proxy.c's apply).  1, or 0 on failure. */
+static int tlsctl_conn_register(SSL *ssl, PyObject *record)
 {
-    PyGILState_STATE g;
     PyObject *old;
-    if (!tlsctl_bound)
-        return TLSCTL_ERR_NOT_BOUND;
     if (!tlsctl_ext_init())
-        return TLSCTL_ERR_OPENSSL;
-    g = PyGILState_Ensure();
-    old = p_SSL_get_ex_data(ssl, tlsctl_ssl_idx);
-    Py_IncRef((PyObject *)record);
-    if (!p_SSL_set_ex_data(ssl, tlsctl_ssl_idx, (void *)record)) {
-        Py_DecRef((PyObject *)record);
-        PyGILState_Release(g);
-        return TLSCTL_ERR_OPENSSL;
+        return 0;
+    old = p_SSL_get_ex_data(ssl, tlsctl_rec_idx);
+    Py_INCREF(record);
+    if (!p_SSL_set_ex_data(ssl, tlsctl_rec_idx, record)) {
+        Py_DECREF(record);
+        return 0;
     }
     Py_XDECREF(old);
-    PyGILState_Release(g);
     return 1;
 }
 

@@ -44,9 +44,8 @@
  * 7. The stash (OpenSSL 1.1.1 has no SSL_new_session_ticket).  OpenSSL makes
  *    and writes its tickets as usual; a filter BIO holds the bytes back:
  *
- *    - tlsctl_stash_install(), called by the Python plan (_policy._prepare,
- *      from the wrap_socket / wrap_bio hooks of _wrap) for each new server
- *      connection BEFORE its handshake, puts the "tlsctl
+ *    - tlsctl_stash_install(), called by the plan (apply, 9.) for each new
+ *      server connection BEFORE its handshake, puts the "tlsctl
  *      stash" filter in front of the write BIO (socket BIO or MemoryBIO) and
  *      makes tlsctl_info_cb the connection's info callback (_ssl sets none).
  *      During handshakes OpenSSL pushes its buffering BIO (bbio) on top:
@@ -76,7 +75,7 @@
  *      OpenSSL retries the same record later.  BIO_flush never releases.
  *    - A connection freed without another write frees the held bytes
  *      unsent.  TLS 1.2 and client connections never capture.
- *    - tlsctl_stash_remove(), called from Python right after the first
+ *    - tlsctl_stash_remove(), called by the proxy (9.) right after the first
  *      application write returns (between OpenSSL calls, never from inside
  *      a BIO or info callback), takes the filter out of the chain once it
  *      holds nothing: from then on records go straight to the transport.
@@ -96,15 +95,16 @@
  *      SSL_do_handshake / SSL_read / SSL_write); every touch of a Python
  *      object takes it with PyGILState_Ensure, including from cffi-called
  *      functions (cffi releases the GIL around them too).
- *    - Each server connection made by a tlsctl factory on such a context
- *      carries its Python record (tlsctl's per-connection state, which knows
- *      the ssl.SSLSocket / ssl.SSLObject weakly) in SSL ex_data under our
- *      own index, with a strong reference released by the ex_data free
- *      function.  The single Python dispatcher is called with that record:
- *      it calls the user's callable, and keeps any exception in the record
- *      for the Python layer to re-raise after the OpenSSL call returns
- *      (pyOpenSSL's pattern); here we only see a decision or a failure.
- *      Python never unwinds through OpenSSL's stack frames.
+ *    - Each server connection set up on such a context carries a Python
+ *      record (_policy._CallbackRecord: the ssl.SSLSocket / ssl.SSLObject,
+ *      weakly, and a slot for an exception) in SSL ex_data under our own
+ *      index (tlsctl_rec_idx), with a strong reference released by the
+ *      ex_data free function.  The single Python dispatcher is called with
+ *      that record: it calls the user's callable, and keeps any exception
+ *      in the record for the first-write proxy (9.) to re-raise after the
+ *      OpenSSL call returns (pyOpenSSL's pattern); here we only see a
+ *      decision or a failure.  Python never unwinds through OpenSSL's
+ *      stack frames.
  *    - Shared ticket keys: the ticket key callback (EVP_MAC form on 3.x,
  *      legacy HMAC_CTX form on 1.1.1) looks keys up in C, under a mutex (a
  *      rotation may run in another thread while handshakes run without the
@@ -119,14 +119,13 @@
  *      the keys through SSL_get_SSL_CTX(s): a connection moved to another
  *      context by an SNI callback uses that context's keys.
  *
- * 9. The per-connection path in C (proxy.c), on contexts without ticket
- *    callbacks: "defer" on OpenSSL 3.x (the stash stays in Python),
- *    "suppress" and "immediate" everywhere, and issue_tickets() on such
- *    connections.  The Python version cost ~40 us per connection in a
- *    handshake loop (cold caches), 4% of a handshake.
+ * 9. The per-connection path (proxy.c): one path for every server
+ *    connection of a configured context (every policy, the stash, ticket
+ *    callbacks) and for issue_tickets().  A Python version cost ~40 us per
+ *    connection in a handshake loop (cold caches), 4% of a handshake.
  *    - tlsctl_fast_init(), once at binding, creates the FirstWriteProxy
  *      type (PyType_FromSpec, stable ABI) and the builtins arm, make_apply
- *      and waiting, and hands them to Python in a dict (passed by id(), as
+ *      and report, and hands them to Python in a dict (passed by id(), as
  *      every object in 3.; the caller keeps it alive).  These are ordinary
  *      Python-callable C functions: the GIL is held, unlike in the cffi
  *      functions above.
@@ -135,16 +134,22 @@
  *      proves the connection's SSL (2.), records the policy in the SSL's
  *      ex_data (a tagged integer, see TLSCTL_IS_COUNT: no allocation,
  *      nothing to free), sets the connection's own num_tickets (0 for
- *      defer and suppress: the context's value stays the user's knob) and,
- *      for "defer", sets conn._sslobj to a FirstWriteProxy.
- *    - The proxy forwards every attribute to the real _ssl._SSLSocket
- *      except write (and _real).  Its write queues the tickets
- *      (tlsctl_queue_tickets), on a socket captures them (10.), calls the
- *      real write, and puts the real object back on the owner
- *      (_ssl._SSLSocket.owner), so later writes are stock.  On an exception
- *      it stays, like the Python proxy, for the retry.  It holds no
- *      reference to the connection: no cycle.  After a handshake that
- *      ended in TLS 1.2 it steps aside at the first look (nothing to hold).
+ *      defer and suppress: the context's value stays the user's knob),
+ *      installs the stash (7.) or TCP_QUICKACK (10.), registers the
+ *      callback record (8.) and, for "defer" or a context with callbacks,
+ *      sets conn._sslobj to a FirstWriteProxy.
+ *    - The proxy's state is a TLSCTL_STATE_*: DUE (tickets go with the
+ *      next write) -> FLUSHING (queued; a socket took part of them) ->
+ *      GUARDED (nothing due; callbacks may still run) -> STOCK (the real
+ *      object is back on the owner, _ssl._SSLSocket.owner, so later calls
+ *      are stock).  issue_tickets() makes any state DUE again.  The proxy
+ *      forwards every attribute to the real _ssl._SSLSocket except write
+ *      (and _real; and do_handshake and read when the connection has a
+ *      callback record, to re-raise a callback's exception).  On an
+ *      exception it stays, for the retry.  It holds no reference to the
+ *      connection: no cycle.  After a handshake that ended in TLS 1.2 it
+ *      steps aside at the first look (nothing to hold), unless callbacks
+ *      may run again (renegotiation).
  *
  * 10. What deferring costs on the wire (stash.c).  A TLS 1.3 server that
  *    sends nothing after the client's Finished leaves that Finished
@@ -200,6 +205,21 @@
 
 #define TLSCTL_RENEW_STOCK 0
 #define TLSCTL_RENEW_NEVER 1
+
+/* A connection's policy, as make_apply() takes it and the SSL's ex_data
+ * records it (see 9.). */
+#define TLSCTL_POLICY_NONE 0
+#define TLSCTL_POLICY_DEFER 1
+#define TLSCTL_POLICY_SUPPRESS 2
+#define TLSCTL_POLICY_IMMEDIATE 3
+
+/* Where a connection stands on the first-write path (proxy.c, see 9.).
+ * Python takes the names from these constants (tlsctl._policy.STATES). */
+#define TLSCTL_STATE_STOCK 0     /* no proxy: the stock _ssl._SSLSocket */
+#define TLSCTL_STATE_DUE 1       /* tickets go out with the next write */
+#define TLSCTL_STATE_FLUSHING 2  /* tickets queued, not yet all written */
+#define TLSCTL_STATE_GUARDED 3   /* nothing due; a ticket callback may still
+                                  * run, and its exception is re-raised */
 
 /* tickets.c: whether OpenSSL would send tickets after this handshake. */
 static int tlsctl_ticket_expected(const SSL *s);

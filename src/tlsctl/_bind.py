@@ -137,16 +137,14 @@ def _find_stdlib_context() -> type[ssl.SSLContext]:
 STDLIB_CONTEXT = _find_stdlib_context()
 
 # Filled by the C module at binding (tlsctl_fast_init): "FirstWriteProxy",
-# the C proxy type; "make_create", which makes a factory class's _create;
-# "arm" and "waiting" (see _policy).
+# the C proxy type; "make_apply", which makes a context's plan; "arm" and
+# "report" (see _policy).
 fast: dict[str, Any] = {}
 
 
-def _raise_queue_error() -> None:
-    """Called by the C first-write proxy when queueing tickets failed."""
-    raise OpenSSLError(
-        "SSL_new_session_ticket failed before the first write", openssl_errors()
-    )
+def _raise_openssl_error(what: str) -> None:
+    """Called by the C per-connection path when an OpenSSL call failed."""
+    raise OpenSSLError(what, openssl_errors())
 
 
 class Info(Record):
@@ -275,7 +273,8 @@ def _bind() -> Info:
             library=library,
             openssl_version_number=number,
         )
-    if lib.tlsctl_fast_init(id(fast), id(SSL_SOCKET_TYPE), id(_raise_queue_error)) != 1:
+    raise_error = id(_raise_openssl_error)
+    if lib.tlsctl_fast_init(id(fast), id(SSL_SOCKET_TYPE), raise_error) != 1:
         return failed("creating tlsctl's C connection types failed", via=via)
 
     native = bool(lib.tlsctl_has_symbol(b"SSL_new_session_ticket"))

@@ -15,43 +15,47 @@ deadlock a handshake against a client that writes before it reads.
 ``defer`` (the default) does what BoringSSL does: no ticket during the
 handshake, the tickets go out with the server's first application write.
 
-* At ``patch()`` time the context gets ``SSL_CTX_set_num_tickets(0)``, so the
-  handshake itself never writes a ticket, and its ``sslsocket_class`` /
-  ``sslobject_class`` become thin factories around the classes the user had
-  set.  A factory only overrides ``_create``: it builds the user's own class,
-  records the policy of a server-side connection and, for ``defer``, arms it.
-  On a context without ticket callbacks, with OpenSSL 3.x, that ``_create``
-  and the proxy below are C (``tlsctl._binding``, section 9 of its source):
-  a connection then costs tlsctl no Python frame at all, which is what
-  brought full handshakes/s from 0.96 to 0.98+ of stock (measured: the
-  Python version cost ~40 us per connection more than the same OpenSSL
-  calls made by hand, in the benchmark loop, where caches are cold).  The
-  policy and the count of tickets issued live in the SSL's ex_data under
-  tlsctl's own index, as a tagged integer: no Python object per idle
-  connection.
-  Contexts with ticket callbacks, and the stash (OpenSSL 1.1.1), use the
-  Python ``_create`` and proxies below, which keep a ``_ConnState``.
+* At ``patch()`` time the context records its policy and gets a *plan*
+  (``_wrap``): the function the ``wrap_socket`` / ``wrap_bio`` hooks apply
+  to each new server connection before its handshake.  Every plan of a
+  bound tlsctl is the same C function (``make_apply`` in ``tlsctl._binding``,
+  ``src/_tlsctl_c/proxy.c``), configured per context: the policy, the
+  count, the stash, whether the context has ticket callbacks.  A connection
+  costs tlsctl no Python frame (a Python version cost ~40 us per connection
+  in a handshake loop, where caches are cold).  The policy and the count of
+  tickets issued live in the SSL's ex_data under tlsctl's own index, as a
+  tagged integer: no Python object per idle connection.
 
-* Every write path of both classes ends in ``self._sslobj.write(data)``:
-  ``SSLSocket.send`` / ``sendall`` / ``sendfile`` / ``write`` / ``makefile``
-  and ``SSLObject.write`` (asyncio, trio).  Arming replaces ``_sslobj`` (the
-  ``_ssl._SSLSocket``) with a first-write proxy (``FirstWriteProxy`` in C,
-  ``_FirstWriteProxy`` / ``_GuardProxy`` in Python) whose ``write`` runs the
-  ticket logic and then stores the real object back.  That is a plain store
-  to an attribute the connection already has: its class, its attribute
-  layout and CPython's specialised attribute lookups stay exactly as stock,
-  so every later write costs what it costs without tlsctl (measured with
-  callgrind: 14,404 instructions per 1 KiB write either way).  Shadowing
-  methods in the instance ``__dict__`` or swapping ``__class__`` instead
-  cost 3-4% per write for the life of the connection (measured).  Other
-  attributes are forwarded to the real object while armed.
+* Every write path of ``SSLSocket`` and ``SSLObject`` ends in
+  ``self._sslobj.write(data)``: ``send`` / ``sendall`` / ``sendfile`` /
+  ``write`` / ``makefile`` and ``SSLObject.write`` (asyncio, trio).  The
+  plan replaces ``_sslobj`` (the ``_ssl._SSLSocket``) with the C
+  ``FirstWriteProxy``, whose ``write`` sends the tickets and then stores the
+  real object back.  That is a plain store to an attribute the connection
+  already has: its class, its attribute layout and CPython's specialised
+  attribute lookups stay exactly as stock, so every later write costs what
+  it costs without tlsctl (measured with callgrind: the same instructions
+  per 1 KiB write either way).  Shadowing methods in the instance
+  ``__dict__`` or swapping ``__class__`` instead cost 3-4% per write for
+  the life of the connection (measured).  Other attributes are forwarded to
+  the real object while the proxy stands.
 
-* The first write runs ``tlsctl_queue_tickets``: for a finished TLS 1.3
-  server handshake it calls ``SSL_new_session_ticket`` N times (``count``,
-  or one after a resumed handshake, as stock OpenSSL does).  On a socket
-  the proxy then writes those tickets with ``do_handshake()``; it restores
-  the real object and performs the caller's write: ticket records first,
-  then the application record, all inside the caller's one write call.
+* The proxy's state is one of ``STATES`` (``TLSCTL_STATE_*`` in
+  ``tlsctl.h``): ``due`` (tickets go with the next write), ``flushing``
+  (queued, not all written yet: a socket took part of them), ``guarded``
+  (nothing due; the context has ticket callbacks, which may still run in
+  this connection's handshake) and ``stock`` (the real object is back).
+  docs/design.md has the table of which connection takes which path.
+
+* The first write of a ``due`` connection calls ``SSL_new_session_ticket``
+  N times (``count``, or the context's ``num_tickets`` read when the
+  connection was made; at most one after a resumed handshake, as stock).
+  On a socket it writes them with ``do_handshake()`` while the stash filter
+  captures them, then performs the caller's write: ticket records and the
+  application record leave in one ``write()``.  With the stash (OpenSSL
+  1.1.1, or ``TLSCTL_MECHANISM=stash``) OpenSSL made the tickets in the
+  handshake and the filter holds them; the first write releases them in
+  front of its record, and the filter leaves the chain.
 
 * Why flush with ``do_handshake()`` instead of letting ``SSL_write`` emit
   the tickets?  When the socket accepts only part of a ticket record (small
@@ -74,25 +78,31 @@ handshake, the tickets go out with the server's first application write.
   the handshake with ``do_handshake()``, which is what ``SSL_write`` would
   do itself and raises the same ``SSLWantReadError`` / ``SSLWantWriteError``
   on non-blocking sockets.  The proxy stays in place until the tickets are
-  queued and written, so a retried write continues where it stopped.
+  written, so a retried write continues where it stopped.
+
+* Ticket callbacks: on such a context each connection also gets a
+  ``_CallbackRecord`` in its SSL's ex_data, and its proxy also stands in for
+  ``do_handshake`` and ``read``: an exception a callback raised is kept in
+  the record and re-raised by the proxy once OpenSSL has returned (with
+  OpenSSL's ``SSLError`` as its ``__context__``).  The proxy retires when
+  the TLS 1.3 handshake is done and nothing is due; on TLS 1.2 it stays
+  (renegotiation may run a callback).
 
 * TLS 1.2 connections and client-side connections are left exactly as
   stock: the proxy steps aside without calling OpenSSL.  ``renew_on_resume``
   installs a C session-ticket decrypt callback (no Python per handshake).
 
-* ``issue_tickets(conn, n)`` uses the same proxy: it records ``n`` pending
-  tickets and re-arms, so they too go out with the server's next write.
+* ``issue_tickets(conn, n)`` uses the same proxy: ``n`` more tickets due
+  with the server's next write.
 
-Per-connection state lives in C (above) or, for the Python path, in the
-proxy while armed and then in a ``WeakKeyDictionary`` (never in the
-connection's own ``__dict__``, see above); the policy is fixed when the
-connection is created, so re-patching a context changes only the
-connections created after it.
+The policy is fixed when the connection is created, so re-patching a
+context changes only the connections created after it.  Without the
+binding, ``_pyhold`` (the python mechanism) holds memory-BIO connections'
+tickets in pure Python.
 """
 
 from __future__ import annotations
 
-import operator
 import ssl
 import weakref
 
@@ -106,7 +116,7 @@ from tlsctl._record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # nothing from typing at run time: import cost
-    from typing import Any, Callable, Union
+    from typing import Any, Union
 
     Connection = Union[ssl.SSLSocket, ssl.SSLObject]
 
@@ -145,55 +155,18 @@ class _Policy(Record):
         )
 
 
-def _no_connection() -> None:
-    return None
+class _CallbackRecord:
+    """What ticket callbacks reach a connection through (8. in
+    ``tlsctl._binding``): the SSL's ex_data holds it, the dispatcher finds
+    the connection through ``conn`` (weakly: no cycle) and leaves a
+    callback's exception in ``exc``, which the C proxy re-raises once the
+    OpenSSL call has returned."""
 
+    __slots__ = ("conn", "exc")
 
-class _ConnState:
-    """Per-connection bookkeeping: in the connection's ``_FirstWriteProxy``
-    while it is armed, else in ``_STATES`` (keyed weakly); see ``_state_of``.
-
-    On a context with ticket callbacks it is also the record the C shim
-    keeps in the connection's SSL ex_data: the dispatcher finds the
-    connection through ``conn`` and leaves a callback's exception in
-    ``exc`` for the proxy to re-raise once the OpenSSL call has returned.
-    """
-
-    __slots__ = (
-        "conn",
-        "count",
-        "exc",
-        "extra",
-        "first",
-        "flushing",
-        "guard",
-        "issued",
-        "policy",
-        "ptr",
-        "resumed",
-    )
-
-    def __init__(self, policy: _Policy | None) -> None:
-        self.policy = policy
-        self.first = policy is not None and policy.tickets == "defer"
-        # native defer: tickets at the first write after a full / resumed
-        # handshake (stock sends at most one after a resumed one)
-        self.count = self.resumed = 0
-        self.extra = 0  # tickets asked for with issue_tickets(), not yet queued
-        self.issued = 0  # tickets tlsctl queued so far
-        self.flushing = False  # queued tickets not yet fully written
-        self.ptr: Any = None  # validated SSL *, cached after the first proof
-        self.guard = False  # Python ticket callbacks may run on this connection
-        self.conn: Callable[[], Connection | None] = _no_connection
-        self.exc: BaseException | None = None  # kept from a callback
-
-    def pending(self) -> bool:
-        """Tickets are still to be queued or written by the proxy."""
-        return self.first or self.extra > 0 or self.flushing
-
-    def take_exc(self) -> BaseException | None:
-        exc, self.exc = self.exc, None
-        return exc
+    def __init__(self, conn: Connection) -> None:
+        self.conn = weakref.ref(conn)
+        self.exc: BaseException | None = None
 
 
 class ConnectionState(Record):
@@ -223,8 +196,6 @@ class ConnectionState(Record):
 # What a connection tlsctl does not (or no longer) track reports.
 _UNTRACKED = ConnectionState(policy=None, waiting_for_write=False, issued=0)
 
-_STATES: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary()
-
 
 def _sslobj_of(conn: Connection) -> Any:
     """``conn._sslobj``; ``TypeError`` for an object made without its
@@ -238,284 +209,35 @@ def _sslobj_of(conn: Connection) -> Any:
         ) from None
 
 
-def _state_of(conn: Connection) -> _ConnState | None:
-    sslobj = _sslobj_of(conn)
-    if type(sslobj) in _PROXIES:
-        state: _ConnState = sslobj._state
-        return state
-    return _STATES.get(conn)
-
-
-class _FirstWriteProxy:
-    """The Python first-write proxy, for the stash and for contexts with
-    ticket callbacks (elsewhere the C ``FirstWriteProxy`` is used): stands
-    in for a connection's ``_sslobj`` until its tickets are out and, with
-    callbacks, until no callback can run.
-
-    Reaches the connection through the weak reference in its state (no
-    reference cycle, so a socket still closes on ``del``).  While armed it
-    is where the state lives; ``_STATES`` gets it on disarming, so an idle
-    connection costs tlsctl one state and one proxy (152 bytes on 3.11).
-    Every public attribute of ``_ssl._SSLSocket`` is forwarded by a
-    class-level property (see ``_delegate``), so a lookup
-    never takes the slow failed-lookup path into ``__getattr__``.  Its
-    ``write`` re-raises an exception a ticket callback left in the
-    connection's state; ``_GuardProxy`` does the same for the other calls
-    that can run the handshake.
-    """
-
-    __slots__ = ("_real", "_state")
-
-    def __init__(self, real: Any, state: _ConnState) -> None:
-        setattr_ = object.__setattr__
-        setattr_(self, "_real", real)
-        setattr_(self, "_state", state)
-
-    def write(self, data: Any) -> int:
-        state = self._state
-        conn = state.conn()
-        stash = state.policy is not None and state.policy.stash
-        try:
-            # With the stash, the write itself releases the held tickets (in
-            # C); only tickets asked for with issue_tickets() are queued here.
-            if conn is not None and state.pending() and (not stash or state.extra):
-                _before_write(conn, self)
-            result: int = self._real.write(data)
-        except BaseException:
-            _reraise_callback_error(state)
-            raise
-        if stash and conn is not None:
-            _after_stash_write(self)
-        elif state.ptr is not None:
-            _bind.lib.tlsctl_stash_remove(state.ptr)  # see _before_write
-        _settle(self)
-        return result
-
-    def __getattr__(self, name: str) -> Any:  # anything not delegated below
-        return getattr(self._real, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._real, name, value)
-
-
-def _reraise_callback_error(state: _ConnState) -> None:
-    """Raise the exception a ticket callback left, if any (called inside an
-    ``except`` block, so the ``SSLError`` becomes its ``__context__``)."""
-    exc = state.take_exc()
-    if exc is not None:
-        raise exc
-
-
-def _settle(proxy: _FirstWriteProxy) -> None:
-    """After a successful call: raise a callback's exception that OpenSSL
-    did not turn into a failure, and step aside once nothing is left to do."""
-    state = proxy._state
-    exc = state.take_exc()
-    if exc is not None:
-        raise exc
-    if state.pending():
-        return
-    if state.guard:
-        if state.ptr is None:
-            state.ptr = _bind.sslobj_pointer(proxy._real)
-        if not _bind.lib.tlsctl_guard_done(state.ptr):
-            return  # handshake unfinished, or TLS 1.2 (may renegotiate)
-    conn = state.conn()
-    if conn is not None:
-        _disarm(conn, proxy)
-
-
-def _delegate(name: str) -> property:
-    # A C getter (operator.attrgetter): no Python frame on the calls a
-    # handshake makes through the proxy.
-    def set_(proxy: _FirstWriteProxy, value: Any) -> None:
-        setattr(proxy._real, name, value)
-
-    return property(
-        operator.attrgetter(f"_real.{name}"),
-        set_,
-        doc=f"forwarded to _ssl._SSLSocket.{name}",
-    )
-
-
-for _name in dir(_bind.SSL_SOCKET_TYPE):
-    if not _name.startswith("_") and _name != "write":
-        setattr(_FirstWriteProxy, _name, _delegate(_name))
-del _name
-
-
-class _GuardProxy(_FirstWriteProxy):
-    """The proxy of a connection whose context has ticket callbacks: it also
-    intercepts the other calls that can run the handshake (and so a
-    callback) to re-raise what a callback left.  A separate class, so plain
-    ``defer`` connections pay no Python frame on those calls (measured: about
-    8 us per handshake in the benchmark loop, where caches are cold)."""
-
-    __slots__ = ()
-
-    def do_handshake(self) -> None:
-        try:
-            self._real.do_handshake()
-        except BaseException:
-            _reraise_callback_error(self._state)
-            raise
-        _settle(self)
-
-    def read(self, *args: Any) -> Any:
-        try:
-            data = self._real.read(*args)
-        except BaseException:
-            _reraise_callback_error(self._state)
-            raise
-        _settle(self)
-        return data
-
-
-_PROXIES = (_FirstWriteProxy, _GuardProxy)  # the Python ones, with a _state
-# The C first-write proxy (None when nothing is bound: then nothing is armed).
+# The C first-write proxy (None when nothing is bound: then nothing is
+# armed) and the python mechanism's; both keep the real object in _real.
 _C_PROXY: type | None = _bind.fast.get("FirstWriteProxy")
-_ALL_PROXIES = (*_PROXIES, _C_PROXY) if _C_PROXY is not None else _PROXIES
-_ALL_PROXIES = (*_ALL_PROXIES, _pyhold.PROXY)  # the python mechanism's
+_PROXIES = (_C_PROXY, _pyhold.PROXY) if _C_PROXY is not None else (_pyhold.PROXY,)
 # Policy names by the C module's TLSCTL_POLICY_* codes.
 _POLICY_NAMES = (None, "defer", "suppress", "immediate")
 
 
-def _real_sslobj(conn: Connection) -> Any:
-    sslobj = _sslobj_of(conn)
-    return sslobj._real if type(sslobj) in _ALL_PROXIES else sslobj
-
-
-def _arm(conn: Connection, state: _ConnState) -> None:
-    any_conn = _any(conn)
-    if state.conn() is not conn:
-        state.conn = weakref.ref(conn)
-    if type(any_conn._sslobj) not in _PROXIES:
-        proxy = _GuardProxy if state.guard else _FirstWriteProxy
-        any_conn._sslobj = proxy(any_conn._sslobj, state)
-
-
-def _disarm(conn: Connection, proxy: _FirstWriteProxy) -> None:
-    any_conn = _any(conn)
-    if any_conn._sslobj is proxy:  # not closed or unwrapped meanwhile
-        any_conn._sslobj = proxy._real
-    _STATES[conn] = proxy._state
-    if not proxy._state.guard:  # the dispatcher no longer needs it
-        proxy._state.conn = _no_connection
-
-
-def _policy_counts(state: _ConnState) -> tuple[int, int]:
-    """The tickets the policy still owes at the first write: after a full
-    and after a resumed handshake (none with the stash: OpenSSL made them)."""
-    if state.first and state.policy is not None and not state.policy.stash:
-        return state.count, state.resumed
-    return 0, 0
-
-
-def _before_write(conn: Connection, proxy: _FirstWriteProxy) -> None:
-    """Queue the tickets due now and write them ahead of the caller's data.
-    Leaves the proxy in place; ``_settle`` removes it afterwards."""
-    state = proxy._state
-    sslobj = proxy._real
-    if state.ptr is None:
-        state.ptr = _bind.sslobj_pointer(sslobj)
-    if not state.flushing:
-        full, resumed = _policy_counts(state)
-        lib = _bind.lib
-        rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed, state.extra)
-        if rc == lib.TLSCTL_ERR_HANDSHAKE:
-            # The write would run the handshake itself; run it first so the
-            # tickets can be queued between the handshake and the data.
-            # Raises SSLWantReadError etc. exactly as the write would, and
-            # the proxy stays for the retry.
-            sslobj.do_handshake()
-            rc = lib.tlsctl_queue_tickets(state.ptr, full, resumed, state.extra)
-        if rc < 0:
-            _disarm(conn, proxy)
-            raise OpenSSLError(
-                "SSL_new_session_ticket failed before the first write",
-                _bind.openssl_errors(),
-            )
-        state.issued += rc
-        state.first = state.first and state.policy is not None and state.policy.stash
-        state.extra = 0
-        state.flushing = rc > 0
-    if state.flushing:
-        # Write the queued tickets through the handshake driver, not through
-        # SSL_write: if the socket takes only part of a ticket record,
-        # SSL_write returns WANT_WRITE, and its retry with the caller's
-        # (shorter) buffer then fails ssl3_write_bytes' length check
-        # (SSL_R_BAD_LENGTH), because the pending record is the ticket.
-        # On a socket the stash filter captures them (a captured write
-        # always succeeds) and the caller's data record then takes them
-        # along in one write() (tlsctl_capture).  With the stash mechanism
-        # its own filter already coalesces what it releases.
-        lib = _bind.lib
-        stash = state.policy is not None and state.policy.stash
-        capture = 0 if stash else lib.tlsctl_capture(state.ptr, 1)
-        if capture < 0:
-            raise OpenSSLError(
-                "holding the tickets for the first write failed",
-                _bind.openssl_errors(),
-            )
-        try:
-            sslobj.do_handshake()
-        finally:
-            if capture:
-                lib.tlsctl_capture(state.ptr, 0)
-        state.flushing = False
-
-
-def _install_stash(conn: Connection) -> None:
-    rc = _bind.lib.tlsctl_stash_install(_bind.sslobj_pointer(_real_sslobj(conn)))
-    if rc != 1:
-        raise OpenSSLError(
-            "installing the ticket stash on a new connection failed",
-            _bind.openssl_errors(),
-        )
-
-
-def _after_stash_write(proxy: _FirstWriteProxy) -> None:
-    state = proxy._state
-    if state.ptr is None:
-        state.ptr = _bind.sslobj_pointer(proxy._real)
-    _, released = _stash_state_of(state.ptr)
-    if _bind.lib.tlsctl_stash_remove(state.ptr):
-        state.issued += released
-        state.first = False
-
-
-def _prepare(conn: Connection, policy: _Policy | None, callbacks: bool) -> None:
-    """The plan of a context with ticket callbacks or the stash: set up a
-    new server connection before its handshake (see ``_wrap``)."""
-    ptr = _bind.sslobj_pointer(_real_sslobj(conn))
+def _state_names() -> dict[int, str]:
     lib = _bind.lib
-    state = _ConnState(policy)
-    if policy is not None:
-        count = -1 if policy.count is None else policy.count
-        if policy.stash:  # OpenSSL makes the tickets, the stash holds them
-            lib.SSL_set_num_tickets(ptr, lib.tlsctl_deferred_tickets(ptr, count))
-            _install_stash(conn)  # its info callback also sets TCP_QUICKACK
-        elif policy.tickets == "immediate":
-            if count >= 0:
-                lib.SSL_set_num_tickets(ptr, count)
-        else:  # no ticket in the handshake; see _binding, 9. and 10.
-            lib.SSL_set_num_tickets(ptr, 0)
-            lib.tlsctl_quickack_install(ptr)
-            if policy.tickets == "defer":
-                state.count = int(lib.tlsctl_deferred_tickets(ptr, count))
-                state.resumed = min(state.count, 1) if policy.renew_on_resume else 0
-    if callbacks:
-        state.guard = True
-        state.conn = weakref.ref(conn)  # for the dispatcher
-        state.ptr = ptr
-        if lib.tlsctl_conn_register(ptr, id(state)) != 1:
-            raise OpenSSLError(
-                "attaching tlsctl's record to a new connection failed",
-                _bind.openssl_errors(),
-            )
-    # Only contexts with callbacks (guarded) or the stash (always "defer")
-    # come here; every other server connection is set up in C.
-    _arm(conn, state)
+    return {
+        getattr(lib, name): name[len("TLSCTL_STATE_") :].lower()
+        for name in dir(lib)
+        if name.startswith("TLSCTL_STATE_")
+    }
+
+
+#: The first-write path's states by their C codes (``TLSCTL_STATE_*`` in
+#: ``src/_tlsctl_c/tlsctl.h``): ``stock``, ``due``, ``flushing``, ``guarded``;
+#: see docs/design.md.
+STATES: dict[int, str] = _state_names() if _C_PROXY is not None else {}
+
+
+def _real_sslobj(conn: Connection) -> Any:
+    """The connection's ``_ssl._SSLSocket`` behind any proxies."""
+    sslobj = _sslobj_of(conn)
+    while type(sslobj) in _PROXIES:
+        sslobj = sslobj._real
+    return sslobj
 
 
 def _refuse_unproven(conn: Any) -> None:
@@ -529,11 +251,26 @@ def _refuse_unproven(conn: Any) -> None:
     )
 
 
+def _make_apply(
+    policy: str | None, count: int | None, stash: bool, callbacks: bool
+) -> Any:
+    """The C plan (``renew_on_resume`` is the context's: its decrypt
+    callback decides whether a resumed handshake owes a ticket)."""
+    return _bind.fast["make_apply"](
+        _POLICY_NAMES.index(policy),
+        -1 if count is None else count,
+        stash,
+        _CallbackRecord if callbacks else None,
+        _refuse_unproven,
+    )
+
+
 def install_plan(ctx: ssl.SSLContext) -> None:
     """(Re)make the plan ``_wrap``'s hooks apply to ``ctx``'s new server
     connections, from its tlsctl settings: the policy ``patch()`` set and
     whether ``set_ticket_callbacks()`` set callbacks.  With neither, the
-    context has no plan (stock)."""
+    context has no plan (stock).  Every bound plan is the C ``apply``
+    (``make_apply``): one path for every policy, the stash and callbacks."""
     settings = ctx.__dict__
     policy: _Policy | None = settings.get(_POLICY_ATTR)
     callbacks = settings.get(_CALLBACKS_ATTR) is not None
@@ -546,19 +283,10 @@ def install_plan(ctx: ssl.SSLContext) -> None:
         or (policy.tickets == "defer" and _bind.info().mechanism == "python")
     ):
         plan = _python_plan(policy, callbacks)
-    elif policy is not None and not callbacks and not policy.stash:
-        # All in C: no Python frame per connection (see the module docstring).
-        plan = _bind.fast["make_apply"](
-            _POLICY_NAMES.index(policy.tickets),
-            -1 if policy.count is None else policy.count,
-            policy.renew_on_resume,
-            _refuse_unproven,
-        )
+    elif policy is None:
+        plan = _make_apply(None, None, False, callbacks)
     else:
-
-        def plan(conn: Connection) -> None:
-            _prepare(conn, policy, callbacks)
-
+        plan = _make_apply(policy.tickets, policy.count, policy.stash, callbacks)
     _wrap.install()
     settings[_wrap.PLAN_ATTR] = plan
 
@@ -574,15 +302,9 @@ def _python_plan(policy: _Policy, callbacks: bool) -> Any:
         return _pyhold.record_plan(policy.tickets)
     setup = None
     if _bind.info().bound and (policy.count is not None or callbacks):
-        count = policy.count
-
-        def setup(conn: Connection) -> None:
-            if count is not None:
-                ptr = _bind.sslobj_pointer(_real_sslobj(conn))
-                _bind.lib.SSL_set_num_tickets(ptr, count)
-            if callbacks:
-                _prepare(conn, None, True)
-
+        # count as "immediate" sets it (the python mechanism holds what the
+        # handshake sends); callbacks get the C proxy's guard
+        setup = _make_apply("immediate", policy.count, False, callbacks)
     return _pyhold.make_plan(setup)
 
 
@@ -807,22 +529,7 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
             f"issue_tickets() needs SSL_new_session_ticket (OpenSSL 3.0+); "
             f"{_bind.info().openssl_version} lacks it"
         )
-    state = _state_of(conn)
-    if state is None and _bind.fast["arm"](conn, count):
-        return  # tracked in C
-    if state is None:  # pragma: no cover - the slot holds a Python record
-        state = _STATES[conn] = _ConnState(None)
-    waiting = state.extra
-    if state.first and state.policy is not None and not state.policy.stash:
-        waiting += state.count
-    if waiting + count > MAX_TICKETS:
-        raise ValueError(
-            f"at most {MAX_TICKETS} tickets can wait for one write; {waiting} "
-            f"already do, {count} more asked for"
-        )
-    state.ptr = ptr
-    state.extra += count
-    _arm(conn, state)
+    _bind.fast["arm"](conn, count)
 
 
 def connection_state(conn: Connection) -> ConnectionState:
@@ -842,36 +549,16 @@ def connection_state(conn: Connection) -> ConnectionState:
         return ConnectionState(*python)
     if sslobj is None or not _bind.info().bound:
         return _UNTRACKED
-    state = _state_of(conn)
-    if state is None:
-        code = int(_bind.lib.tlsctl_conn_info(_bind.sslobj_pointer(_real_sslobj(conn))))
-        if code < 0:
-            return _UNTRACKED
-        return ConnectionState(
-            _POLICY_NAMES[code & 3], bool(_bind.fast["waiting"](sslobj)), code >> 2
-        )
-    armed = type(_any(conn)._sslobj) in _PROXIES
-    ptr = _bind.sslobj_pointer(_real_sslobj(conn))
-    full, resumed = _policy_counts(state)
-    # tickets the next write sends: being flushed, or owed and due (not
-    # before the handshake, after close_notify, on TLS 1.2, or where stock
-    # would send none after this handshake)
-    waiting = armed and (
-        state.flushing
-        or _bind.lib.tlsctl_pending_tickets(ptr, full, resumed, state.extra) > 0
-    )
-    if state.policy is not None and state.policy.stash and armed:
-        held, released = _stash_state_of(ptr)
-        return ConnectionState("defer", held > 0 or waiting, state.issued + released)
-    return ConnectionState(
-        policy=state.policy.tickets if state.policy else None,
-        waiting_for_write=waiting,
-        issued=state.issued,
-    )
+    report = _bind.fast["report"](sslobj)
+    if report is None:
+        return _UNTRACKED
+    code, _state, waiting, issued = report
+    return ConnectionState(_POLICY_NAMES[code], waiting, issued)
 
 
 def _stash_state_of(ptr: Any) -> tuple[int, int]:
-    """(bytes held back, ticket records released) of a stash connection."""
+    """(bytes held back, ticket records released) of a stash connection
+    (the benchmark's RSS breakdown)."""
     held = _bind.ffi.new("size_t *")
     released = _bind.ffi.new("size_t *")
     if not _bind.lib.tlsctl_stash_state(ptr, held, released):

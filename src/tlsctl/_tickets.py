@@ -471,7 +471,7 @@ def set_ticket_callbacks(
 def _dispatch(
     event: int,
     holder_ref: weakref.ref[_Callbacks],
-    record: _policy._ConnState | None,
+    record: _policy._CallbackRecord | None,
     status: int,
     appdata: bytes | None,
     key_name: bytes | None,

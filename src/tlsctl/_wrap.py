@@ -11,8 +11,8 @@ on the ssl module's real ``SSLContext`` class (``_bind.STDLIB_CONTEXT``, not
 whatever ``ssl.SSLContext`` names at the time: truststore swaps that name),
 with the two functions below.  A context that tlsctl configured carries its
 *plan* (``PLAN_ATTR`` in its ``__dict__``): a callable that applies its
-policy to a new server connection (``_binding``'s C ``apply``, or
-``_policy._prepare`` for ticket callbacks and the stash).  While injection
+policy to a new server connection (``_binding``'s C ``apply``, see
+``_policy.install_plan``).  While injection
 is on (``_inject``), a context without a plan gets one, or ``False``
 (stock), from ``adopter`` at its first server-side connection.  For any
 other context, and for the client side, the hooks only call the original.
