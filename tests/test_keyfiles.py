@@ -31,13 +31,8 @@ import pytest
 import tlsctl
 from conftest import connect
 from tlsctl import TicketKey
-from tlsctl._keyfiles import (
-    KeyFileWarning,
-    KeyWatcher,
-    _link_chain,
-    _signature,
-    watch_ticket_keys,
-)
+from tlsctl._keyfiles import KeyFileWarning, KeyWatcher, watch_ticket_keys
+from tlsctl._keysig import _link_chain, _signature
 from tlsctl.scenarios import TicketCounter
 
 CtxFactory = Callable[..., ssl.SSLContext]

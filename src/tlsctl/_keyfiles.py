@@ -84,12 +84,13 @@ from __future__ import annotations
 import _thread
 import os
 import ssl
-import stat
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 
 from tlsctl import _bind
+from tlsctl._keyfork import _INTERNAL, _REGISTRY, _RUNNING, _install_fork_hooks
+from tlsctl._keysig import _combine, _read, _same, _Signature, _signature
 from tlsctl._record import final
 from tlsctl._tickets import TicketKey, set_ticket_keys
 
@@ -103,12 +104,8 @@ if TYPE_CHECKING:  # imported lazily: neither is imported by ssl
 
 __all__ = ["KeyFileWarning", "KeyWatcher", "watch_ticket_keys"]
 
-_Signature = tuple[object, ...]
-
 _LOGGER = "tlsctl"
-_MAX_LINKS = 40  # Linux's MAXSYMLINKS: more is ELOOP
 _INSTALL = "<set_ticket_keys>"  # the key of ``errors`` when installing failed
-_INTERNAL = "<watcher>"  # ... and when the check itself failed unexpectedly
 _WATCHER_ATTR = "_tlsctl_key_watcher"  # a weak reference to a context's watcher
 
 
@@ -119,92 +116,6 @@ class KeyFileWarning(UserWarning):
     ``watch_ticket_keys`` returns; the previous keys stay in use.  The
     message names the path and the problem, never key bytes.
     """
-
-
-def _link_chain(path: str) -> tuple[tuple[object, ...], ...]:
-    """Every symbolic link met while resolving the absolute ``path``, in
-    order, as ``(link, target, st_dev, st_ino)``.  A component that cannot
-    be examined ends the chain with ``(where, errno)``."""
-    chain: list[tuple[object, ...]] = []
-    todo = [p for p in reversed(path.split("/")) if p not in ("", ".")]
-    here = "/"  # always free of symbolic links, so ".." is lexical
-    while todo:
-        name = todo.pop()
-        if name == "..":
-            here = os.path.dirname(here)
-            continue
-        where = os.path.join(here, name)
-        try:
-            st = os.lstat(where)
-            if not stat.S_ISLNK(st.st_mode):
-                here = where
-                continue
-            if len(chain) >= _MAX_LINKS:
-                chain.append((where, "ELOOP"))
-                break
-            target = os.readlink(where)
-        except OSError as exc:
-            chain.append((where, exc.errno))
-            break
-        chain.append((where, target, st.st_dev, st.st_ino))
-        if target.startswith("/"):
-            here = "/"
-        todo.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
-    return tuple(chain)
-
-
-def _signature(path: str) -> _Signature:
-    """What must stay the same for ``path`` to hold the same key."""
-    chain = _link_chain(path)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return (chain, exc.errno)
-    return (
-        chain,
-        st.st_dev,
-        st.st_ino,
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-        st.st_mode,
-    )
-
-
-def _read(path: str) -> tuple[TicketKey | None, str | None]:
-    """``(key, None)``, or ``(None, problem)`` naming the path, never bytes."""
-    try:
-        return TicketKey.from_file(path), None
-    except ValueError as exc:  # wrong size, not a regular file
-        return None, str(exc)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        return None, f"{path!r}: {reason} ({type(exc).__name__})"
-
-
-def _combine(
-    paths: Sequence[str], slots: Sequence[TicketKey]
-) -> tuple[list[TicketKey], tuple[str, str] | None]:
-    """The key list for ``set_ticket_keys`` (a key in two files listed
-    once), or ``(path, problem)`` when two different keys share a name."""
-    keys: list[TicketKey] = []
-    first: dict[bytes, int] = {}
-    for i, key in enumerate(slots):
-        data = key.export()
-        j = first.setdefault(data[:16], i)
-        if j == i:
-            keys.append(key)
-        elif slots[j].export() != data:
-            return [], (
-                paths[i],
-                f"{paths[i]!r}: its key has the name of the key in "
-                f"{paths[j]!r} but is a different key (key names are unique)",
-            )
-    return keys, None
-
-
-def _same(a: Sequence[TicketKey], b: Sequence[TicketKey]) -> bool:
-    return [k.export() for k in a] == [k.export() for k in b]
 
 
 @final
@@ -483,65 +394,6 @@ class KeyWatcher:
                 _RUNNING.discard(self)
             finally:
                 _REGISTRY.release()
-
-
-# --- fork -------------------------------------------------------------------
-
-_REGISTRY = _thread.allocate_lock()  # guards _RUNNING and _FORKING
-_RUNNING: set[KeyWatcher] = set()  # watchers whose thread should run
-_FORKING: list[KeyWatcher] = []  # quiesced by _before_fork, in lock order
-_hooks = False
-
-
-def _before_fork() -> None:
-    """Quiesce every running watcher: no thread, locks held across fork()."""
-    _REGISTRY.acquire()
-    for watcher in list(_RUNNING):
-        watcher._state.acquire()
-        _FORKING.append(watcher)
-        try:
-            watcher._pause()
-        except Exception:  # pragma: no cover - join() of a started thread
-            pass  # the child starts a fresh thread all the same
-        watcher._lock.acquire()  # no check in progress (reload() included)
-
-
-def _after_fork() -> None:
-    """In the parent and in the child: release, and start fresh threads."""
-    try:
-        for watcher in _FORKING:
-            watcher._lock.release()
-            try:
-                if not watcher._stopped:
-                    watcher._start()
-            except Exception as exc:  # e.g. no thread can be started
-                watcher._problems[_INTERNAL] = (
-                    f"the watching thread could not be restarted after fork(): {exc}"
-                )
-                watcher._last_error = watcher._problems[_INTERNAL]
-            finally:
-                watcher._state.release()
-        for watcher in [w for w in _RUNNING if w._stopped]:
-            _RUNNING.discard(watcher)
-    finally:
-        _FORKING.clear()
-        _REGISTRY.release()
-
-
-def _install_fork_hooks() -> None:
-    """Once, ``_REGISTRY`` held.  ``threading`` and ``logging`` are imported
-    first, so that their own after-fork hooks run before ours."""
-    global _hooks
-    if not _hooks:
-        import logging  # noqa: F401
-        import threading  # noqa: F401
-
-        os.register_at_fork(
-            before=_before_fork,
-            after_in_parent=_after_fork,
-            after_in_child=_after_fork,
-        )
-        _hooks = True
 
 
 # --- the entry point ---------------------------------------------------------
