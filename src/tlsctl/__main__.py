@@ -28,16 +28,7 @@ from tlsctl import scenarios
 def _doctor() -> int:
     info = tlsctl.info()
     print(f"tlsctl {tlsctl.__version__} on Python {sys.version.split()[0]}")
-    for name in (
-        "bound",
-        "reason",
-        "openssl_version",
-        "openssl_version_number",
-        "library",
-        "via",
-        "native_tickets",
-        "mechanism",
-    ):
+    for name in type(info)._fields:
         value = getattr(info, name)
         if name == "openssl_version_number":
             value = f"{value:#x}"
