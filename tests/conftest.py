@@ -93,7 +93,7 @@ _MODULE_MARKS = {
     "test_keyfiles": needs_binding,
     "test_lifecycle": needs_binding,
     "test_resume_amplification": needs_binding,
-    "test_statemachine": needs_binding,  # a model of the bound mechanisms
+    "test_statemachine": needs_c_defer,  # a model of the bound mechanisms
     "test_ticket_callbacks": needs_binding,
     "test_ticket_keys": needs_binding,
     "test_http_server": needs_socket_defer,

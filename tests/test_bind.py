@@ -136,6 +136,12 @@ def test_unknown_forced_mechanism_is_refused() -> None:
     assert "TLSCTL_MECHANISM='magic' is not available" in str(out["reason"])
 
 
+# An interpreter tlsctl cannot bind, as a user has it: no mechanism forced
+# (the suite's stash axis sets TLSCTL_MECHANISM=stash, which needs the
+# binding and is refused without it).
+_ENV_UNFORCED = {k: v for k, v in os.environ.items() if k != "TLSCTL_MECHANISM"}
+
+
 @needs_binding
 def test_doctor_reports_unbound_reason() -> None:
     proc = subprocess.run(
@@ -148,6 +154,7 @@ def test_doctor_reports_unbound_reason() -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        env=_ENV_UNFORCED,
     )
     # Without the binding the python mechanism still serves memory-BIO
     # servers: doctor says what works and checks it live (exit 0).
