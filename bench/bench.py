@@ -195,6 +195,7 @@ from typing import IO, Callable, NamedTuple
 import clienthello  # beside this file (bench/ is sys.path[0])
 import tlsctl
 import tlsserver  # beside this file
+from _pairs import BioPair, connect  # beside this file
 from tlsctl import scenarios
 
 BY_HAND = "full handshakes/s, technique by hand"
@@ -337,52 +338,12 @@ def row_of(stock: list[float], patched: list[float], ratios: list[float]) -> Row
 # ------------------------------------------------------------ in process
 
 
-class Pair:
-    """A server and a client SSLObject over memory BIOs."""
-
-    def __init__(
-        self,
-        server_ctx: ssl.SSLContext,
-        client_ctx: ssl.SSLContext,
-        session: ssl.SSLSession | None = None,
-    ) -> None:
-        self.s_in, self.s_out, self.c_in, self.c_out = (
-            ssl.MemoryBIO() for _ in range(4)
-        )
-        self.server = server_ctx.wrap_bio(self.s_in, self.s_out, server_side=True)
-        self.client = client_ctx.wrap_bio(
-            self.c_in, self.c_out, server_hostname="localhost", session=session
-        )
-
-    def handshake_only(self) -> Pair:
-        for _ in range(4):
-            try:
-                self.client.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            self.s_in.write(self.c_out.read())
-            try:
-                self.server.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            self.c_in.write(self.s_out.read())
-        return self
-
-    def handshake_and_first_byte(self) -> Pair:
-        self.handshake_only()
-        self.server.write(b"!")
-        self.c_in.write(self.s_out.read())
-        if self.client.read(10) != b"!":
-            raise RuntimeError("handshake pair broken")
-        return self
-
-
 def one_handshake(
     server: ssl.SSLContext,
     client: ssl.SSLContext,
     session: ssl.SSLSession | None = None,
 ) -> None:
-    pair = Pair(server, client, session).handshake_and_first_byte()
+    pair = connect(server, client, session)
     if session is not None and not pair.client.session_reused:
         raise RuntimeError("the benchmark's handshakes did not resume")
 
@@ -391,7 +352,7 @@ def one_by_hand(
     server: ssl.SSLContext,
     client: ssl.SSLContext,
     session: ssl.SSLSession | None = None,
-) -> Pair:
+) -> BioPair:
     """``one_handshake`` on a ``num_tickets = 0`` context, queueing the
     tickets by hand right before the first write (two, or one after a
     resumed handshake), which then writes them ahead of its data, as tlsctl
@@ -399,14 +360,11 @@ def one_by_hand(
     measuring aid only)."""
     from tlsctl._bind import lib
 
-    pair = Pair(server, client, session).handshake_only()
+    pair = BioPair(server, client, session).handshake()
     real = pair.server._sslobj  # type: ignore[attr-defined]
     if lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1, 0) < 1:
         raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
-    pair.server.write(b"!")
-    pair.c_in.write(pair.s_out.read())
-    if pair.client.read(10) != b"!":
-        raise RuntimeError("handshake pair broken")
+    pair.exchange()
     if session is not None and not pair.client.session_reused:
         raise RuntimeError("the benchmark's handshakes did not resume")
     return pair
@@ -482,7 +440,7 @@ def handshakes(server: ssl.SSLContext, client: ssl.SSLContext, n: int) -> float:
 
 
 def session_of(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLSession:
-    session = Pair(server, client).handshake_and_first_byte().client.session
+    session = connect(server, client).client.session
     if session is None or not session.has_ticket:
         raise RuntimeError("no ticket to resume with")
     return session
@@ -497,7 +455,7 @@ def resumed_handshakes(
     return n / (time.perf_counter() - start)
 
 
-def writes(pairs: list[Pair], size: int, n: int) -> float:
+def writes(pairs: list[BioPair], size: int, n: int) -> float:
     """``n`` writes of ``size`` bytes, spread over ``pairs``; returns writes/s."""
     data = b"w" * size
     per_pair = max(1, n // len(pairs))
@@ -527,7 +485,7 @@ class WriteSweep:
     def renew(self) -> None:
         self.ends = []  # free the old connections first
         for _ in range(CONNECTIONS):
-            pair = Pair(self.server, self.client).handshake_and_first_byte()
+            pair = connect(self.server, self.client)
             self.ends.append((pair.server.write, pair.s_out.read))
 
     @staticmethod
@@ -1425,7 +1383,7 @@ def _worker(metric: str, side: str, n: int) -> None:
     elif metric == "full handshakes/s":
         handshakes(ctx, client, n)
     else:
-        pairs = [Pair(ctx, client).handshake_and_first_byte() for _ in range(4)]
+        pairs = [connect(ctx, client) for _ in range(4)]
         writes(pairs, 1024 if metric.startswith("1 KiB") else BULK, n)
 
 
@@ -1623,7 +1581,7 @@ def rotation_resumption(keep: int = 2) -> list[tuple[float, int, int]]:
     sessions: list[tuple[float, ssl.SSLSession]] = []
     for _ in range(ROTATION_SESSIONS):
         time.sleep(ROTATION_EVERY / ROTATION_SESSIONS)  # spread over a window
-        pair = Pair(server, client).handshake_and_first_byte()
+        pair = connect(server, client)
         if pair.client.session is not None:
             sessions.append((time.monotonic(), pair.client.session))
     due = sorted(
@@ -1634,7 +1592,7 @@ def rotation_resumption(keep: int = 2) -> list[tuple[float, int, int]]:
     tally: dict[float, list[int]] = {d: [0, 0] for d in ROTATION_DELAYS}
     for when, delay, session in due:
         time.sleep(max(0.0, when - time.monotonic()))
-        pair = Pair(server, client, session).handshake_and_first_byte()
+        pair = connect(server, client, session)
         tally[delay][0] += pair.client.session_reused
         tally[delay][1] += 1
     return [(d, r, n) for d, (r, n) in sorted(tally.items())]

@@ -10,7 +10,6 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +18,16 @@ import pytest
 import tlsctl
 from tlsctl import scenarios
 from tlsctl.scenarios import TicketCounter
+
+# The memory-BIO pair (BioPair, connect) is bench/_pairs.py, shared with the
+# benchmark and the soak.  pytest puts bench/ on sys.path (pyproject's
+# pythonpath); child processes that import conftest with only tests/ on their
+# path get it here.
+_BENCH = str(Path(__file__).resolve().parent.parent / "bench")
+if _BENCH not in sys.path:
+    sys.path.append(_BENCH)
+from _pairs import BioPair as BioPair  # noqa: E402  (re-exported to the tests)
+from _pairs import connect as connect  # noqa: E402
 
 TLS_VERSIONS = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
@@ -142,89 +151,7 @@ def client_ctx(certs: scenarios.Certs) -> Callable[..., ssl.SSLContext]:
     return make
 
 
-@dataclass
-class BioPair:
-    """A server and a client SSLObject joined by memory BIOs."""
-
-    server: ssl.SSLObject
-    client: ssl.SSLObject
-    s_in: ssl.MemoryBIO
-    s_out: ssl.MemoryBIO
-    c_in: ssl.MemoryBIO
-    c_out: ssl.MemoryBIO
-
-    def client_to_server(self) -> int:
-        data = self.c_out.read()
-        self.s_in.write(data)
-        return len(data)
-
-    def server_to_client(self) -> bytes:
-        data = self.s_out.read()
-        self.c_in.write(data)
-        return data
-
-    def handshake(self) -> None:
-        """Drive both sides to completion WITHOUT moving anything the server
-        writes after its handshake finished (left in s_out for inspection)."""
-        server_done = client_done = False
-        for _ in range(10):
-            if not client_done:
-                try:
-                    self.client.do_handshake()
-                    client_done = True
-                except ssl.SSLWantReadError:
-                    pass
-            self.client_to_server()
-            if not server_done:
-                try:
-                    self.server.do_handshake()
-                    server_done = True
-                except ssl.SSLWantReadError:
-                    pass
-                if not server_done or not client_done:
-                    self.server_to_client()
-            if server_done and client_done:
-                return
-        raise AssertionError("handshake did not finish")
-
-    def client_read(self) -> bytes | None:
-        try:
-            return self.client.read(65536)
-        except ssl.SSLWantReadError:
-            return None
-
-    def exchange(self, data: bytes = b"x") -> None:
-        """The server writes ``data`` (any deferred tickets go first) and the
-        client reads exactly that."""
-        self.server.write(data)
-        self.server_to_client()
-        assert self.client_read() == data
-
-
-def bio_pair(
-    server_ctx: ssl.SSLContext,
-    client_ctx: ssl.SSLContext,
-    session: ssl.SSLSession | None = None,
-) -> BioPair:
-    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    client = client_ctx.wrap_bio(
-        c_in, c_out, server_hostname="localhost", session=session
-    )
-    return BioPair(server, client, s_in, s_out, c_in, c_out)
-
-
-def connect(
-    server_ctx: ssl.SSLContext,
-    client_ctx: ssl.SSLContext,
-    session: ssl.SSLSession | None = None,
-    data: bytes = b"x",
-) -> BioPair:
-    """A handshaken memory-BIO pair after one server-to-client ``exchange``."""
-    pair = bio_pair(server_ctx, client_ctx, session=session)
-    pair.handshake()
-    pair.exchange(data)
-    return pair
+bio_pair = BioPair  # the tests' name for a fresh (not handshaken) pair
 
 
 def split_records(data: bytes) -> list[bytes]:
