@@ -6,10 +6,12 @@ certificates from trustme.  Nothing from ssl is mocked.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -192,6 +194,58 @@ def counted_pair(
         return pair, counter
 
     return make
+
+
+async def read_upload(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> int:
+    """The bytes of a one-way upload, read until EOF or a reset."""
+    got = 0
+    try:
+        while chunk := await reader.read(65536):
+            got += len(chunk)
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return got
+
+
+@contextlib.asynccontextmanager
+async def asyncio_uploads(
+    ctx: ssl.SSLContext,
+    client: ssl.SSLContext,
+    n: int,
+    size: int,
+    receive: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[int | None]
+    ] = read_upload,
+    timeout: float = 30,
+) -> AsyncIterator[tuple[Any, list[int]]]:
+    """An ``asyncio.start_server`` on ``ctx`` to which ``n`` blocking clients
+    (``scenarios.upload_clients``, in a thread) each upload ``size`` bytes
+    and close without reading.  Yields (its address, the bytes each upload
+    delivered) once all ``n`` have ended, the server still serving.
+    ``receive`` reads one connection: its upload's byte count, or None for a
+    connection that is no upload (``receive`` answered and closed it)."""
+    received: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        got = await receive(reader, writer)
+        if got is None:
+            return
+        received.append(got)
+        writer.close()
+        if len(received) == n:
+            done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    address = server.sockets[0].getsockname()
+    async with server:
+        await asyncio.get_running_loop().run_in_executor(
+            None, scenarios.upload_clients, address, client, n, size
+        )
+        await asyncio.wait_for(done.wait(), timeout)
+        yield address, received
 
 
 def s_client(port: int, ca: Path, stdin: bytes, *args: str) -> str:
