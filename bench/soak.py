@@ -80,6 +80,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import tlsctl
+from _pairs import BioPair  # beside this file (bench/ is sys.path[0])
 from tlsctl import ResumeStatus, TicketDecision, TicketKey, scenarios
 
 CONFIGS = ("stock", "defer", "keys", "keys+abort")
@@ -116,84 +117,6 @@ def trimmed_rss_bytes() -> int | None:
         return None
     trim(0)
     return rss_bytes()
-
-
-# --- one memory-BIO connection --------------------------------------------
-
-
-class Pair:
-    """A server and a client ``SSLObject`` joined by memory BIOs."""
-
-    def __init__(
-        self,
-        server_ctx: ssl.SSLContext,
-        client_ctx: ssl.SSLContext,
-        session: ssl.SSLSession | None = None,
-    ) -> None:
-        self.s_in, self.s_out, self.c_in, self.c_out = (
-            ssl.MemoryBIO() for _ in range(4)
-        )
-        self.server = server_ctx.wrap_bio(self.s_in, self.s_out, server_side=True)
-        self.client = client_ctx.wrap_bio(
-            self.c_in, self.c_out, server_hostname="localhost", session=session
-        )
-
-    def pump(self) -> None:
-        self.s_in.write(self.c_out.read())
-        self.c_in.write(self.s_out.read())
-
-    def handshake(self) -> None:
-        client_done = server_done = False
-        for _ in range(10):
-            if not client_done:
-                try:
-                    self.client.do_handshake()
-                    client_done = True
-                except ssl.SSLWantReadError:
-                    pass
-            self.pump()
-            if not server_done:
-                try:
-                    self.server.do_handshake()
-                    server_done = True
-                except ssl.SSLWantReadError:
-                    pass
-            self.pump()
-            if client_done and server_done:
-                return
-        raise RuntimeError("handshake did not finish")
-
-    def respond(self, data: bytes) -> None:
-        """The server writes ``data`` (its first write carries any deferred
-        tickets); the client reads all of it."""
-        self.server.write(data)
-        self.pump()
-        got = b""
-        while len(got) < len(data):
-            got += self.client.read(65536)
-        if got != data:
-            raise RuntimeError("the client read something else")
-
-    def request(self, data: bytes) -> None:
-        """The client writes ``data``; the server reads all of it."""
-        self.client.write(data)
-        self.pump()
-        got = b""
-        while len(got) < len(data):
-            got += self.server.read(65536)
-        if got != data:
-            raise RuntimeError("the server read something else")
-
-    def close(self) -> None:
-        """close_notify both ways (client first)."""
-        try:
-            self.client.unwrap()
-        except ssl.SSLWantReadError:
-            pass
-        self.pump()
-        self.server.unwrap()
-        self.pump()
-        self.client.unwrap()
 
 
 # --- the server side of one configuration ----------------------------------
@@ -334,19 +257,19 @@ class Worker:
         self.counts = Counts()
         self.patched = servers.config != "stock"
 
-    def _full(self) -> Pair:
-        pair = Pair(self.servers.first, self.client)
+    def _full(self) -> BioPair:
+        pair = BioPair(self.servers.first, self.client)
         pair.handshake()
         return pair
 
-    def _resumed(self) -> Pair:
+    def _resumed(self) -> BioPair:
         """A resumption attempt with the session kept for the epoch in force
         (a full handshake when there is none)."""
         before = self.servers.snapshot()
         session = self.sessions.get(before[1])
         if session is None:
             return self._full()
-        pair = Pair(self.servers.second, self.client, session)
+        pair = BioPair(self.servers.second, self.client, session)
         pair.handshake()
         if self.servers.snapshot() != before:
             # Another thread changed the keys meanwhile: not counted.
@@ -357,7 +280,7 @@ class Worker:
             self.counts.resumed += 1
         return pair
 
-    def _keep_session(self, pair: Pair) -> None:
+    def _keep_session(self, pair: BioPair) -> None:
         """Keep the first session of each kind of epoch (a listed epoch's
         first is under the anchor key, listed for good), if no key change
         (another thread's) overlapped the connection."""
@@ -378,16 +301,16 @@ class Worker:
         local.mode = None
         if kind == 0:  # full handshake, first write; keep the session
             pair = self._full()
-            pair.respond(b"x")
+            pair.exchange(b"x")
             self._keep_session(pair)
         elif kind in (1, 9):  # resumed (kind 9: on_resume answers USE)
             local.mode = "use" if kind == 9 else None
             pair = self._resumed()
-            pair.respond(b"x")
+            pair.exchange(b"x")
             self._keep_session(pair)
         elif kind == 2:  # resumed, first write, close_notify both ways
             pair = self._resumed()
-            pair.respond(b"x")
+            pair.exchange(b"x")
             self._keep_session(pair)
             pair.close()
         elif kind == 3:  # full handshake, dropped before any write
@@ -402,12 +325,12 @@ class Worker:
                     self.counts.issued_by_hand += 1
                 except tlsctl.UnsupportedError:
                     pass
-            pair.respond(b"y" * 16384)
+            pair.exchange(b"y" * 16384)
             pair.request(b"request")
         elif kind == 6:  # TLS 1.2
-            pair = Pair(self.servers.first, self.client12)
+            pair = BioPair(self.servers.first, self.client12)
             pair.handshake()
-            pair.respond(b"x")
+            pair.exchange(b"x")
         elif kind == 7:  # on_resume raises: the handshake fails
             if self.servers.refusals and self.servers.epoch in self.sessions:
                 local.mode = "raise"
@@ -418,11 +341,11 @@ class Worker:
                 else:
                     raise RuntimeError("on_resume's exception was not re-raised")
             else:
-                self._resumed().respond(b"x")
+                self._resumed().exchange(b"x")
         elif kind == 8:  # the server reads the request before its first write
             pair = self._full()
             pair.request(b"GET / HTTP/1.1\r\n\r\n")
-            pair.respond(b"HTTP/1.1 204 No Content\r\n\r\n")
+            pair.exchange(b"HTTP/1.1 204 No Content\r\n\r\n")
         local.mode = None
         self.counts.connections += 1
         self.on_connection()

@@ -6,11 +6,12 @@ certificates from trustme.  Nothing from ssl is mocked.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,16 @@ import pytest
 import tlsctl
 from tlsctl import scenarios
 from tlsctl.scenarios import TicketCounter
+
+# The memory-BIO pair (BioPair, connect) is bench/_pairs.py, shared with the
+# benchmark and the soak.  pytest puts bench/ on sys.path (pyproject's
+# pythonpath); child processes that import conftest with only tests/ on their
+# path get it here.
+_BENCH = str(Path(__file__).resolve().parent.parent / "bench")
+if _BENCH not in sys.path:
+    sys.path.append(_BENCH)
+from _pairs import BioPair as BioPair  # noqa: E402  (re-exported to the tests)
+from _pairs import connect as connect  # noqa: E402
 
 TLS_VERSIONS = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
@@ -142,89 +153,7 @@ def client_ctx(certs: scenarios.Certs) -> Callable[..., ssl.SSLContext]:
     return make
 
 
-@dataclass
-class BioPair:
-    """A server and a client SSLObject joined by memory BIOs."""
-
-    server: ssl.SSLObject
-    client: ssl.SSLObject
-    s_in: ssl.MemoryBIO
-    s_out: ssl.MemoryBIO
-    c_in: ssl.MemoryBIO
-    c_out: ssl.MemoryBIO
-
-    def client_to_server(self) -> int:
-        data = self.c_out.read()
-        self.s_in.write(data)
-        return len(data)
-
-    def server_to_client(self) -> bytes:
-        data = self.s_out.read()
-        self.c_in.write(data)
-        return data
-
-    def handshake(self) -> None:
-        """Drive both sides to completion WITHOUT moving anything the server
-        writes after its handshake finished (left in s_out for inspection)."""
-        server_done = client_done = False
-        for _ in range(10):
-            if not client_done:
-                try:
-                    self.client.do_handshake()
-                    client_done = True
-                except ssl.SSLWantReadError:
-                    pass
-            self.client_to_server()
-            if not server_done:
-                try:
-                    self.server.do_handshake()
-                    server_done = True
-                except ssl.SSLWantReadError:
-                    pass
-                if not server_done or not client_done:
-                    self.server_to_client()
-            if server_done and client_done:
-                return
-        raise AssertionError("handshake did not finish")
-
-    def client_read(self) -> bytes | None:
-        try:
-            return self.client.read(65536)
-        except ssl.SSLWantReadError:
-            return None
-
-    def exchange(self, data: bytes = b"x") -> None:
-        """The server writes ``data`` (any deferred tickets go first) and the
-        client reads exactly that."""
-        self.server.write(data)
-        self.server_to_client()
-        assert self.client_read() == data
-
-
-def bio_pair(
-    server_ctx: ssl.SSLContext,
-    client_ctx: ssl.SSLContext,
-    session: ssl.SSLSession | None = None,
-) -> BioPair:
-    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    client = client_ctx.wrap_bio(
-        c_in, c_out, server_hostname="localhost", session=session
-    )
-    return BioPair(server, client, s_in, s_out, c_in, c_out)
-
-
-def connect(
-    server_ctx: ssl.SSLContext,
-    client_ctx: ssl.SSLContext,
-    session: ssl.SSLSession | None = None,
-    data: bytes = b"x",
-) -> BioPair:
-    """A handshaken memory-BIO pair after one server-to-client ``exchange``."""
-    pair = bio_pair(server_ctx, client_ctx, session=session)
-    pair.handshake()
-    pair.exchange(data)
-    return pair
+bio_pair = BioPair  # the tests' name for a fresh (not handshaken) pair
 
 
 def split_records(data: bytes) -> list[bytes]:
@@ -265,6 +194,58 @@ def counted_pair(
         return pair, counter
 
     return make
+
+
+async def read_upload(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> int:
+    """The bytes of a one-way upload, read until EOF or a reset."""
+    got = 0
+    try:
+        while chunk := await reader.read(65536):
+            got += len(chunk)
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return got
+
+
+@contextlib.asynccontextmanager
+async def asyncio_uploads(
+    ctx: ssl.SSLContext,
+    client: ssl.SSLContext,
+    n: int,
+    size: int,
+    receive: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[int | None]
+    ] = read_upload,
+    timeout: float = 30,
+) -> AsyncIterator[tuple[Any, list[int]]]:
+    """An ``asyncio.start_server`` on ``ctx`` to which ``n`` blocking clients
+    (``scenarios.upload_clients``, in a thread) each upload ``size`` bytes
+    and close without reading.  Yields (its address, the bytes each upload
+    delivered) once all ``n`` have ended, the server still serving.
+    ``receive`` reads one connection: its upload's byte count, or None for a
+    connection that is no upload (``receive`` answered and closed it)."""
+    received: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        got = await receive(reader, writer)
+        if got is None:
+            return
+        received.append(got)
+        writer.close()
+        if len(received) == n:
+            done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    address = server.sockets[0].getsockname()
+    async with server:
+        await asyncio.get_running_loop().run_in_executor(
+            None, scenarios.upload_clients, address, client, n, size
+        )
+        await asyncio.wait_for(done.wait(), timeout)
+        yield address, received
 
 
 def s_client(port: int, ca: Path, stdin: bytes, *args: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from conftest import needs_defer
+from conftest import asyncio_uploads, needs_defer
 from tlsctl import scenarios
 
 pytestmark = [needs_defer]  # native, stash or python: memory-BIO servers
@@ -21,31 +21,8 @@ CtxFactory = Callable[..., ssl.SSLContext]
 async def _upload_server(
     ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, n: int, size: int
 ) -> list[int]:
-    received: list[int] = []
-    done = asyncio.Event()
-
-    async def handle(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        got = 0
-        try:
-            while chunk := await reader.read(65536):
-                got += len(chunk)
-        except (ConnectionError, ssl.SSLError):
-            pass
-        received.append(got)
-        writer.close()
-        if len(received) == n:
-            done.set()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-    address = server.sockets[0].getsockname()
-    async with server:
-        await asyncio.get_running_loop().run_in_executor(
-            None, scenarios.upload_clients, address, client_ctx, n, size
-        )
-        await asyncio.wait_for(done.wait(), 30)
-    return received
+    async with asyncio_uploads(ctx, client_ctx, n, size) as (_, received):
+        return received
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["stock", "patched"])

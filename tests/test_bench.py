@@ -177,28 +177,28 @@ def test_smoke_scaling_and_charts(smoke: tuple[str, Path]) -> None:
 
 
 def test_verdict_needs_the_whole_interval_on_one_side() -> None:
-    import bench
+    from bench_stats import verdict
 
-    assert bench.verdict(0.991, 1.02, 0.99, True) == "meets"
-    assert bench.verdict(0.95, 0.989, 0.99, True) == "misses"
-    assert bench.verdict(0.98, 1.0, 0.99, True) == "inconclusive"
-    assert bench.verdict(100, 256, 256, False) == "meets"
-    assert bench.verdict(257, 900, 256, False) == "misses"
-    assert bench.verdict(-5, 300, 256, False) == "inconclusive"
-    assert bench.verdict(0.5, 0.6, None, True) == "reference"
+    assert verdict(0.991, 1.02, 0.99, True) == "meets"
+    assert verdict(0.95, 0.989, 0.99, True) == "misses"
+    assert verdict(0.98, 1.0, 0.99, True) == "inconclusive"
+    assert verdict(100, 256, 256, False) == "meets"
+    assert verdict(257, 900, 256, False) == "misses"
+    assert verdict(-5, 300, 256, False) == "inconclusive"
+    assert verdict(0.5, 0.6, None, True) == "reference"
 
 
 def test_bootstrap_ci_contains_the_median_and_is_deterministic() -> None:
-    import bench
+    from bench_stats import bootstrap_ci
 
     values = [0.97, 0.99, 1.0, 1.01, 0.98, 1.02, 0.995, 1.005, 0.985]
-    lo, hi = bench.bootstrap_ci(values)
-    assert lo <= 0.995 <= hi and (lo, hi) == bench.bootstrap_ci(values)
-    assert bench.bootstrap_ci([1.0] * 5) == (1.0, 1.0)
+    lo, hi = bootstrap_ci(values)
+    assert lo <= 0.995 <= hi and (lo, hi) == bootstrap_ci(values)
+    assert bootstrap_ci([1.0] * 5) == (1.0, 1.0)
 
 
 def test_first_write_calls_parses_an_strace_log() -> None:
-    import bench
+    from bench_processes import first_write_calls
 
     log = "\n".join(
         [
@@ -213,7 +213,7 @@ def test_first_write_calls_parses_an_strace_log() -> None:
             'write(4, "tlsctl-bench:end", 16) = 16',
         ]
     )
-    assert bench.first_write_calls(log) == [(1, 632), (2, 122)]
+    assert first_write_calls(log) == [(1, 632), (2, 122)]
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
@@ -225,7 +225,7 @@ def test_first_write_calls_parses_an_strace_log() -> None:
 def test_server_process_instructions_per_connection() -> None:
     """The callgrind row's machinery on one tiny configuration (N = 1: 1 vs
     11 connections): a server-only count per connection in a sane range."""
-    import bench
+    from bench_processes import _server_instructions
     from tlsctl import scenarios
 
     certs = scenarios.make_certs(client_sans=1)
@@ -233,8 +233,8 @@ def test_server_process_instructions_per_connection() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         certfile = os.path.join(tmp, "server.pem")
         certs.server.private_key_and_cert_chain_pem.write_to_path(certfile)
-        small = bench._server_instructions("stock", "full", 1, certfile, client)
-        large = bench._server_instructions("stock", "full", 11, certfile, client)
+        small = _server_instructions("stock", "full", 1, certfile, client)
+        large = _server_instructions("stock", "full", 11, certfile, client)
     per_connection = (large - small) / 10
     # A full handshake costs the server millions of instructions, not billions.
     assert 500_000 < per_connection < 100_000_000, per_connection

@@ -25,7 +25,14 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from conftest import BioPair, bio_pair, needs_refcounting, split_records
+from conftest import (
+    BioPair,
+    asyncio_uploads,
+    bio_pair,
+    needs_refcounting,
+    read_upload,
+    split_records,
+)
 from tlsctl import _bind, _pyhold, _wrap, scenarios
 from tlsctl.scenarios import TicketCounter
 
@@ -258,42 +265,22 @@ async def _asyncio_uploads_and_requests(
 ) -> tuple[list[int], scenarios.ResumptionResult]:
     """One asyncio server: ``n`` one-way uploads of ``size`` bytes, then
     request/response connections that resume."""
-    received: list[int] = []
-    done = asyncio.Event()
 
-    async def handle(
+    async def receive(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    ) -> int | None:
         first = await reader.read(8)
         if first.startswith(b"request"):
             line = first + await reader.readline()
             writer.write(b"reply to " + line)
             await writer.drain()
             writer.close()
-            return
-        got = len(first)
-        try:
-            while True:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    break
-                got += len(chunk)
-        except (ConnectionError, ssl.SSLError):
-            pass
-        received.append(got)
-        writer.close()
-        if len(received) == n:
-            done.set()
+            return None
+        return len(first) + await read_upload(reader, writer)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-    address = server.sockets[0].getsockname()
-    loop = asyncio.get_running_loop()
-    async with server:
-        await loop.run_in_executor(
-            None, scenarios.upload_clients, address, client(), n, size
-        )
-        await asyncio.wait_for(done.wait(), 60)
-        resumption = await loop.run_in_executor(
+    uploads = asyncio_uploads(ctx, client(), n, size, receive, timeout=60)
+    async with uploads as (address, received):
+        resumption = await asyncio.get_running_loop().run_in_executor(
             None, scenarios.request_clients, address, client(), 8
         )
     return received, resumption

@@ -328,17 +328,11 @@ class Counter(TicketCounter):
             weakref.WeakKeyDictionary()
         )
 
-    def __call__(
-        self,
-        conn: Any,
-        direction: str,
-        version: Any,
-        content_type: Any,
-        msg_type: Any,
-        data: bytes,
-    ) -> None:
+    def __call__(self, conn: Any, *message: Any) -> None:
+        """``TicketCounter``'s message callback, then the new key name (if
+        the message was a ticket) filed under ``conn``."""
         before = len(self.key_names)
-        super().__call__(conn, direction, version, content_type, msg_type, data)
+        super().__call__(conn, *message)
         if len(self.key_names) > before:
             self.by_conn.setdefault(conn, []).append(self.key_names[-1])
 
