@@ -303,15 +303,9 @@ int tlsctl_ctx_method_kind(const SSL_CTX *ctx);
 SSL *tlsctl_proven_ssl(uintptr_t sslsocket_object, uintptr_t sslcontext_object);
 int tlsctl_set_renewal(SSL_CTX *ctx, int mode);
 int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed, int extra);
-int tlsctl_pending_tickets(SSL *ssl, int n_full, int n_resumed, int extra);
 int tlsctl_check_issue(SSL *ssl);
-int tlsctl_stash_install(SSL *ssl);
 int tlsctl_ctx_has_info_callback(SSL_CTX *ctx);
 int tlsctl_stash_state(SSL *ssl, size_t *held, size_t *released_records);
-int tlsctl_stash_remove(SSL *ssl);
-int tlsctl_capture(SSL *ssl, int on);
-int tlsctl_deferred_tickets(SSL *ssl, long count);
-int tlsctl_quickack_install(SSL *ssl);
 int tlsctl_set_dispatcher(uintptr_t dispatch_object);
 int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref, int on_issue,
                          int on_resume);
