@@ -256,9 +256,10 @@ run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
     # "axis: NAME" line; see axes_for).
     local label line
     while IFS=$'\t' read -r label line; do
+        [ "$label" = - ] && label=  # the suite itself (a tab field cannot be empty)
         echo "$name${label:+ $label}: $line"
         SUMMARY+=("$name${label:+ $label}: $line")
-    done < <(awk '/^axis: / {label = $2; next}
+    done < <(awk 'BEGIN {label = "-"} /^axis: / {label = $2; next}
         /^=+ .*(passed|failed).* =+$/ {if (!(label in last)) order[n++] = label; last[label] = $0}
         END {for (i = 0; i < n; i++) print order[i] "\t" last[order[i]]}' "$log_file")
 }
