@@ -18,6 +18,11 @@
 #
 # and in a fifth, from source: PyPy (Debian's pypy3, the python mechanism).
 #
+# After the suite, each system runs the axes of tests/axes.txt that name it
+# (the suite again with TLSCTL_MECHANISM=stash, ...; noxfile.py reads the
+# same file).  Lint is not here: it is nox's lint session (nox -s ci runs
+# it, then this script).
+#
 # Chroots are made with debootstrap from the Debian mirror this machine's apt
 # uses (TLSCTL_MIRROR overrides) and reused when present (a chroot is only
 # reused once fully set up: see the .tlsctl-ready marker).  pip inside the
@@ -218,10 +223,11 @@ wheels_for() {  # wheels_for PYVER [build]: what PYVER needs, for offline use
     done < "$lock"
 }
 
-copy_source() {  # copy_source DEST: the checkout without VCS or build output
+copy_source() {  # copy_source DEST: the checkout without VCS, venvs or build output
     rm -rf "$1" && mkdir -p "$1"
     tar -C "$ROOT" --exclude=.git --exclude=build --exclude='*.so' \
-        --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$1" -xf -
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=./.nox \
+        --exclude=./.venv -cf - . | tar -C "$1" -xf -
 }
 
 run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
@@ -246,16 +252,52 @@ run_suite() {  # run_suite NAME PYTHON-RUNNER...: install the wheel, test, demo
     grep -E '^(python|tlsctl|sanitizers):' "$log_file" || true
     grep -E '^tlsctl\.__file__' "$log_file"
     sed -n '/^tlsctl demo:/,/^patched:/p' "$log_file"
-    local line
-    line=$(grep -E '^=+ .*(passed|failed).* =+$' "$log_file" | tail -n 1)
-    echo "$line"
-    SUMMARY+=("$name: $line")
+    # One summary per pytest run: the suite's, then each axis's (after its
+    # "axis: NAME" line; see axes_for).
+    local label line
+    while IFS=$'\t' read -r label line; do
+        [ "$label" = - ] && label=  # the suite itself (a tab field cannot be empty)
+        echo "$name${label:+ $label}: $line"
+        SUMMARY+=("$name${label:+ $label}: $line")
+    done < <(awk 'BEGIN {label = "-"} /^axis: / {label = $2; next}
+        /^=+ .*(passed|failed).* =+$/ {if (!(label in last)) order[n++] = label; last[label] = $0}
+        END {for (i = 0; i < n; i++) print order[i] "\t" last[order[i]]}' "$log_file")
+}
+
+# The axes of tests/axes.txt (the list noxfile.py reads too): the suite
+# again with another mechanism, in the systems each axis names.  Prints the
+# commands for SYSTEM, each pytest run after an "axis: NAME" line.  The
+# stdlib suites run under defer only there (the host's "all" already runs
+# them with the stash forced, in its main run).
+axes_for() {  # axes_for SYSTEM
+    local line words name systems env args word
+    while IFS= read -r line; do
+        read -ra words <<<"${line%%#*}"
+        [ ${#words[@]} -eq 0 ] && continue
+        name=${words[0]} systems=${words[1]:-} env=() args=()
+        for word in "${words[@]:2}"; do
+            if [ ${#args[@]} -eq 0 ] && [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then
+                env+=("$word")
+            else
+                args+=("$word")
+            fi
+        done
+        if [ ${#env[@]} -eq 0 ]; then
+            echo "matrix: tests/axes.txt: axis $name sets no variable" >&2
+            exit 1
+        fi
+        case ",$systems," in *",$1,"*) ;; *) continue ;; esac
+        printf 'echo "axis: %s (%s)"\n' "$name" "${env[*]}"
+        printf 'env TLSCTL_STDLIB_SUITES=defer %s python -m pytest -p no:cacheprovider %s\n' \
+            "${env[*]}" "${args[*]}"
+    done < "$ROOT/tests/axes.txt"
 }
 
 # The commands each system runs, given a venv path, a wheel dir and a source
 # copy (and, for host-asan, commands setting up its environment).  The suite
 # runs from the source copy's tests/ while tlsctl itself is imported from the
 # installed wheel (src/ is not on sys.path), which the first command proves.
+# SYSTEM names the system, for its axes (axes_for).
 suite_script() {  # suite_script VENV SRC WHEEL FINDLINKS [SETUP] [PYTHON] [LAST]
     cat <<EOF
 set -e
@@ -269,6 +311,7 @@ export TLSCTL_STDLIB_SUITES=${STDLIB_SUITES:-defer}
 ${5:-}
 python -c 'import tlsctl, sys; print("tlsctl.__file__", tlsctl.__file__); sys.exit("/site-packages/" not in tlsctl.__file__)'
 python -m pytest -p no:cacheprovider
+$(axes_for "${SYSTEM:-}")
 ${7:-python -m tlsctl demo --connections 200}
 EOF
 }
@@ -306,6 +349,7 @@ echo "sanitizers: \$so calls ASan and UBSan; LD_PRELOAD=\$LD_PRELOAD"
 EOF
 }
 
+axes_for - >/dev/null  # a malformed tests/axes.txt fails here, not in a system
 mkdir -p "$CACHE" "$OUT"
 # The matrix's own tools, in a private virtual environment (a system Python
 # such as Debian 12's refuses pip install; and the caller's stays untouched).
@@ -458,7 +502,7 @@ for suite in bullseye trixie; do
     rm -rf "$CACHE/$suite/wheels" && cp -r "$CACHE/wheels-$pyver" "$CACHE/$suite/wheels"
     rm -rf "$CACHE/$suite/out" && mkdir -p "$CACHE/$suite/out" && cp "$WHEEL" "$CACHE/$suite/out/"
     run_suite "$suite" enter "$CACHE/$suite" /bin/sh -c \
-        "$(suite_script /opt/test-venv /src "/out/$NAME" /wheels)"
+        "$(SYSTEM=$suite suite_script /opt/test-venv /src "/out/$NAME" /wheels)"
 done
 ensure_peers
 HOST_SRC=$(mktemp -d /tmp/tlsctl-host-src.XXXXXX)
@@ -466,7 +510,7 @@ copy_source "$HOST_SRC"
 # The host also runs CPython's and trio's test_ssl under suppress, immediate
 # and the forced stash (tests/test_stdlib_suites.py); the chroots run defer.
 STDLIB_SUITES=all run_suite host /bin/sh -c \
-    "$(STDLIB_SUITES=all suite_script "$HOST_SRC/.venv" "$HOST_SRC" "$WHEEL" "")"
+    "$(STDLIB_SUITES=all SYSTEM=host suite_script "$HOST_SRC/.venv" "$HOST_SRC" "$WHEEL" "")"
 rm -rf "$HOST_SRC"
 
 # ---- pypy: Debian's PyPy, where tlsctl cannot bind (the python mechanism) ----
@@ -479,7 +523,7 @@ if ! command -v pypy3 >/dev/null || ! pypy3 -c 'import venv, ensurepip' 2>/dev/n
 fi
 PYPY_SRC=$(mktemp -d /tmp/tlsctl-pypy-src.XXXXXX)
 copy_source "$PYPY_SRC"
-run_suite pypy /bin/sh -c "$(suite_script "$PYPY_SRC/.venv" "$PYPY_SRC" "$PYPY_SRC" "" \
+run_suite pypy /bin/sh -c "$(SYSTEM=pypy suite_script "$PYPY_SRC/.venv" "$PYPY_SRC" "$PYPY_SRC" "" \
     'python -c "import tlsctl; i = tlsctl.info(); print(\"tlsctl: mechanism\", i.mechanism, \"bound\", i.bound)"' pypy3 'python -m tlsctl doctor')"
 rm -rf "$PYPY_SRC"
 
@@ -497,7 +541,7 @@ printf '#!/bin/sh\nunset LD_PRELOAD\nexec %s "$@"\n' "$(command -v curl)" \
     > "$ASAN_SRC/no-preload/curl"
 chmod +x "$ASAN_SRC/no-preload/curl"
 rm -rf "$CACHE/host-asan.sanitizer" && mkdir -p "$CACHE/host-asan.sanitizer"
-run_suite host-asan /bin/sh -c "$(suite_script "$ASAN_SRC/.venv" "$ASAN_SRC" \
+run_suite host-asan /bin/sh -c "$(SYSTEM=host-asan suite_script "$ASAN_SRC/.venv" "$ASAN_SRC" \
     "$(ls "$ASAN_SRC"/dist/tlsctl-*.whl)" "" \
     "$(asan_env "$CACHE/host-asan.sanitizer" "$ASAN_SRC/no-preload")")"
 rm -rf "$ASAN_SRC"

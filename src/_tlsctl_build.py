@@ -82,7 +82,7 @@ OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     # Ticket lifetime (set_ticket_lifetime).
     ("SSL_CTX_set_timeout", "long", "SSL_CTX *, long", True),
     ("SSL_CTX_get_timeout", "long", "const SSL_CTX *", True),
-        ("SSL_CTX_get_num_tickets", "size_t", "const SSL_CTX *", True),
+    ("SSL_CTX_get_num_tickets", "size_t", "const SSL_CTX *", True),
     ("SSL_set_num_tickets", "int", "SSL *, size_t", True),
     (
         "SSL_CTX_set_session_ticket_cb",

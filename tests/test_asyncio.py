@@ -87,9 +87,7 @@ def test_create_server_resumption_matches_stock(
 PAYLOAD = bytes(range(256)) * 4096 * 4  # 4 MiB
 
 
-async def _fetch(
-    server: asyncio.Server, client: ssl.SSLContext
-) -> tuple[bytes, int]:
+async def _fetch(server: asyncio.Server, client: ssl.SSLContext) -> tuple[bytes, int]:
     """Ask ``server`` for PAYLOAD with an asyncio client; returns what arrived
     and how many NewSessionTickets the client read."""
     port = server.sockets[0].getsockname()[1]

@@ -51,9 +51,15 @@ def _header_values(
     src.write_text(
         "#include <stdio.h>\n#include <stddef.h>\n#include <openssl/ssl.h>\n"
         "#include <openssl/bio.h>\n"
-        + ("#if OPENSSL_VERSION_NUMBER >= 0x30000000L\n"
-           "#include <openssl/core.h>\n#endif\n" if openssl3 else "")
-        + "int main(void) {\n" + body + "    return 0;\n}\n"
+        + (
+            "#if OPENSSL_VERSION_NUMBER >= 0x30000000L\n"
+            "#include <openssl/core.h>\n#endif\n"
+            if openssl3
+            else ""
+        )
+        + "int main(void) {\n"
+        + body
+        + "    return 0;\n}\n"
     )
     exe = tmp_path / "consts"
     # TLSCTL_OPENSSL_INCLUDE: headers unpacked beside a system that must
@@ -92,9 +98,7 @@ def test_openssl3_constants_and_param_layout_match_the_real_headers(
         "offsetof(OSSL_PARAM, data_size)",
         "offsetof(OSSL_PARAM, return_size)",
     ]
-    real = _header_values(
-        [*build.OPENSSL3_CONSTANTS, *layout], tmp_path, openssl3=True
-    )
+    real = _header_values([*build.OPENSSL3_CONSTANTS, *layout], tmp_path, openssl3=True)
     if not real:
         pytest.skip("the installed OpenSSL headers are 1.1.1 (no OSSL_PARAM)")
     for name, value in build.OPENSSL3_CONSTANTS.items():
@@ -255,9 +259,7 @@ def test_other_extensions_keep_the_interpreters_suffix(
     suffixes: list[str], default: str, limited_api: bool
 ) -> None:
     setup = _load("_tlsctl_setup", ROOT / "setup.py")
-    name = setup.extension_filename(
-        "tlsctl._binding", default, limited_api, suffixes
-    )
+    name = setup.extension_filename("tlsctl._binding", default, limited_api, suffixes)
     assert name == default
 
 

@@ -4,8 +4,9 @@ tickets without the binding (PyPy, uv's python-build-standalone builds,
 
 The byte-level tests run in every run: where the python mechanism is not
 what ``patch()`` uses, they install its plan directly.  The subprocess tests
-run the unbound path with ``TLSCTL_BINDING=off``, and the last test reruns
-the suites with the python mechanism forced and with the binding off.
+run the unbound path with ``TLSCTL_BINDING=off``.  The whole suite runs
+again with the python mechanism forced and with the binding off: the
+``python`` and ``binding-off`` axes (``tests/axes.txt``, ``nox``, CI).
 """
 
 from __future__ import annotations
@@ -542,57 +543,3 @@ def test_unknown_binding_setting_is_refused_not_ignored() -> None:
     )
     assert out["info"][0] is False
     assert "TLSCTL_BINDING='of' is not understood" in out["info"][1]
-
-
-# ------------------------------------------------------- the axes
-
-
-@pytest.mark.parametrize(
-    ("variable", "value", "suites"),
-    [
-        (
-            "TLSCTL_MECHANISM",
-            "python",
-            [
-                "test_policy.py",
-                "test_asyncio.py",
-                "test_trio.py",
-                "test_quickack.py",
-                "test_parity.py",
-                "test_inject.py",
-                "test_pyhold.py",
-            ],
-        ),
-        ("TLSCTL_BINDING", "off", ["."]),  # the whole suite, as on PyPy or uv
-    ],
-    ids=["mechanism-python", "binding-off"],
-)
-def test_suites_pass_under_the_python_mechanism(
-    variable: str, value: str, suites: list[str]
-) -> None:
-    """Rerun the suites with the python mechanism forced (the memory-BIO
-    suites) and with the binding off (everything: what cannot run skips)."""
-    if tlsctl.info().mechanism != "native":
-        pytest.skip("runs from the native run only (it is an axis of that run)")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore::tlsctl.SocketsNotDeferredWarning",
-            *(str(ROOT / "tests" / s) for s in suites),
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, **{variable: value}),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    print(f"\n[{variable}={value}] {summary}")
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    assert " passed" in summary and "failed" not in summary

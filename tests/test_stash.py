@@ -1,18 +1,14 @@
 """The ticket stash (the ``defer`` mechanism for OpenSSL 1.1.1).
 
 On OpenSSL 1.1.1 it is what ``patch()`` uses, and the whole suite exercises
-it.  On OpenSSL 3.x, ``TLSCTL_MECHANISM=stash`` forces it; the last test here
-reruns the behavioural suites that way, so one ``pytest`` run covers both
-mechanisms wherever both exist.
+it.  On OpenSSL 3.x, ``TLSCTL_MECHANISM=stash`` forces it: the ``stash`` axis
+(``tests/axes.txt``; ``nox -s stash``, and CI wherever the native mechanism
+runs) reruns the whole suite that way.
 """
 
 from __future__ import annotations
 
-import os
 import ssl
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any, Callable, cast
 
 import pytest
@@ -21,7 +17,6 @@ import tlsctl
 from conftest import BioPair, split_records
 from tlsctl.scenarios import TicketCounter
 
-ROOT = Path(__file__).resolve().parent.parent
 stash_only = pytest.mark.skipif(
     tlsctl.info().mechanism != "stash",
     reason="the stash is not the active mechanism (run with TLSCTL_MECHANISM=stash)",
@@ -96,43 +91,3 @@ def test_issue_tickets_is_native_only(
     else:
         with pytest.raises(tlsctl.UnsupportedError, match=r"OpenSSL 3\.0"):
             tlsctl.issue_tickets(p.server)
-
-
-def test_suites_pass_with_the_stash_forced() -> None:
-    """Rerun the behavioural suites with the stash on OpenSSL 3.x."""
-    if tlsctl.info().mechanism != "native":
-        pytest.skip("the stash is already the mechanism of this run")
-    env = dict(os.environ, TLSCTL_MECHANISM="stash")
-    suites = [
-        "test_policy.py",
-        "test_sockets.py",
-        "test_scenarios.py",
-        "test_asyncio.py",
-        "test_openssl_cli.py",
-        "test_stash.py",
-        "test_ticket_callbacks.py",
-        "test_ticket_keys.py",
-        "test_statemachine.py",
-        "test_http_server.py",
-        "test_trio.py",
-    ]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            *(str(ROOT / "tests" / s) for s in suites),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    print(f"\n[stash forced] {summary}")
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    assert " passed" in summary and "failed" not in summary

@@ -402,9 +402,7 @@ def _run(args: argparse.Namespace) -> int:
     ticket_keys: list[str] | None = args.ticket_keys
     env = dict(os.environ)
     hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site-hook")
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (hook, env.get("PYTHONPATH")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (hook, env.get("PYTHONPATH")) if p)
     env[_inject.ENV_POLICY] = args.tickets
     env[_inject.ENV_RENEW] = "1" if renew_on_resume else "0"
     optional = {

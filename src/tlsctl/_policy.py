@@ -127,6 +127,7 @@ def _any(obj: object) -> Any:
     """``obj`` typed as ``Any`` (``typing.cast`` without importing typing)."""
     return obj
 
+
 POLICIES = ("defer", "suppress", "immediate")
 #: At most this many tickets wait for one write: ``patch()``'s ``count``
 #: plus what ``issue_tickets()`` adds.  A client keeps a few tickets (one per

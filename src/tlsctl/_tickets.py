@@ -52,9 +52,7 @@ if TYPE_CHECKING:  # nothing from typing at run time: import cost
 
     Connection = Union[ssl.SSLSocket, ssl.SSLObject]
     OnIssue = Callable[[Connection], Optional[bytes]]
-    OnResume = Callable[
-        [Connection, Optional[bytes], "ResumeStatus"], "TicketDecision"
-    ]
+    OnResume = Callable[[Connection, Optional[bytes], "ResumeStatus"], "TicketDecision"]
 
 __all__ = [
     "ResumeStatus",
@@ -64,7 +62,6 @@ __all__ = [
     "set_ticket_callbacks",
     "set_ticket_keys",
 ]
-
 
 
 class TicketStatus(enum.IntEnum):
@@ -87,7 +84,6 @@ class TicketDecision(enum.IntEnum):
     IGNORE_RENEW = 2  #: full handshake with new tickets, as for a stale ticket
     USE = 3  #: resume without sending a new ticket
     USE_RENEW = 4  #: resume and send a new ticket
-
 
 
 _MAX_APPDATA = 16384  # sealed into every ticket; tickets are at most 64 KiB
