@@ -30,6 +30,7 @@ from conftest import (
     BioPair,
     asyncio_uploads,
     bio_pair,
+    connect,
     needs_refcounting,
     read_upload,
     split_records,
@@ -543,3 +544,19 @@ def test_unknown_binding_setting_is_refused_not_ignored() -> None:
     )
     assert out["info"][0] is False
     assert "TLSCTL_BINDING='of' is not understood" in out["info"][1]
+
+
+@pytest.mark.skipif(
+    tlsctl.info().mechanism != "python" or not tlsctl.info().bound,
+    reason="the python mechanism with the binding loaded (TLSCTL_MECHANISM=python)",
+)
+def test_callbacks_under_the_python_mechanism_leave_a_stock_connection(
+    certs: scenarios.Certs,
+) -> None:
+    """Ticket callbacks' C guard stands behind the python mechanism's proxy;
+    once both are done the connection is the stock object again."""
+    server = tlsctl.patch(scenarios.server_context(certs))
+    tlsctl.set_ticket_callbacks(server, on_issue=lambda c: b"x")
+    pair = connect(server, scenarios.client_context(certs))
+    pair.exchange(b"more").exchange(b"again")
+    assert type(pair.server._sslobj) is _bind.SSL_SOCKET_TYPE  # type: ignore[attr-defined]

@@ -424,3 +424,50 @@ def test_connection_state_of_a_guarded_connection(
     state = tlsctl.connection_state(pair.server)
     assert state.policy == "defer"
     assert not state.waiting_for_write
+
+
+def test_reraised_callback_exception_makes_no_context_cycle(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """The same exception object raised by a callback twice, the second
+    time while the first is being handled: re-raising it makes no
+    ``__context__`` cycle (as Python's own ``raise`` cuts it)."""
+    server = _server(server_ctx, TLS13, "immediate")
+    same = Boom("raised twice")
+
+    def on_issue(conn: Any) -> bytes:
+        raise same
+
+    tlsctl.set_ticket_callbacks(server, on_issue=on_issue)
+    with pytest.raises(Boom) as first:
+        bio_pair(server, client_ctx()).handshake()
+    assert first.value is same
+    assert isinstance(same.__context__, ssl.SSLError)
+    try:
+        raise first.value
+    except Boom:
+        with pytest.raises(Boom) as second:
+            bio_pair(server, client_ctx()).handshake()
+    assert second.value is same
+    seen: list[BaseException] = []
+    link: BaseException | None = same
+    while link is not None:
+        assert all(link is not s for s in seen), "a __context__ cycle"
+        seen.append(link)
+        link = link.__context__
+    assert isinstance(same.__context__, ssl.SSLError)
+
+
+def test_guarded_methods_under_any_spelling(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """A name built at run time reaches the proxy's re-raising read and
+    do_handshake as the interned one does."""
+    server = tlsctl.patch(server_ctx())
+    tlsctl.set_ticket_callbacks(server, on_issue=lambda c: None)
+    pair = bio_pair(server, client_ctx())
+    proxy = pair.server._sslobj  # type: ignore[attr-defined]
+    for name in ("read", "do_handshake"):
+        built = "".join(list(name))
+        assert built is not name
+        assert type(getattr(proxy, built).__self__) is type(proxy), name

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 
 import tlsctl
-from tlsctl import scenarios
+from tlsctl import _bind, scenarios
 from tlsctl.scenarios import LOCALHOST
 
 CtxFactory = Callable[..., ssl.SSLContext]
@@ -245,13 +245,25 @@ def test_first_write_reaches_the_kernel_whole_with_small_buffers(
                 select.select([conn], [], [], 10)
             except ssl.SSLWantWriteError:
                 select.select([], [conn], [], 10)
+        refused = 0
         while view:
             try:
                 view = view[conn.send(view) :]
             except (ssl.SSLWantWriteError, BlockingIOError):
+                refused += 1
                 select.select([], [conn], [], 10)
             except ssl.SSLWantReadError:
                 select.select([conn], [], [], 10)
+        # The refused first write was retried through the proxy, which put
+        # the real object back and took its filter out of the write chain:
+        # later writes cost what stock's cost.
+        assert refused > 0
+        real = conn._sslobj  # type: ignore[attr-defined]
+        assert type(real) is _bind.SSL_SOCKET_TYPE
+        held = _bind.ffi.new("size_t *")
+        released = _bind.ffi.new("size_t *")
+        ptr = _bind.sslobj_pointer(real)
+        assert _bind.lib.tlsctl_stash_state(ptr, held, released) == 0
         thread.join(30)
     assert not errors, errors
     assert bytes(got) == payload

@@ -51,7 +51,8 @@ static PyObject *tlsctl_raise_error = NULL;
 static PyObject *tlsctl_s_write = NULL, *tlsctl_s_do_handshake = NULL,
     *tlsctl_s_read = NULL, *tlsctl_s_owner = NULL, *tlsctl_s_sslobj = NULL,
     *tlsctl_s_real = NULL, *tlsctl_s_context = NULL, *tlsctl_s_exc = NULL;
-static Py_hash_t tlsctl_h_write = -1, tlsctl_h_real = -1;
+static Py_hash_t tlsctl_h_write = -1, tlsctl_h_real = -1, tlsctl_h_read = -1,
+    tlsctl_h_do_handshake = -1;
 
 #define TLSCTL_NAME_OTHER 0         /* forwarded to the real object */
 #define TLSCTL_NAME_WRITE 1         /* the proxy's own write */
@@ -82,6 +83,11 @@ static int tlsctl_name_kind(PyObject *name)
         return TLSCTL_NAME_WRITE;
     if (h == tlsctl_h_real && PyUnicode_Compare(name, tlsctl_s_real) == 0)
         return TLSCTL_NAME_REAL;
+    if (h == tlsctl_h_read && PyUnicode_Compare(name, tlsctl_s_read) == 0)
+        return TLSCTL_NAME_READ;
+    if (h == tlsctl_h_do_handshake
+            && PyUnicode_Compare(name, tlsctl_s_do_handshake) == 0)
+        return TLSCTL_NAME_DO_HANDSHAKE;
     return TLSCTL_NAME_OTHER;
 }
 
@@ -103,6 +109,31 @@ static PyObject *tlsctl_raise_openssl(const char *what)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 #endif
+/* Take out a link back to exc from v's __context__ chain, as CPython's
+ * `raise` does, so that setting v as exc's context makes no cycle (Floyd's
+ * walk: a chain that is already cyclic ends the loop too). */
+static void tlsctl_cut_context(PyObject *v, PyObject *exc)
+{
+    PyObject *o = v, *slow = v, *ctx;
+    int step = 0;
+    for (;;) {
+        if ((ctx = PyException_GetContext(o)) == NULL)
+            return;
+        Py_DECREF(ctx);  /* o's __context__ keeps it alive */
+        if (ctx == exc) {
+            PyException_SetContext(o, NULL);
+            return;
+        }
+        o = ctx;
+        if (o == slow)
+            return;
+        if (step++ & 1) {
+            slow = PyException_GetContext(slow);
+            Py_XDECREF(slow);
+        }
+    }
+}
+
 /* If a ticket callback left an exception in the record (8.), raise it
  * instead of the current one (if any), which becomes its __context__, as
  * `raise exc` in an except block would; its traceback stays the
@@ -120,7 +151,11 @@ static int tlsctl_fw_reraise(tlsctl_fw *fw)
         PyErr_Restore(t, v, tb);
         return 0;
     }
-    if (exc == NULL || PyObject_SetAttr(fw->record, tlsctl_s_exc, Py_None) < 0) {
+    if (exc == NULL || PyObject_SetAttr(fw->record, tlsctl_s_exc, Py_None) < 0
+            || !PyExceptionInstance_Check(exc)) {
+        if (exc != NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "tlsctl: a callback record's exc "
+                                             "is not an exception");
         Py_XDECREF(exc);
         Py_XDECREF(t);
         Py_XDECREF(v);
@@ -131,7 +166,12 @@ static int tlsctl_fw_reraise(tlsctl_fw *fw)
         PyErr_NormalizeException(&t, &v, &tb);
         if (tb != NULL)
             PyException_SetTraceback(v, tb);
-        PyException_SetContext(exc, v);  /* steals v */
+        if (v == exc) {
+            Py_DECREF(v);
+        } else {
+            tlsctl_cut_context(v, exc);
+            PyException_SetContext(exc, v);  /* steals v */
+        }
         Py_DECREF(t);
         Py_XDECREF(tb);
     }
@@ -184,7 +224,11 @@ static int tlsctl_fw_idle(tlsctl_fw *fw)
     if (fw->state == TLSCTL_STATE_FLUSHING || !p_SSL_is_init_finished(fw->ssl))
         return 0;
     if (p_SSL_version(fw->ssl) == TLS1_3_VERSION)
-        return fw->state == TLSCTL_STATE_GUARDED && !fw->stash;
+        /* not while the capture filter stands: a first write that a
+         * non-blocking socket refused is retried through the proxy, which
+         * then takes the filter out (tlsctl_fw_after_write) */
+        return fw->state == TLSCTL_STATE_GUARDED && !fw->stash
+            && tlsctl_stash_of(fw->ssl) == NULL;
     return fw->record == NULL;
 }
 
@@ -194,6 +238,10 @@ static int tlsctl_fw_settle(tlsctl_fw *fw)
 {
     if (tlsctl_fw_reraise(fw))
         return -1;
+    if (fw->state == TLSCTL_STATE_STOCK)
+        /* retired while the python mechanism's proxy stood in front of
+         * it, which then put it back: step aside now */
+        return tlsctl_fw_disarm(fw);
     if (fw->state == TLSCTL_STATE_GUARDED && !fw->stash
             && (fw->record == NULL || tlsctl_guard_done(fw->ssl)))
         return tlsctl_fw_retire(fw);
@@ -404,13 +452,6 @@ static PyObject *tlsctl_fw_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     return NULL;
 }
 
-/* state: the TLSCTL_STATE_* code (STOCK once the real object is back). */
-static PyObject *tlsctl_fw_get_state(PyObject *self, void *closure)
-{
-    (void)closure;
-    return PyLong_FromLong(((tlsctl_fw *)self)->state);
-}
-
 static PyMethodDef tlsctl_fw_methods[] = {
     {"write", tlsctl_fw_write, METH_O,
      "Queue and write the connection's tickets, then the data."},
@@ -421,19 +462,12 @@ static PyMethodDef tlsctl_fw_methods[] = {
     {NULL, NULL, 0, NULL}
 };
 
-static PyGetSetDef tlsctl_fw_getset[] = {
-    {"_tlsctl_state", tlsctl_fw_get_state, NULL,
-     "the TLSCTL_STATE_* code (tlsctl._policy.STATES names it)", NULL},
-    {NULL, NULL, NULL, NULL, NULL}
-};
-
 static PyType_Slot tlsctl_fw_slots[] = {
     {Py_tp_new, (void *)tlsctl_fw_new},
     {Py_tp_dealloc, (void *)tlsctl_fw_dealloc},
     {Py_tp_getattro, (void *)tlsctl_fw_getattro},
     {Py_tp_setattro, (void *)tlsctl_fw_setattro},
     {Py_tp_methods, (void *)tlsctl_fw_methods},
-    {Py_tp_getset, (void *)tlsctl_fw_getset},
     {Py_tp_doc, (void *)"tlsctl's stand-in for a connection's _sslobj until "
                         "its first write (see tlsctl._policy)."},
     {0, NULL}
@@ -463,13 +497,13 @@ static SSL *tlsctl_real_ssl(PyObject *real)
 }
 
 /* A new proxy for (real, ssl) in state, in front of conn._sslobj, with
- * the connection's callback record if it has one; a borrowed reference
- * (conn holds it), or NULL with the exception set. */
+ * the connection's callback record if it has one; a new reference, or
+ * NULL with the exception set. */
 static tlsctl_fw *tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
                                     int state)
 {
     tlsctl_fw *fw = (tlsctl_fw *)PyType_GenericAlloc(tlsctl_fw_type, 0);
-    int rc;
+    BIO *w;
     if (fw == NULL)
         return NULL;
     Py_INCREF(real);
@@ -479,10 +513,15 @@ static tlsctl_fw *tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
     fw->ssl = ssl;
     fw->state = state;
     fw->n_full = fw->n_resumed = fw->extra = fw->stash = 0;
-    fw->memory = p_BIO_method_type(p_SSL_get_wbio(ssl)) == BIO_TYPE_MEM;
-    rc = PyObject_SetAttr(conn, tlsctl_s_sslobj, (PyObject *)fw);
-    Py_DECREF(fw);
-    return rc < 0 ? NULL : fw;
+    w = p_SSL_get_wbio(ssl);
+    if (w != NULL && p_BIO_method_type(w) == tlsctl_stash_type)
+        w = p_BIO_next(w);  /* the stash filter stands in front */
+    fw->memory = w != NULL && p_BIO_method_type(w) == BIO_TYPE_MEM;
+    if (PyObject_SetAttr(conn, tlsctl_s_sslobj, (PyObject *)fw) < 0) {
+        Py_DECREF(fw);
+        return NULL;
+    }
+    return fw;
 }
 
 /* n more tickets for the next write; refused (ValueError) past
@@ -532,6 +571,7 @@ static PyObject *tlsctl_fast_arm(PyObject *unused, PyObject *args)
     } else if ((fw = tlsctl_fw_install(conn, current, ssl,
                                        TLSCTL_STATE_GUARDED)) != NULL) {
         rc = tlsctl_add_count(fw, n);
+        Py_DECREF(fw);
     }
     Py_DECREF(current);
     if (rc < 0)
@@ -600,6 +640,7 @@ static int tlsctl_apply_policy(PyObject *plan, PyObject *conn, PyObject *real,
             return -1;
         if (stash) {
             fw->stash = 1;
+            Py_DECREF(fw);
         } else {
             /* At most one after a resumed handshake, as stock; none where
              * this handshake's ticket decisions (renew_on_resume, on_resume)
@@ -607,10 +648,12 @@ static int tlsctl_apply_policy(PyObject *plan, PyObject *conn, PyObject *real,
             n = tlsctl_deferred_tickets(ssl, count);
             fw->n_full = n;
             fw->n_resumed = n > 0 ? 1 : 0;
+            Py_DECREF(fw);
         }
-    } else if (factory != Py_None
-               && tlsctl_fw_install(conn, real, ssl, TLSCTL_STATE_GUARDED) == NULL) {
-        return -1;
+    } else if (factory != Py_None) {
+        if ((fw = tlsctl_fw_install(conn, real, ssl, TLSCTL_STATE_GUARDED)) == NULL)
+            return -1;
+        Py_DECREF(fw);
     }
     return 0;
 }
@@ -675,7 +718,8 @@ static PyObject *tlsctl_fast_make_apply(PyObject *unused, PyObject *args)
     if (policy < TLSCTL_POLICY_NONE || policy > TLSCTL_POLICY_IMMEDIATE
             || count < -1 || count > TLSCTL_MAX_TICKETS
             || (stash && policy != TLSCTL_POLICY_DEFER)
-            || (policy == TLSCTL_POLICY_NONE && record_factory == Py_None)) {
+            || (policy == TLSCTL_POLICY_NONE && record_factory == Py_None
+                && count < 0)) {
         PyErr_SetString(PyExc_ValueError, "make_apply: bad settings");
         return NULL;
     }
@@ -762,6 +806,8 @@ static int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
         if (ok) {
             tlsctl_h_write = PyObject_Hash(tlsctl_s_write);
             tlsctl_h_real = PyObject_Hash(tlsctl_s_real);
+            tlsctl_h_read = PyObject_Hash(tlsctl_s_read);
+            tlsctl_h_do_handshake = PyObject_Hash(tlsctl_s_do_handshake);
             tlsctl_fw_type = (PyTypeObject *)PyType_FromSpec(&tlsctl_fw_spec);
         }
         if (tlsctl_fw_type == NULL)

@@ -303,9 +303,10 @@ def _python_plan(policy: _Policy, callbacks: bool) -> Any:
         return _pyhold.record_plan(policy.tickets)
     setup = None
     if _bind.info().bound and (policy.count is not None or callbacks):
-        # count as "immediate" sets it (the python mechanism holds what the
-        # handshake sends); callbacks get the C proxy's guard
-        setup = _make_apply("immediate", policy.count, False, callbacks)
+        # no policy of the binding's (the python mechanism's is recorded by
+        # _pyhold): the count on the connection (the python mechanism holds
+        # what the handshake sends) and the C proxy's guard for callbacks
+        setup = _make_apply(None, policy.count, False, callbacks)
     return _pyhold.make_plan(setup)
 
 
