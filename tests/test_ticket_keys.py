@@ -18,6 +18,7 @@ import pytest
 import tlsctl
 from conftest import connect
 from tlsctl import ResumeStatus, TicketDecision, TicketKey, scenarios
+from tlsctl._fleet import fleet_resumption
 from tlsctl.scenarios import TicketCounter
 
 CtxFactory = Callable[..., ssl.SSLContext]
@@ -357,8 +358,8 @@ def test_fleet_of_processes_resumes_everywhere() -> None:
     own SSLContext.  With shared keys every reconnect resumes, whichever
     worker answers; with OpenSSL's per-context keys most miss."""
     certs = scenarios.make_certs(client_sans=1)
-    shared = scenarios.fleet_resumption(certs, keys=[TicketKey.generate()])
-    stock = scenarios.fleet_resumption(certs, keys=None)
+    shared = fleet_resumption(certs, keys=[TicketKey.generate()])
+    stock = fleet_resumption(certs, keys=None)
     print(
         f"\nfleet of {shared.workers}, {shared.reconnects} reconnects: "
         f"shared keys resumed {shared.resumed}/{shared.reconnects} "
