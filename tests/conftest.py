@@ -102,6 +102,7 @@ _MODULE_MARKS = {
     "test_hardening": needs_binding,
     "test_inject": needs_binding,  # test_pyhold covers injection unbound
     "test_keyfiles": needs_binding,
+    "test_keyfiles_lifetime": needs_binding,
     "test_lifecycle": needs_binding,
     "test_resume_amplification": needs_binding,
     "test_statemachine": needs_c_defer,  # a model of the bound mechanisms

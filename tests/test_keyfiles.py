@@ -2,72 +2,30 @@
 
 Real files in tmp_path, real handshakes (conftest.connect), real threads and
 a real fork().  Waits poll a condition against a deadline; the watchers
-check every 0.05 s.
+check every 0.05 s.  Following changes and bad files here; the watcher's
+lifetime (stop, threads, weak references, fork) and its first load and
+misuse in test_keyfiles_lifetime.py; what both use in _keyfile_helpers.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import json
 import logging
 import os
-import select
 import shutil
-import signal
-import ssl
-import subprocess
-import sys
-import threading
-import time
 import warnings
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-import tlsctl
+import _keyfile_helpers as common
+from _keyfile_helpers import FAST, CtxFactory, Watch, ids, wait_for, write_atomic
 from conftest import connect
 from tlsctl import TicketKey
-from tlsctl._keyfiles import KeyFileWarning, KeyWatcher, watch_ticket_keys
+from tlsctl._keyfiles import KeyFileWarning
 from tlsctl._keysig import _link_chain, _signature
 from tlsctl.scenarios import TicketCounter
-
-CtxFactory = Callable[..., ssl.SSLContext]
-Watch = Callable[..., KeyWatcher]
-
-FAST = 0.05  # the watchers' interval
-DEADLINE = 5.0  # the longest any condition is waited for
-
-
-def wait_for(condition: Callable[[], object], what: str) -> float:
-    """Poll ``condition`` until it holds; fail after ``DEADLINE`` seconds.
-    Returns how long it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > DEADLINE:
-            pytest.fail(f"timed out after {DEADLINE} s waiting for {what}")
-        time.sleep(0.005)
-    return time.monotonic() - start
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Vault Agent / consul-template style: a temporary file renamed over."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def ids(keys: list[TicketKey]) -> list[str]:
-    return [k.id for k in keys]
-
-
-def ticket_names(counter: TicketCounter) -> set[bytes]:
-    names = set(counter.key_names)
-    counter.key_names.clear()
-    return names
 
 
 def no_key_bytes(text: str, *keys: bytes) -> None:
@@ -77,23 +35,10 @@ def no_key_bytes(text: str, *keys: bytes) -> None:
             assert repr(window)[2:-1] not in text
 
 
-def watcher_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("tlsctl-keys:")]
-
-
 @pytest.fixture
 def watch() -> Iterator[Watch]:
     """watch_ticket_keys, every watcher stopped at teardown."""
-    made: list[KeyWatcher] = []
-
-    def make(*args: Any, **kw: Any) -> KeyWatcher:
-        watcher = watch_ticket_keys(*args, **kw)
-        made.append(watcher)
-        return watcher
-
-    yield make
-    for watcher in made:
-        watcher.stop()
+    yield from common.watchers()
 
 
 @pytest.fixture
@@ -145,12 +90,12 @@ def test_contexts_follow_an_atomic_rename(
         ]
     else:
         watchers = [watch([a, b], [current, previous], interval=FAST)]
-    assert len(watcher_threads()) == len(watchers)  # one thread per watcher
+    assert len(common.watcher_threads()) == len(watchers)  # one thread per watcher
     client = client_ctx()
     counter = TicketCounter(client)
     old = connect(a, client).client.session
     assert connect(b, client, old).client.session_reused
-    assert ticket_names(counter) == {k0.export()[:16]}
+    assert common.ticket_names(counter) == {k0.export()[:16]}
 
     write_atomic(previous, k0.export())  # the old key becomes the second one
     write_atomic(current, k1.export())  # and the new one encrypts
@@ -161,11 +106,11 @@ def test_contexts_follow_an_atomic_rename(
     print(f"\nrename followed in {took * 1000:.0f} ms (interval {FAST * 1000:.0f} ms)")
 
     new = connect(a, client).client.session
-    assert ticket_names(counter) == {k1.export()[:16]}
+    assert common.ticket_names(counter) == {k1.export()[:16]}
     assert connect(b, client, new).client.session_reused  # A's new ticket on B
     assert connect(b, client, old).client.session_reused  # old key, listed 2nd
     assert connect(a, client, old).client.session_reused
-    assert ticket_names(counter) == {k1.export()[:16]}  # renewed under k1
+    assert common.ticket_names(counter) == {k1.export()[:16]}  # renewed under k1
 
     write_atomic(previous, k1.export())  # rotate again: k0 is dropped
     write_atomic(current, k2.export())
@@ -208,12 +153,12 @@ def test_kubernetes_secret_symlink_swap(
     client = client_ctx()
     counter = TicketCounter(client)
     old = connect(server, client).client.session
-    assert ticket_names(counter) == {k0.export()[:16]}
+    assert common.ticket_names(counter) == {k0.export()[:16]}
 
     _k8s_secret(tmp_path, 2, {"current": k1.export(), "previous": k0.export()})
     wait_for(lambda: ids(watcher.keys) == [k1.id, k0.id], "the swapped secret")
     assert connect(server, client, old).client.session_reused
-    assert ticket_names(counter) == {k1.export()[:16]}
+    assert common.ticket_names(counter) == {k1.export()[:16]}
     assert watcher.errors == {}
 
 
@@ -337,7 +282,7 @@ def test_a_bad_file_changes_nothing_and_is_reported_once(
     assert ids(watcher.keys) == [k0.id, k1.id]  # nothing dropped or changed
     assert watcher.running
     assert connect(server, client, session).client.session_reused
-    assert ticket_names(counter) == {k0.export()[:16]}  # k0 still encrypts
+    assert common.ticket_names(counter) == {k0.export()[:16]}  # k0 still encrypts
     [message] = reports()  # exactly one report, on both channels
     assert str(current) in message and word in message
     assert watcher.errors[str(current)] in message
@@ -351,7 +296,7 @@ def test_a_bad_file_changes_nothing_and_is_reported_once(
     assert not connect(server, client, session).client.session_reused  # k0 gone
     fresh = connect(server, client).client.session
     assert connect(server, client, fresh).client.session_reused
-    assert ticket_names(counter) == {k2.export()[:16]}
+    assert common.ticket_names(counter) == {k2.export()[:16]}
     assert len(reports()) == 1
 
 
@@ -440,274 +385,3 @@ def test_reload_and_warning_filters(
     client = client_ctx()
     session = connect(server, client).client.session
     assert connect(server, client, session).client.session_reused
-
-
-# --- lifetime --------------------------------------------------------------------
-
-
-def test_stop_joins_is_idempotent_and_the_thread_is_a_daemon(
-    tmp_path: Path, server_ctx: CtxFactory
-) -> None:
-    k0, k1 = TicketKey.generate(), TicketKey.generate()
-    path = tmp_path / "key"
-    path.write_bytes(k0.export())
-    before = len(watcher_threads())
-    server = server_ctx()
-    with watch_ticket_keys(server, [path], interval=FAST) as watcher:
-        [thread] = [t for t in watcher_threads() if t.name == "tlsctl-keys:key"]
-        assert thread.daemon and thread.is_alive() and watcher.running
-        assert len(watcher_threads()) == before + 1
-    assert not thread.is_alive() and not watcher.running  # joined on exit
-    watcher.stop()
-    watcher.stop()
-    checks = watcher._checks
-    write_atomic(path, k1.export())
-    time.sleep(4 * FAST)  # a stopped watcher does not check any more
-    assert watcher._checks == checks and ids(watcher.keys) == [k0.id]
-    assert watcher.reload() is True  # but reload() still works
-    assert len(watcher_threads()) == before
-    with pytest.raises(TypeError, match="watch_ticket_keys"):
-        KeyWatcher()
-
-
-def test_the_thread_does_not_keep_the_interpreter_alive(tmp_path: Path) -> None:
-    path = tmp_path / "key"
-    path.write_bytes(TicketKey.generate().export())
-    code = (
-        "import ssl, sys, tlsctl._keyfiles as k\n"
-        "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
-        "w = k.watch_ticket_keys(ctx, [sys.argv[1]], interval=3600)\n"
-        "assert w.running\n"
-        "print('started')\n"
-    )
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "started\n"
-    assert time.monotonic() - start < 20
-
-
-def test_the_watcher_ends_with_its_contexts(
-    tmp_path: Path, server_ctx: CtxFactory
-) -> None:
-    """Weak references: once every context is gone the thread ends and the
-    keys are dropped."""
-    path = tmp_path / "key"
-    path.write_bytes(TicketKey.generate().export())
-    ctx = server_ctx()
-    watcher = watch_ticket_keys(ctx, [path], interval=FAST)
-    key = weakref.ref(watcher.keys[0])
-    assert watcher.contexts == [ctx]
-    del ctx
-    gc.collect()
-    wait_for(lambda: not watcher.running, "the thread to end")
-    assert watcher.keys == [] and watcher.contexts == []
-    gc.collect()
-    assert key() is None
-    assert watcher.reload() is False
-    watcher.stop()
-
-
-def test_replaced_keys_are_not_kept(
-    tmp_path: Path, watch: Watch, server_ctx: CtxFactory
-) -> None:
-    current, previous = tmp_path / "current.key", tmp_path / "previous.key"
-    current.write_bytes(TicketKey.generate().export())
-    previous.write_bytes(TicketKey.generate().export())
-    server = server_ctx()
-    watcher = watch(server, [current, previous], interval=FAST)
-    refs = [weakref.ref(k) for k in watcher.keys]
-    first = watcher.keys[0].id
-    write_atomic(previous, current.read_bytes())
-    write_atomic(current, TicketKey.generate().export())
-    wait_for(lambda: watcher.keys[1].id == first, "the rotation")
-    gc.collect()
-    assert refs[0]() is None  # re-read from "previous": a new object
-    assert refs[1]() is None  # no longer listed at all
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
-def test_a_forked_child_keeps_reloading(
-    tmp_path: Path, server_ctx: CtxFactory, client_ctx: CtxFactory, watch: Watch
-) -> None:
-    """gunicorn's preload_app: the watcher is made in the master, which
-    forks.  The child gets a thread of its own that follows the file (and
-    issues tickets under the new key); the parent's thread goes on too."""
-    k0, k1, k2 = (TicketKey.generate() for _ in range(3))
-    path = tmp_path / "key"
-    path.write_bytes(k0.export())
-    server = server_ctx()
-    watcher = watch(server, [path], interval=FAST)
-    client = client_ctx()
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave at once, whatever happens
-        report: dict[str, Any] = {}
-        try:
-            signal.alarm(20)
-            os.close(ready_r)
-            os.close(go_w)
-            report["threads"] = len(watcher_threads())
-            report["running"] = watcher.running
-            os.write(ready_w, b"ready\n")
-            os.read(go_r, 1)  # the parent wrote k1
-            report["waited"] = wait_for(
-                lambda: ids(watcher.keys) == [k1.id], "the child's reload"
-            )
-            counter = TicketCounter(client)
-            connect(server, client)
-            report["ticket_key"] = list(ticket_names(counter)) == [k1.export()[:16]]
-        except BaseException as exc:
-            report["error"] = repr(exc)
-        finally:
-            os.write(ready_w, json.dumps(report).encode() + b"\n")
-            os._exit(0)
-    os.close(ready_w)
-    os.close(go_r)
-    try:
-        with os.fdopen(ready_r, "rb") as pipe:
-            assert select.select([pipe], [], [], DEADLINE)[0], "the child hung"
-            assert pipe.readline() == b"ready\n"
-            assert watcher.running  # the parent's thread was restarted
-            write_atomic(path, k1.export())
-            os.write(go_w, b"g")
-            assert select.select([pipe], [], [], 2 * DEADLINE)[0], "the child hung"
-            child = json.loads(pipe.readline())
-    finally:
-        os.close(go_w)
-        deadline = time.monotonic() + DEADLINE
-        while not os.waitpid(pid, os.WNOHANG)[0]:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("the forked child did not exit")
-            time.sleep(0.01)
-    assert child == {
-        "threads": 1,
-        "running": True,
-        "waited": child.get("waited"),
-        "ticket_key": True,
-    }, child
-    wait_for(lambda: ids(watcher.keys) == [k1.id], "the parent's reload")
-    write_atomic(path, k2.export())  # the parent keeps following, after fork
-    wait_for(lambda: ids(watcher.keys) == [k2.id], "the parent's next reload")
-    assert watcher.reload() is False  # no lock left held by the fork hooks
-
-
-# --- the first load and misuse ---------------------------------------------------
-
-
-def test_first_load_formats_and_arguments(
-    tmp_path: Path, watch: Watch, server_ctx: CtxFactory, client_ctx: CtxFactory
-) -> None:
-    """nginx's 48-byte format too; one path or one context need no list;
-    a relative path is resolved against the current directory now."""
-    k80, k48 = TicketKey.generate(), TicketKey(os.urandom(48))
-    (tmp_path / "k80").write_bytes(k80.export())
-    (tmp_path / "k48").write_bytes(k48.export())
-    server = server_ctx()
-    watcher = watch((c for c in [server, server]), tmp_path / "k48", interval=1)
-    assert ids(watcher.keys) == [k48.id] and watcher.contexts == [server]
-    assert watcher.paths == (str(tmp_path / "k48"),) and watcher.interval == 1.0
-    watcher.stop()
-    with _chdir(tmp_path):
-        watcher = watch(server, ["k80", "k48"])
-    assert watcher.paths == (str(tmp_path / "k80"), str(tmp_path / "k48"))
-    assert ids(watcher.keys) == [k80.id, k48.id]
-    client = client_ctx()
-    session = connect(server, client).client.session
-    other = tlsctl.set_ticket_keys(server_ctx(), [k80])
-    assert connect(other, client, session).client.session_reused
-    assert repr(watcher).startswith("<KeyWatcher paths=[")
-    assert k80.id in repr(watcher)
-
-
-@contextlib.contextmanager
-def _chdir(path: Path) -> Iterator[None]:  # contextlib.chdir is 3.11+
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def test_a_bad_first_load_raises_and_starts_nothing(
-    tmp_path: Path, server_ctx: CtxFactory, client_ctx: CtxFactory
-) -> None:
-    good = tmp_path / "good"
-    good.write_bytes(TicketKey.generate().export())
-    short = tmp_path / "short"
-    short.write_bytes(bytes(50))
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    clash = tmp_path / "clash"
-    clash.write_bytes(good.read_bytes()[:16] + bytes(64))
-    server = server_ctx()
-    before = len(watcher_threads())
-    cases: list[tuple[Any, Any, dict[str, Any], type[Exception], str]] = [
-        (server, [good, tmp_path / "missing"], {}, FileNotFoundError, "missing"),
-        (server, [short], {}, ValueError, "this one 50"),
-        (server, [fifo], {}, ValueError, "FIFO"),
-        (server, [good, clash], {}, ValueError, "name of the key"),
-        (server, [], {}, ValueError, "at least one key file"),
-        (server, [""], {}, ValueError, "empty"),
-        (server, b"good", {}, TypeError, "paths must be"),
-        (server, [b"good"], {}, TypeError, "not bytes"),
-        (server, [good], {"interval": 0}, ValueError, "positive"),
-        (server, [good], {"interval": -1}, ValueError, "positive"),
-        (server, [good], {"interval": float("nan")}, ValueError, "positive"),
-        (server, [good], {"interval": "1"}, TypeError, "seconds"),
-        (server, [good], {"interval": True}, TypeError, "seconds"),
-        ([], [good], {}, ValueError, "at least one context"),
-        (None, [good], {}, TypeError, "ssl.SSLContext"),
-        ("ctx", [good], {}, TypeError, "ssl.SSLContext"),
-        ([server, object()], [good], {}, TypeError, "not object"),
-        ([server, client_ctx()], [good], {}, ValueError, "server context"),
-    ]
-    for ctx, paths, kw, error, match in cases:
-        with pytest.raises(error, match=match):
-            watch_ticket_keys(ctx, paths, **kw)
-    assert len(watcher_threads()) == before
-
-
-def test_one_watcher_per_context(
-    tmp_path: Path, watch: Watch, server_ctx: CtxFactory
-) -> None:
-    """Two watchers of one context would install their files' keys in turn."""
-    a, b = TicketKey.generate(), TicketKey.generate()
-    (tmp_path / "a").write_bytes(a.export())
-    (tmp_path / "b").write_bytes(b.export())
-    one, two = server_ctx(), server_ctx()
-    first = watch([one, two], tmp_path / "a", interval=FAST)
-    for ctx in (one, [two], [server_ctx(), one]):
-        with pytest.raises(ValueError, match="already watched by <KeyWatcher"):
-            watch_ticket_keys(ctx, tmp_path / "b")
-    assert ids(first.keys) == [a.id]
-    first.stop()
-    second = watch(two, tmp_path / "b", interval=FAST)
-    assert ids(second.keys) == [b.id] and second.running
-
-
-def test_importing_it_costs_little() -> None:
-    """threading and logging (not imported by ssl) wait for the first
-    watcher: ``import tlsctl`` (which imports this module) loads neither."""
-    code = (
-        "import sys, ssl\n"
-        "before = {m for m in ('threading', 'logging') if m in sys.modules}\n"
-        "import tlsctl, tlsctl._keyfiles\n"
-        "now = {m for m in ('threading', 'logging') if m in sys.modules}\n"
-        "print(sorted(now - before))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
