@@ -48,17 +48,24 @@ def _one_way_posts(port: int, client: ssl.SSLContext, n: int = UPLOADS) -> None:
                 conn.sendall(payload)
 
 
-def _read_response(conn: ssl.SSLSocket) -> bytes:
-    """One HTTP/1.1 response with a Content-Length; its body.  Not read to
-    EOF: a close without close_notify makes OpenSSL 3.5 drop the session."""
+def read_head(conn: ssl.SSLSocket, status: bytes) -> bytes:
+    """Read an HTTP/1.1 response head with this status line start; what
+    came after the head."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
         if not chunk:
             raise ConnectionError(f"incomplete response head: {data!r}")
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(status), head
+    return head + b"\r\n\r\n" + rest
+
+
+def _read_response(conn: ssl.SSLSocket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length; its body.  Not read to
+    EOF: a close without close_notify makes OpenSSL 3.5 drop the session."""
+    head, _, body = read_head(conn, b"HTTP/1.1 200").partition(b"\r\n\r\n")
     length = next(
         int(line.split(b":", 1)[1])
         for line in head.split(b"\r\n")[1:]

@@ -183,7 +183,8 @@ def test_exception_hierarchy_and_openssl_text() -> None:
 def test_import_loads_nothing_heavy() -> None:
     """``import tlsctl`` stays within a few ms of ``import ssl`` (the
     benchmark measures it): none of these modules, which ssl does not load,
-    may come with it (dataclasses alone pulls in inspect, ast and dis)."""
+    may come with it (dataclasses alone pulls in inspect, ast and dis;
+    threading and logging wait for the first key-file watcher)."""
     heavy = (
         "dataclasses",
         "inspect",

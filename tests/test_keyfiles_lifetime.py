@@ -294,20 +294,3 @@ def test_one_watcher_per_context(
     first.stop()
     second = watch(two, tmp_path / "b", interval=FAST)
     assert ids(second.keys) == [b.id] and second.running
-
-
-def test_importing_it_costs_little() -> None:
-    """threading and logging (not imported by ssl) wait for the first
-    watcher: ``import tlsctl`` (which imports this module) loads neither."""
-    code = (
-        "import sys, ssl\n"
-        "before = {m for m in ('threading', 'logging') if m in sys.modules}\n"
-        "import tlsctl, tlsctl._keyfiles\n"
-        "now = {m for m in ('threading', 'logging') if m in sys.modules}\n"
-        "print(sorted(now - before))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"

@@ -233,13 +233,7 @@ _FRAME = (
 def _switched(conn: ssl.SSLSocket) -> None:
     """Send the upgrade request and read the whole 101 response."""
     conn.sendall(_UPGRADE)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = conn.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"incomplete 101 response: {head!r}")
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
+    common.read_head(conn, b"HTTP/1.1 101")
 
 
 def _ws_uploads(port: int, client: ssl.SSLContext, *, pipelined: bool) -> None:
