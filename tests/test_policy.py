@@ -466,3 +466,36 @@ def test_connection_state_of_every_policy(
 def test_connection_state_rejects_non_connections() -> None:
     with pytest.raises(TypeError):
         tlsctl.connection_state(cast(Any, mock.Mock(spec=ssl.SSLSocket)))
+
+
+@needs_c_defer
+def test_the_first_write_path_reports_its_named_states(
+    server_ctx: CtxFactory, client_ctx: CtxFactory
+) -> None:
+    """The states' Python names come from the C constants, and a defer
+    connection and a callback connection pass through them as docs/design.md
+    tables them: due until the first write, stock after it; guarded while a
+    callback may still run."""
+    from tlsctl import _bind, _policy
+
+    assert _policy.STATES == {0: "stock", 1: "due", 2: "flushing", 3: "guarded"}
+
+    def state(conn: Any) -> str:
+        report = _bind.fast["report"](conn._sslobj)
+        return _policy.STATES[report[1]]
+
+    server = tlsctl.patch(server_ctx())
+    pair = BioPair(server, client_ctx())
+    assert state(pair.server) == "due"  # before the handshake
+    pair.handshake()
+    assert state(pair.server) == "due"
+    pair.exchange(b"first")
+    assert state(pair.server) == "stock"
+
+    guarded = tlsctl.patch(server_ctx(), tickets="immediate")
+    tlsctl.set_ticket_callbacks(guarded, on_issue=lambda c: None)
+    pair = BioPair(guarded, client_ctx())
+    assert state(pair.server) == "guarded"
+    pair.handshake()
+    pair.exchange(b"first")
+    assert state(pair.server) == "stock"  # TLS 1.3 done: nothing can call back
