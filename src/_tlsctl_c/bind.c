@@ -7,11 +7,14 @@ static const SSL_METHOD *tlsctl_m_generic = NULL;
 static const SSL_METHOD *tlsctl_m_server = NULL;
 static const SSL_METHOD *tlsctl_m_client = NULL;
 
-static int tlsctl_ext_init(void);  /* see 8. */
+static int tlsctl_ext_init(void); /* see 8. */
 static void tlsctl_fork_prepare(void);
 static void tlsctl_fork_release(void);
 
-static const char *tlsctl_library_path(void) { return tlsctl_libpath; }
+static const char *tlsctl_library_path(void)
+{
+    return tlsctl_libpath;
+}
 
 static int tlsctl_has_symbol(const char *name)
 {
@@ -51,8 +54,9 @@ static int tlsctl_bind(const char *ssl_module_path, char *err, size_t errlen)
             snprintf(err, errlen,
                      "OpenSSL symbol %s is not reachable from %s "
                      "(hidden symbols, LibreSSL, or OpenSSL older than 1.1.1)",
-                     s->name, ssl_module_path ? ssl_module_path
-                                              : "the process's global symbols");
+                     s->name,
+                     ssl_module_path ? ssl_module_path
+                                     : "the process's global symbols");
             for (t = tlsctl_syms; t->name != NULL; t++)
                 *t->slot = NULL;
             if (handle != RTLD_DEFAULT)
@@ -98,16 +102,20 @@ static int tlsctl_ctx_method_kind(const SSL_CTX *ctx)
     if (!tlsctl_bound || ctx == NULL)
         return TLSCTL_KIND_UNKNOWN;
     m = p_SSL_CTX_get_ssl_method(ctx);
-    if (m == tlsctl_m_generic) return TLSCTL_KIND_GENERIC;
-    if (m == tlsctl_m_server) return TLSCTL_KIND_SERVER;
-    if (m == tlsctl_m_client) return TLSCTL_KIND_CLIENT;
+    if (m == tlsctl_m_generic)
+        return TLSCTL_KIND_GENERIC;
+    if (m == tlsctl_m_server)
+        return TLSCTL_KIND_SERVER;
+    if (m == tlsctl_m_client)
+        return TLSCTL_KIND_CLIENT;
     return TLSCTL_KIND_UNKNOWN;
 }
 
 /* The proof of 2. for a connection in one call: the SSL of an
  * _ssl._SSLSocket whose context's SSL_CTX comes from the bound library and
  * is the SSL's own SSL_CTX, else NULL (the caller finds out why). */
-static SSL *tlsctl_proven_ssl(uintptr_t sslsocket_object, uintptr_t sslcontext_object)
+static SSL *tlsctl_proven_ssl(uintptr_t sslsocket_object,
+                              uintptr_t sslcontext_object)
 {
     SSL_CTX *ctx = tlsctl_ctx_of(sslcontext_object);
     SSL *ssl;
@@ -127,7 +135,7 @@ static int tlsctl_check_issue(SSL *ssl)
     if (!p_SSL_is_server(ssl))
         return TLSCTL_ERR_CLIENT;
     if (p_SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN)
-        return TLSCTL_ERR_CLOSED;  /* unwrap(): nothing more is written */
+        return TLSCTL_ERR_CLOSED; /* unwrap(): nothing more is written */
     if (!p_SSL_is_init_finished(ssl))
         return TLSCTL_ERR_HANDSHAKE;
     if (p_SSL_version(ssl) != TLS1_3_VERSION)
@@ -141,7 +149,8 @@ static int tlsctl_check_issue(SSL *ssl)
  * or n_resumed by the handshake (none where stock would send none, see
  * tlsctl_ticket_expected), plus extra (issue_tickets); 0 when the
  * connection is not a finished TLS 1.3 server connection still writing. */
-static int tlsctl_pending_tickets(SSL *ssl, int n_full, int n_resumed, int extra)
+static int tlsctl_pending_tickets(SSL *ssl, int n_full, int n_resumed,
+                                  int extra)
 {
     int n, rc = tlsctl_check_issue(ssl);
     if (rc != 0 && rc != TLSCTL_ERR_NO_NATIVE)
@@ -158,8 +167,8 @@ static int tlsctl_queue_tickets(SSL *ssl, int n_full, int n_resumed, int extra)
 {
     int rc, n, i;
     rc = tlsctl_check_issue(ssl);
-    if (rc == TLSCTL_ERR_CLIENT || rc == TLSCTL_ERR_NOT_TLS13
-            || rc == TLSCTL_ERR_CLOSED)
+    if (rc == TLSCTL_ERR_CLIENT || rc == TLSCTL_ERR_NOT_TLS13 ||
+        rc == TLSCTL_ERR_CLOSED)
         return 0;
     if (rc == TLSCTL_ERR_HANDSHAKE)
         return rc;

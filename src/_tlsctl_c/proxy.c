@@ -33,32 +33,33 @@ static int tlsctl_conn_track(SSL *ssl, int policy, int n)
 
 typedef struct {
     PyObject_HEAD
-    PyObject *real;          /* the connection's _ssl._SSLSocket */
-    PyObject *record;        /* its ticket-callback record (8.), or NULL */
-    SSL *ssl;                /* its SSL, proven when the proxy was made */
-    int state;               /* TLSCTL_STATE_* */
-    int n_full, n_resumed;   /* the policy's tickets after a full / resumed
-                              * handshake, still to be queued */
-    int extra;               /* issue_tickets()'s, still to be queued */
-    int memory;              /* the SSL writes to a memory BIO (SSLObject) */
-    int stash;               /* the stash filter holds OpenSSL's own tickets
-                              * until the next write (7.) */
+    PyObject *real;        /* the connection's _ssl._SSLSocket */
+    PyObject *record;      /* its ticket-callback record (8.), or NULL */
+    SSL *ssl;              /* its SSL, proven when the proxy was made */
+    int state;             /* TLSCTL_STATE_* */
+    int n_full, n_resumed; /* the policy's tickets after a full / resumed
+                            * handshake, still to be queued */
+    int extra;             /* issue_tickets()'s, still to be queued */
+    int memory;            /* the SSL writes to a memory BIO (SSLObject) */
+    int stash;             /* the stash filter holds OpenSSL's own tickets
+                            * until the next write (7.) */
 } tlsctl_fw;
 
 static PyTypeObject *tlsctl_fw_type = NULL;
 static PyObject *tlsctl_sslsocket_type = NULL;
 static PyObject *tlsctl_raise_error = NULL;
 static PyObject *tlsctl_s_write = NULL, *tlsctl_s_do_handshake = NULL,
-    *tlsctl_s_read = NULL, *tlsctl_s_owner = NULL, *tlsctl_s_sslobj = NULL,
-    *tlsctl_s_real = NULL, *tlsctl_s_context = NULL, *tlsctl_s_exc = NULL;
+                *tlsctl_s_read = NULL, *tlsctl_s_owner = NULL,
+                *tlsctl_s_sslobj = NULL, *tlsctl_s_real = NULL,
+                *tlsctl_s_context = NULL, *tlsctl_s_exc = NULL;
 static Py_hash_t tlsctl_h_write = -1, tlsctl_h_real = -1, tlsctl_h_read = -1,
-    tlsctl_h_do_handshake = -1;
+                 tlsctl_h_do_handshake = -1;
 
-#define TLSCTL_NAME_OTHER 0         /* forwarded to the real object */
-#define TLSCTL_NAME_WRITE 1         /* the proxy's own write */
-#define TLSCTL_NAME_REAL 2          /* the real object itself */
-#define TLSCTL_NAME_DO_HANDSHAKE 3  /* guarded, or forwarded */
-#define TLSCTL_NAME_READ 4          /* guarded, or forwarded */
+#define TLSCTL_NAME_OTHER        0 /* forwarded to the real object */
+#define TLSCTL_NAME_WRITE        1 /* the proxy's own write */
+#define TLSCTL_NAME_REAL         2 /* the real object itself */
+#define TLSCTL_NAME_DO_HANDSHAKE 3 /* guarded, or forwarded */
+#define TLSCTL_NAME_READ         4 /* guarded, or forwarded */
 
 /* Names in code are interned, so the pointer tests decide almost every
  * lookup (each handshake step looks up do_handshake); a hash test, not a
@@ -85,8 +86,8 @@ static int tlsctl_name_kind(PyObject *name)
         return TLSCTL_NAME_REAL;
     if (h == tlsctl_h_read && PyUnicode_Compare(name, tlsctl_s_read) == 0)
         return TLSCTL_NAME_READ;
-    if (h == tlsctl_h_do_handshake
-            && PyUnicode_Compare(name, tlsctl_s_do_handshake) == 0)
+    if (h == tlsctl_h_do_handshake &&
+        PyUnicode_Compare(name, tlsctl_s_do_handshake) == 0)
         return TLSCTL_NAME_DO_HANDSHAKE;
     return TLSCTL_NAME_OTHER;
 }
@@ -119,7 +120,7 @@ static void tlsctl_cut_context(PyObject *v, PyObject *exc)
     for (;;) {
         if ((ctx = PyException_GetContext(o)) == NULL)
             return;
-        Py_DECREF(ctx);  /* o's __context__ keeps it alive */
+        Py_DECREF(ctx); /* o's __context__ keeps it alive */
         if (ctx == exc) {
             PyException_SetContext(o, NULL);
             return;
@@ -151,8 +152,9 @@ static int tlsctl_fw_reraise(tlsctl_fw *fw)
         PyErr_Restore(t, v, tb);
         return 0;
     }
-    if (exc == NULL || PyObject_SetAttr(fw->record, tlsctl_s_exc, Py_None) < 0
-            || !PyExceptionInstance_Check(exc)) {
+    if (exc == NULL ||
+        PyObject_SetAttr(fw->record, tlsctl_s_exc, Py_None) < 0 ||
+        !PyExceptionInstance_Check(exc)) {
         if (exc != NULL && !PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "tlsctl: a callback record's exc "
                                              "is not an exception");
@@ -170,7 +172,7 @@ static int tlsctl_fw_reraise(tlsctl_fw *fw)
             Py_DECREF(v);
         } else {
             tlsctl_cut_context(v, exc);
-            PyException_SetContext(exc, v);  /* steals v */
+            PyException_SetContext(exc, v); /* steals v */
         }
         Py_DECREF(t);
         Py_XDECREF(tb);
@@ -227,8 +229,8 @@ static int tlsctl_fw_idle(tlsctl_fw *fw)
         /* not while the capture filter stands: a first write that a
          * non-blocking socket refused is retried through the proxy, which
          * then takes the filter out (tlsctl_fw_after_write) */
-        return fw->state == TLSCTL_STATE_GUARDED && !fw->stash
-            && tlsctl_stash_of(fw->ssl) == NULL;
+        return fw->state == TLSCTL_STATE_GUARDED && !fw->stash &&
+               tlsctl_stash_of(fw->ssl) == NULL;
     return fw->record == NULL;
 }
 
@@ -242,8 +244,8 @@ static int tlsctl_fw_settle(tlsctl_fw *fw)
         /* retired while the python mechanism's proxy stood in front of
          * it, which then put it back: step aside now */
         return tlsctl_fw_disarm(fw);
-    if (fw->state == TLSCTL_STATE_GUARDED && !fw->stash
-            && (fw->record == NULL || tlsctl_guard_done(fw->ssl)))
+    if (fw->state == TLSCTL_STATE_GUARDED && !fw->stash &&
+        (fw->record == NULL || tlsctl_guard_done(fw->ssl)))
         return tlsctl_fw_retire(fw);
     return 0;
 }
@@ -269,8 +271,8 @@ static PyObject *tlsctl_fw_getattro(PyObject *self, PyObject *name)
 {
     tlsctl_fw *fw = (tlsctl_fw *)self;
     int kind = tlsctl_name_kind(name);
-    if (kind != TLSCTL_NAME_REAL && fw->state != TLSCTL_STATE_STOCK
-            && tlsctl_fw_idle(fw)) {
+    if (kind != TLSCTL_NAME_REAL && fw->state != TLSCTL_STATE_STOCK &&
+        tlsctl_fw_idle(fw)) {
         /* Put the real object back at the first look after the handshake,
          * so the connection costs what stock costs from then on. */
         if (tlsctl_fw_retire(fw) < 0)
@@ -317,18 +319,21 @@ static void tlsctl_fw_dealloc(PyObject *self)
  * or nothing to send) GUARDED.  0, or -1 with the exception set. */
 static int tlsctl_fw_queue(tlsctl_fw *fw)
 {
-    int rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
+    int rc =
+        tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
     if (rc == TLSCTL_ERR_HANDSHAKE) {
         /* The write would run the handshake itself: run it first (it
          * raises SSLWantReadError etc. as the write would; the proxy stays
          * for the retry), then queue. */
         if (tlsctl_fw_call(fw, tlsctl_s_do_handshake, NULL, NULL) < 0)
             return -1;
-        rc = tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
+        rc =
+            tlsctl_queue_tickets(fw->ssl, fw->n_full, fw->n_resumed, fw->extra);
     }
     if (rc < 0) {
         if (tlsctl_fw_retire(fw) == 0)
-            tlsctl_raise_openssl("SSL_new_session_ticket failed before the first write");
+            tlsctl_raise_openssl(
+                "SSL_new_session_ticket failed before the first write");
         return -1;
     }
     fw->n_full = fw->n_resumed = fw->extra = 0;
@@ -336,8 +341,8 @@ static int tlsctl_fw_queue(tlsctl_fw *fw)
         tlsctl_raise_openssl("counting the tickets issued failed");
         return -1;
     }
-    fw->state = rc > 0 && !fw->memory ? TLSCTL_STATE_FLUSHING
-                                      : TLSCTL_STATE_GUARDED;
+    fw->state =
+        rc > 0 && !fw->memory ? TLSCTL_STATE_FLUSHING : TLSCTL_STATE_GUARDED;
     return 0;
 }
 
@@ -371,7 +376,7 @@ static int tlsctl_fw_after_write(tlsctl_fw *fw)
 {
     size_t held = 0, released = 0;
     if (!fw->stash) {
-        tlsctl_stash_remove(fw->ssl);  /* sent: nothing left to capture */
+        tlsctl_stash_remove(fw->ssl); /* sent: nothing left to capture */
     } else {
         tlsctl_stash_state(fw->ssl, &held, &released);
         if (!tlsctl_stash_remove(fw->ssl))
@@ -382,7 +387,7 @@ static int tlsctl_fw_after_write(tlsctl_fw *fw)
             return -1;
         }
     }
-    if (fw->state == TLSCTL_STATE_DUE)  /* the stash's: nothing queued */
+    if (fw->state == TLSCTL_STATE_DUE) /* the stash's: nothing queued */
         fw->state = TLSCTL_STATE_GUARDED;
     return 0;
 }
@@ -393,15 +398,15 @@ static PyObject *tlsctl_fw_write(PyObject *self, PyObject *data)
     PyObject *result = NULL;
     /* A stash connection's policy tickets are OpenSSL's own, held by the
      * filter; only issue_tickets()'s are queued. */
-    if (fw->state == TLSCTL_STATE_DUE && (!fw->stash || fw->extra > 0)
-            && tlsctl_fw_queue(fw) < 0)
+    if (fw->state == TLSCTL_STATE_DUE && (!fw->stash || fw->extra > 0) &&
+        tlsctl_fw_queue(fw) < 0)
         return NULL;
     if (fw->state == TLSCTL_STATE_FLUSHING && tlsctl_fw_flush(fw) < 0)
         return NULL;
     if (tlsctl_fw_call(fw, tlsctl_s_write, data, &result) < 0)
         return NULL;
-    if ((fw->state != TLSCTL_STATE_STOCK && tlsctl_fw_after_write(fw) < 0)
-            || tlsctl_fw_settle(fw) < 0) {
+    if ((fw->state != TLSCTL_STATE_STOCK && tlsctl_fw_after_write(fw) < 0) ||
+        tlsctl_fw_settle(fw) < 0) {
         Py_DECREF(result);
         return NULL;
     }
@@ -446,7 +451,9 @@ static PyObject *tlsctl_fw_read(PyObject *self, PyObject *args)
  * real object to forward to. */
 static PyObject *tlsctl_fw_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
-    (void)tp; (void)args; (void)kw;
+    (void)tp;
+    (void)args;
+    (void)kw;
     PyErr_SetString(PyExc_TypeError,
                     "FirstWriteProxy objects are made by tlsctl only");
     return NULL;
@@ -459,8 +466,7 @@ static PyMethodDef tlsctl_fw_methods[] = {
      "The real do_handshake(), then a ticket callback's exception."},
     {"read", tlsctl_fw_read, METH_VARARGS,
      "The real read(), then a ticket callback's exception."},
-    {NULL, NULL, 0, NULL}
-};
+    {NULL, NULL, 0, NULL}};
 
 static PyType_Slot tlsctl_fw_slots[] = {
     {Py_tp_new, (void *)tlsctl_fw_new},
@@ -470,13 +476,11 @@ static PyType_Slot tlsctl_fw_slots[] = {
     {Py_tp_methods, (void *)tlsctl_fw_methods},
     {Py_tp_doc, (void *)"tlsctl's stand-in for a connection's _sslobj until "
                         "its first write (see tlsctl._policy)."},
-    {0, NULL}
-};
+    {0, NULL}};
 
-static PyType_Spec tlsctl_fw_spec = {
-    "tlsctl._binding.FirstWriteProxy", sizeof(tlsctl_fw), 0,
-    Py_TPFLAGS_DEFAULT, tlsctl_fw_slots
-};
+static PyType_Spec tlsctl_fw_spec = {"tlsctl._binding.FirstWriteProxy",
+                                     sizeof(tlsctl_fw), 0, Py_TPFLAGS_DEFAULT,
+                                     tlsctl_fw_slots};
 
 /* The SSL of real if real is an _ssl._SSLSocket whose SSL is proven to
  * belong to the bound library (see 2.), else NULL (no exception set). */
@@ -515,7 +519,7 @@ static tlsctl_fw *tlsctl_fw_install(PyObject *conn, PyObject *real, SSL *ssl,
     fw->n_full = fw->n_resumed = fw->extra = fw->stash = 0;
     w = p_SSL_get_wbio(ssl);
     if (w != NULL && p_BIO_method_type(w) == tlsctl_stash_type)
-        w = p_BIO_next(w);  /* the stash filter stands in front */
+        w = p_BIO_next(w); /* the stash filter stands in front */
     fw->memory = w != NULL && p_BIO_method_type(w) == BIO_TYPE_MEM;
     if (PyObject_SetAttr(conn, tlsctl_s_sslobj, (PyObject *)fw) < 0) {
         Py_DECREF(fw);
@@ -591,10 +595,10 @@ static int tlsctl_deferred_tickets(SSL *ssl, long count)
 }
 
 /* The plan's settings (make_apply's arguments). */
-#define TLSCTL_PLAN_POLICY 0
-#define TLSCTL_PLAN_COUNT 1
-#define TLSCTL_PLAN_STASH 2
-#define TLSCTL_PLAN_RECORD 3
+#define TLSCTL_PLAN_POLICY   0
+#define TLSCTL_PLAN_COUNT    1
+#define TLSCTL_PLAN_STASH    2
+#define TLSCTL_PLAN_RECORD   3
 #define TLSCTL_PLAN_FALLBACK 4
 
 /* Set up ssl (tracked, server side) as its plan says; 0, or -1 with the
@@ -611,12 +615,14 @@ static int tlsctl_apply_policy(PyObject *plan, PyObject *conn, PyObject *real,
     if (factory != Py_None) {
         /* A context with ticket callbacks: the record they reach the
          * connection through, and where they leave an exception (8.). */
-        if ((record = PyObject_CallFunctionObjArgs(factory, conn, NULL)) == NULL)
+        if ((record = PyObject_CallFunctionObjArgs(factory, conn, NULL)) ==
+            NULL)
             return -1;
         rc = tlsctl_conn_register(ssl, record);
         Py_DECREF(record);
         if (!rc) {
-            tlsctl_raise_openssl("attaching tlsctl's record to a new connection failed");
+            tlsctl_raise_openssl(
+                "attaching tlsctl's record to a new connection failed");
             return -1;
         }
     }
@@ -628,11 +634,12 @@ static int tlsctl_apply_policy(PyObject *plan, PyObject *conn, PyObject *real,
          * callback also sets TCP_QUICKACK). */
         p_SSL_set_num_tickets(ssl, (size_t)tlsctl_deferred_tickets(ssl, count));
         if (tlsctl_stash_install(ssl) != 1) {
-            tlsctl_raise_openssl("installing the ticket stash on a new connection failed");
+            tlsctl_raise_openssl(
+                "installing the ticket stash on a new connection failed");
             return -1;
         }
     } else {
-        p_SSL_set_num_tickets(ssl, 0);  /* no ticket in the handshake */
+        p_SSL_set_num_tickets(ssl, 0); /* no ticket in the handshake */
         tlsctl_quickack_install(ssl);
     }
     if (policy == TLSCTL_POLICY_DEFER) {
@@ -651,7 +658,8 @@ static int tlsctl_apply_policy(PyObject *plan, PyObject *conn, PyObject *real,
             Py_DECREF(fw);
         }
     } else if (factory != Py_None) {
-        if ((fw = tlsctl_fw_install(conn, real, ssl, TLSCTL_STATE_GUARDED)) == NULL)
+        if ((fw = tlsctl_fw_install(conn, real, ssl, TLSCTL_STATE_GUARDED)) ==
+            NULL)
             return -1;
         Py_DECREF(fw);
     }
@@ -680,7 +688,7 @@ static PyObject *tlsctl_fast_apply(PyObject *self, PyObject *conn)
         return NULL;
     policy = PyLong_AsLong(PyTuple_GetItem(self, TLSCTL_PLAN_POLICY));
     if (real == Py_None) {
-        rc = 0;  /* not connected: no SSL yet */
+        rc = 0; /* not connected: no SSL yet */
     } else if ((ssl = tlsctl_real_ssl(real)) != NULL && !p_SSL_is_server(ssl)) {
         rc = 0;
     } else if (ssl == NULL || !tlsctl_conn_track(ssl, (int)policy, 0)) {
@@ -699,8 +707,7 @@ static PyObject *tlsctl_fast_apply(PyObject *self, PyObject *conn)
 
 static PyMethodDef tlsctl_fast_apply_def = {
     "apply", tlsctl_fast_apply, METH_O,
-    "Apply tlsctl's policy to a server connection just made (in C)."
-};
+    "Apply tlsctl's policy to a server connection just made (in C)."};
 
 /* make_apply(policy, count, stash, record_factory, fallback): the
  * function the wrap_socket / wrap_bio hooks call with each new connection
@@ -715,11 +722,11 @@ static PyObject *tlsctl_fast_make_apply(PyObject *unused, PyObject *args)
     if (!PyArg_ParseTuple(args, "iipOO:make_apply", &policy, &count, &stash,
                           &record_factory, &fallback))
         return NULL;
-    if (policy < TLSCTL_POLICY_NONE || policy > TLSCTL_POLICY_IMMEDIATE
-            || count < -1 || count > TLSCTL_MAX_TICKETS
-            || (stash && policy != TLSCTL_POLICY_DEFER)
-            || (policy == TLSCTL_POLICY_NONE && record_factory == Py_None
-                && count < 0)) {
+    if (policy < TLSCTL_POLICY_NONE || policy > TLSCTL_POLICY_IMMEDIATE ||
+        count < -1 || count > TLSCTL_MAX_TICKETS ||
+        (stash && policy != TLSCTL_POLICY_DEFER) ||
+        (policy == TLSCTL_POLICY_NONE && record_factory == Py_None &&
+         count < 0)) {
         PyErr_SetString(PyExc_ValueError, "make_apply: bad settings");
         return NULL;
     }
@@ -758,10 +765,10 @@ static PyObject *tlsctl_fast_report(PyObject *unused, PyObject *sslobj)
         Py_RETURN_NONE;
     if (fw != NULL && fw->stash)
         tlsctl_stash_state(ssl, &held, &released);
-    waiting = state == TLSCTL_STATE_FLUSHING || held > 0
-        || (state == TLSCTL_STATE_DUE
-            && tlsctl_pending_tickets(ssl, fw->n_full, fw->n_resumed,
-                                      fw->extra) > 0);
+    waiting =
+        state == TLSCTL_STATE_FLUSHING || held > 0 ||
+        (state == TLSCTL_STATE_DUE &&
+         tlsctl_pending_tickets(ssl, fw->n_full, fw->n_resumed, fw->extra) > 0);
     return Py_BuildValue("(iiOl)", (int)(info & 3), state,
                          waiting ? Py_True : Py_False,
                          (info >> 2) + (long)released);
@@ -773,8 +780,7 @@ static PyMethodDef tlsctl_fast_functions[] = {
      "make_apply(policy, count, stash, record_factory, fallback)"},
     {"report", tlsctl_fast_report, METH_O,
      "report(sslobj) -> (policy, state, waiting, issued) or None"},
-    {NULL, NULL, 0, NULL}
-};
+    {NULL, NULL, 0, NULL}};
 
 static PyObject *tlsctl_intern(const char *s, int *ok)
 {

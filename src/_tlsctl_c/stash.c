@@ -92,15 +92,16 @@ static int tlsctl_stash_write(BIO *b, const char *data, int len)
             return n;
         st->held_off += (size_t)n < rem ? (size_t)n : rem;
         if (st->held_off == st->held_len) {
-            st->released_records += tlsctl_count_records(st->held, st->held_len);
+            st->released_records +=
+                tlsctl_count_records(st->held, st->held_len);
             tlsctl_stash_drop(st);
         }
-        if ((size_t)n <= rem) {  /* none of this record went out: retry it */
+        if ((size_t)n <= rem) { /* none of this record went out: retry it */
             p_BIO_clear_flags(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY);
             p_BIO_set_flags(b, BIO_FLAGS_WRITE | BIO_FLAGS_SHOULD_RETRY);
             return -1;
         }
-        return n - (int)rem;  /* this record: all or part, like any BIO */
+        return n - (int)rem; /* this record: all or part, like any BIO */
     }
     n = p_BIO_write(next, data, len);
     p_BIO_copy_next_retry(b);
@@ -173,10 +174,10 @@ static int tlsctl_quickack_install(SSL *ssl)
         tlsctl_quickack(ssl);
         return 1;
     }
-    if (!tlsctl_bound || p_SSL_get_info_callback(ssl) != NULL
-            || p_SSL_CTX_get_info_callback(p_SSL_get_SSL_CTX(ssl)) != NULL
-            || (w = p_SSL_get_wbio(ssl)) == NULL
-            || p_BIO_method_type(w) == BIO_TYPE_MEM)
+    if (!tlsctl_bound || p_SSL_get_info_callback(ssl) != NULL ||
+        p_SSL_CTX_get_info_callback(p_SSL_get_SSL_CTX(ssl)) != NULL ||
+        (w = p_SSL_get_wbio(ssl)) == NULL ||
+        p_BIO_method_type(w) == BIO_TYPE_MEM)
         return 0;
     p_SSL_set_info_callback(ssl, tlsctl_quickack_cb);
     return 1;
@@ -189,13 +190,13 @@ static void tlsctl_info_cb(const SSL *s, int where, int ret)
     if (!p_SSL_is_server(s))
         return;
     if (where & SSL_CB_HANDSHAKE_DONE)
-        tlsctl_quickack(s);  /* the stash holds the tickets back too */
+        tlsctl_quickack(s); /* the stash holds the tickets back too */
     if (where == SSL_CB_ACCEPT_LOOP) {
         /* "TRFIN" is TLS_ST_SR_FINISHED, whose enum VALUE differs between
          * versions (32 in 1.1.1 and 3.0, 36 in 3.5); the string does not. */
-        if (p_SSL_version(s) == TLS1_3_VERSION
-                && strcmp(p_SSL_state_string(s), "TRFIN") == 0
-                && (st = tlsctl_stash_of(s)) != NULL)
+        if (p_SSL_version(s) == TLS1_3_VERSION &&
+            strcmp(p_SSL_state_string(s), "TRFIN") == 0 &&
+            (st = tlsctl_stash_of(s)) != NULL)
             st->capturing = 1;
     } else if (where == SSL_CB_ACCEPT_EXIT) {
         /* Not SSL_CB_HANDSHAKE_DONE: OpenSSL 3.x reports that at the
@@ -213,11 +214,11 @@ static int tlsctl_stash_init(void)
     tlsctl_stash_method = p_BIO_meth_new(tlsctl_stash_type, "tlsctl stash");
     if (tlsctl_stash_method == NULL)
         return 0;
-    return p_BIO_meth_set_write(tlsctl_stash_method, tlsctl_stash_write)
-        && p_BIO_meth_set_read(tlsctl_stash_method, tlsctl_stash_read)
-        && p_BIO_meth_set_ctrl(tlsctl_stash_method, tlsctl_stash_ctrl)
-        && p_BIO_meth_set_create(tlsctl_stash_method, tlsctl_stash_create)
-        && p_BIO_meth_set_destroy(tlsctl_stash_method, tlsctl_stash_destroy);
+    return p_BIO_meth_set_write(tlsctl_stash_method, tlsctl_stash_write) &&
+           p_BIO_meth_set_read(tlsctl_stash_method, tlsctl_stash_read) &&
+           p_BIO_meth_set_ctrl(tlsctl_stash_method, tlsctl_stash_ctrl) &&
+           p_BIO_meth_set_create(tlsctl_stash_method, tlsctl_stash_create) &&
+           p_BIO_meth_set_destroy(tlsctl_stash_method, tlsctl_stash_destroy);
 }
 
 /* Put a stash filter in front of ssl's write BIO; returns its state, or
@@ -225,8 +226,8 @@ static int tlsctl_stash_init(void)
 static tlsctl_stash *tlsctl_stash_push(SSL *ssl)
 {
     BIO *w, *f;
-    if (!tlsctl_stash_init() || (w = p_SSL_get_wbio(ssl)) == NULL
-            || (f = p_BIO_new(tlsctl_stash_method)) == NULL)
+    if (!tlsctl_stash_init() || (w = p_SSL_get_wbio(ssl)) == NULL ||
+        (f = p_BIO_new(tlsctl_stash_method)) == NULL)
         return NULL;
     /* SSL_set0_wbio frees the SSL's reference to w; the chain keeps ours. */
     p_BIO_up_ref(w);
@@ -269,7 +270,8 @@ static int tlsctl_capture(SSL *ssl, int on)
     if ((st = tlsctl_stash_of(ssl)) == NULL) {
         if (!on)
             return 1;
-        if ((w = p_SSL_get_wbio(ssl)) == NULL || p_BIO_method_type(w) == BIO_TYPE_MEM)
+        if ((w = p_SSL_get_wbio(ssl)) == NULL ||
+            p_BIO_method_type(w) == BIO_TYPE_MEM)
             return 0;
         if ((st = tlsctl_stash_push(ssl)) == NULL)
             return TLSCTL_ERR_OPENSSL;
@@ -306,12 +308,12 @@ static int tlsctl_stash_remove(SSL *ssl)
 {
     BIO *f, *next;
     tlsctl_stash *st;
-    if (!tlsctl_bound || (f = p_SSL_get_wbio(ssl)) == NULL
-            || p_BIO_method_type(f) != tlsctl_stash_type)
+    if (!tlsctl_bound || (f = p_SSL_get_wbio(ssl)) == NULL ||
+        p_BIO_method_type(f) != tlsctl_stash_type)
         return 1;
     st = p_BIO_get_data(f);
-    if (st == NULL || st->capturing || st->held_off < st->held_len
-            || !p_SSL_is_init_finished(ssl) || (next = p_BIO_next(f)) == NULL)
+    if (st == NULL || st->capturing || st->held_off < st->held_len ||
+        !p_SSL_is_init_finished(ssl) || (next = p_BIO_next(f)) == NULL)
         return 0;
     /* SSL_set0_wbio frees the chain f -> next: our new reference keeps
      * next alive as the SSL's own wbio. */

@@ -3,18 +3,19 @@
 
 /* ---- per-context state, ticket callbacks, shared keys (see 8.) ------- */
 
-#define TLSCTL_ERR_NO_KEYS (-7)
+#define TLSCTL_ERR_NO_KEYS  (-7)
 #define TLSCTL_ERR_BAD_KEYS (-8)
-#define TLSCTL_EVENT_ISSUE 1
+#define TLSCTL_EVENT_ISSUE  1
 #define TLSCTL_EVENT_RESUME 2
-#define TLSCTL_KEYS_NONE 0
-#define TLSCTL_KEYS_LEGACY 1
-#define TLSCTL_KEYS_EVP 2
-#define TLSCTL_KEY_RECORD 81  /* size byte (48 or 80), name, hmac[32], aes[32] */
-#define TLSCTL_KEY_NAME_LEN 16  /* TLSEXT_KEYNAME_LENGTH (ssl_local.h) */
-#define TLSCTL_MAX_KEYS 65536
-#define TLSCTL_MASTER_MAX 80     /* a TicketKey's bytes, or 80 random ones */
-#define TLSCTL_MAX_KEEP 64       /* previous rotation windows kept */
+#define TLSCTL_KEYS_NONE    0
+#define TLSCTL_KEYS_LEGACY  1
+#define TLSCTL_KEYS_EVP     2
+/* A key record: size byte (48 or 80), name, hmac[32], aes[32]. */
+#define TLSCTL_KEY_RECORD   81
+#define TLSCTL_KEY_NAME_LEN 16 /* TLSEXT_KEYNAME_LENGTH (ssl_local.h) */
+#define TLSCTL_MAX_KEYS     65536
+#define TLSCTL_MASTER_MAX   80 /* a TicketKey's bytes, or 80 random ones */
+#define TLSCTL_MAX_KEEP     64 /* previous rotation windows kept */
 /* OpenSSL calls the decrypt callback once per PSK identity of a
  * ClientHello (thousands fit in one).  Python's on_resume runs at most
  * this often per connection; a ticket past that is not used (a full
@@ -22,7 +23,7 @@
 #define TLSCTL_MAX_RESUME_CALLS 8
 
 typedef struct {
-    int size;  /* 48: AES-128 + 16-byte HMAC secret; 80: AES-256 + 32 */
+    int size; /* 48: AES-128 + 16-byte HMAC secret; 80: AES-256 + 32 */
     unsigned char name[TLSCTL_KEY_NAME_LEN];
     unsigned char hmac[32];
     unsigned char aes[32];
@@ -30,18 +31,18 @@ typedef struct {
 
 typedef struct {
     unsigned char name[TLSCTL_KEY_NAME_LEN];
-    size_t index;                /* in tlsctl_ctx_ext.keys */
+    size_t index; /* in tlsctl_ctx_ext.keys */
 } tlsctl_key_ref;
 
 typedef struct tlsctl_ctx_ext {
-    pthread_mutex_t lock;        /* guards keys / by_name / nkeys */
-    tlsctl_key *keys;            /* keys[0] encrypts */
-    tlsctl_key_ref *by_name;     /* sorted by name: lookups in O(log n) */
+    pthread_mutex_t lock;    /* guards keys / by_name / nkeys */
+    tlsctl_key *keys;        /* keys[0] encrypts */
+    tlsctl_key_ref *by_name; /* sorted by name: lookups in O(log n) */
     size_t nkeys;
-    int renew;                   /* TLSCTL_RENEW_* */
-    int on_issue, on_resume;     /* Python callables present (read w/o GIL) */
-    PyObject *holder_ref;        /* weakref to the Python holder; GIL */
-    struct tlsctl_ctx_ext *prev, *next;  /* every live ext (for fork) */
+    int renew;               /* TLSCTL_RENEW_* */
+    int on_issue, on_resume; /* Python callables present (read w/o GIL) */
+    PyObject *holder_ref;    /* weakref to the Python holder; GIL */
+    struct tlsctl_ctx_ext *prev, *next; /* every live ext (for fork) */
     /* rotate_ticket_keys (guarded by lock): keys derived from master for
      * the time window time(NULL) / every, remade lazily when it changes */
     int rotating;
@@ -52,7 +53,7 @@ typedef struct tlsctl_ctx_ext {
     int64_t window;
 } tlsctl_ctx_ext;
 
-static void tlsctl_rotate_locked(tlsctl_ctx_ext *ext);  /* rotation, below */
+static void tlsctl_rotate_locked(tlsctl_ctx_ext *ext); /* rotation, below */
 
 /* The tlsctl_ssl_idx slot of a connection tlsctl set up (see 9.) holds a
  * tagged integer, never a pointer: bit 0 set (NULL means untracked), bits
@@ -96,13 +97,14 @@ static void tlsctl_fork_release(void)
     pthread_mutex_unlock(&tlsctl_exts_lock);
 }
 
-static void tlsctl_keys_free(tlsctl_key *keys, tlsctl_key_ref *by_name, size_t n)
+static void tlsctl_keys_free(tlsctl_key *keys, tlsctl_key_ref *by_name,
+                             size_t n)
 {
     if (keys != NULL) {
         p_OPENSSL_cleanse(keys, n * sizeof(*keys));
         free(keys);
     }
-    free(by_name);  /* names and positions only: nothing secret */
+    free(by_name); /* names and positions only: nothing secret */
 }
 
 static void tlsctl_decref(PyObject *obj)
@@ -119,7 +121,11 @@ static void tlsctl_ctx_ext_free(void *parent, void *ptr, void *ad, int idx,
                                 long argl, void *argp)
 {
     tlsctl_ctx_ext *ext = ptr;
-    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    (void)parent;
+    (void)ad;
+    (void)idx;
+    (void)argl;
+    (void)argp;
     if (ext == NULL)
         return;
     pthread_mutex_lock(&tlsctl_exts_lock);
@@ -141,16 +147,24 @@ static void tlsctl_ctx_ext_free(void *parent, void *ptr, void *ad, int idx,
 static void tlsctl_keyctx_free(void *parent, void *ptr, void *ad, int idx,
                                long argl, void *argp)
 {
-    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    (void)parent;
+    (void)ad;
+    (void)idx;
+    (void)argl;
+    (void)argp;
     if (ptr != NULL)
         p_SSL_CTX_free(ptr);
 }
 
-static int tlsctl_keyctx_dup(void *to, const void *from, void *from_d,
-                             int idx, long argl, void *argp)
+static int tlsctl_keyctx_dup(void *to, const void *from, void *from_d, int idx,
+                             long argl, void *argp)
 {
     SSL_CTX *ctx = *(SSL_CTX **)from_d;
-    (void)to; (void)from; (void)idx; (void)argl; (void)argp;
+    (void)to;
+    (void)from;
+    (void)idx;
+    (void)argl;
+    (void)argp;
     if (ctx != NULL)
         p_SSL_CTX_up_ref(ctx);
     return 1;
@@ -159,18 +173,26 @@ static int tlsctl_keyctx_dup(void *to, const void *from, void *from_d,
 static void tlsctl_ssl_rec_free(void *parent, void *ptr, void *ad, int idx,
                                 long argl, void *argp)
 {
-    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    (void)parent;
+    (void)ad;
+    (void)idx;
+    (void)argl;
+    (void)argp;
     tlsctl_decref(ptr);
 }
 
 /* SSL_dup copies ex_data pointers: give the copy its own reference.
  * (from_d points at the slot in 1.1.1 and 3.x alike.) */
-static int tlsctl_ssl_rec_dup(void *to, const void *from, void *from_d,
-                              int idx, long argl, void *argp)
+static int tlsctl_ssl_rec_dup(void *to, const void *from, void *from_d, int idx,
+                              long argl, void *argp)
 {
     PyObject *obj = *(PyObject **)from_d;
     PyGILState_STATE g;
-    (void)to; (void)from; (void)idx; (void)argl; (void)argp;
+    (void)to;
+    (void)from;
+    (void)idx;
+    (void)argl;
+    (void)argp;
     if (obj != NULL) {
         g = PyGILState_Ensure();
         Py_IncRef(obj);
@@ -186,23 +208,23 @@ static int tlsctl_ext_init(void)
         tlsctl_ctx_idx = p_CRYPTO_get_ex_new_index(
             CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, tlsctl_ctx_ext_free);
     if (tlsctl_ssl_idx < 0)
-        tlsctl_ssl_idx = p_CRYPTO_get_ex_new_index(
-            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL, NULL);
+        tlsctl_ssl_idx = p_CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL,
+                                                   NULL, NULL, NULL);
     if (tlsctl_rec_idx < 0)
-        tlsctl_rec_idx = p_CRYPTO_get_ex_new_index(
-            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, tlsctl_ssl_rec_dup,
-            tlsctl_ssl_rec_free);
+        tlsctl_rec_idx =
+            p_CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL, NULL,
+                                      tlsctl_ssl_rec_dup, tlsctl_ssl_rec_free);
     if (tlsctl_keyctx_idx < 0)
-        tlsctl_keyctx_idx = p_CRYPTO_get_ex_new_index(
-            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, tlsctl_keyctx_dup,
-            tlsctl_keyctx_free);
+        tlsctl_keyctx_idx =
+            p_CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL, NULL,
+                                      tlsctl_keyctx_dup, tlsctl_keyctx_free);
     if (tlsctl_calls_idx < 0)
-        tlsctl_calls_idx = p_CRYPTO_get_ex_new_index(
-            CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL, NULL);
+        tlsctl_calls_idx = p_CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0,
+                                                     NULL, NULL, NULL, NULL);
     /* Index 0 of SSL is _ssl's app data; a fresh index is never 0 for SSL
      * (OpenSSL reserves 0 for app data), but refuse to share it anyway. */
-    return tlsctl_ctx_idx > 0 && tlsctl_ssl_idx > 0 && tlsctl_rec_idx > 0
-        && tlsctl_keyctx_idx > 0 && tlsctl_calls_idx > 0;
+    return tlsctl_ctx_idx > 0 && tlsctl_ssl_idx > 0 && tlsctl_rec_idx > 0 &&
+           tlsctl_keyctx_idx > 0 && tlsctl_calls_idx > 0;
 }
 
 static tlsctl_ctx_ext *tlsctl_ext_of(const SSL_CTX *ctx)
@@ -217,8 +239,8 @@ static tlsctl_ctx_ext *tlsctl_ext_get_or_create(SSL_CTX *ctx)
     tlsctl_ctx_ext *ext;
     pthread_mutex_lock(&tlsctl_exts_lock);
     ext = tlsctl_ext_of(ctx);
-    if (ext == NULL && tlsctl_ext_init()
-            && (ext = calloc(1, sizeof(*ext))) != NULL) {
+    if (ext == NULL && tlsctl_ext_init() &&
+        (ext = calloc(1, sizeof(*ext))) != NULL) {
         pthread_mutex_init(&ext->lock, NULL);
         if (!p_SSL_CTX_set_ex_data(ctx, tlsctl_ctx_idx, ext)) {
             pthread_mutex_destroy(&ext->lock);
@@ -238,9 +260,9 @@ static tlsctl_ctx_ext *tlsctl_ext_get_or_create(SSL_CTX *ctx)
 /* The per-connection note in the tlsctl_calls_idx slot: bit 0, the decrypt
  * callback ran in this handshake; bit 1, one of its decisions makes OpenSSL
  * expect to send tickets; the rest, on_resume calls so far. */
-#define TLSCTL_NOTE_RAN 1u
+#define TLSCTL_NOTE_RAN      1u
 #define TLSCTL_NOTE_EXPECTED 2u
-#define TLSCTL_NOTE_CALLS 2
+#define TLSCTL_NOTE_CALLS    2
 
 /* Record a decision the way tls_decrypt_ticket (ssl/t1_lib.c) turns it into
  * its status, which sets ext.ticket_expected for NO_DECRYPT, EMPTY and
@@ -266,8 +288,8 @@ static uintptr_t tlsctl_note_decision(uintptr_t note, int status, int decision)
         break;
     }
     note |= TLSCTL_NOTE_RAN;
-    if (ret == SSL_TICKET_NO_DECRYPT || ret == SSL_TICKET_EMPTY
-            || ret == SSL_TICKET_SUCCESS_RENEW)
+    if (ret == SSL_TICKET_NO_DECRYPT || ret == SSL_TICKET_EMPTY ||
+        ret == SSL_TICKET_SUCCESS_RENEW)
         note |= TLSCTL_NOTE_EXPECTED;
     return note;
 }
@@ -319,8 +341,8 @@ static int tlsctl_key_find(const tlsctl_ctx_ext *ext, const unsigned char *name)
  * every call from OpenSSL on the connection. */
 static tlsctl_ctx_ext *tlsctl_keys_ext_of(const SSL *s)
 {
-    SSL_CTX *ctx = tlsctl_keyctx_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_keyctx_idx)
-                                         : NULL;
+    SSL_CTX *ctx =
+        tlsctl_keyctx_idx > 0 ? p_SSL_get_ex_data(s, tlsctl_keyctx_idx) : NULL;
     return tlsctl_ext_of(ctx != NULL ? ctx : p_SSL_get_SSL_CTX(s));
 }
 
@@ -343,13 +365,14 @@ static int tlsctl_key_index(const SSL *s, const unsigned char *name, size_t len)
 static int tlsctl_client_hello_cb(SSL *s, int *alert, void *arg)
 {
     SSL_CTX *ctx = p_SSL_get_SSL_CTX(s), *old;
-    (void)alert; (void)arg;
+    (void)alert;
+    (void)arg;
     old = p_SSL_get_ex_data(s, tlsctl_keyctx_idx);
     if (old != ctx && p_SSL_CTX_up_ref(ctx) == 1) {
         if (p_SSL_set_ex_data(s, tlsctl_keyctx_idx, ctx) == 1)
-            p_SSL_CTX_free(old);  /* a second handshake (TLS 1.2) */
+            p_SSL_CTX_free(old); /* a second handshake (TLS 1.2) */
         else
-            p_SSL_CTX_free(ctx);  /* not recorded: the current context */
+            p_SSL_CTX_free(ctx); /* not recorded: the current context */
     }
     return SSL_CLIENT_HELLO_SUCCESS;
 }
@@ -373,11 +396,10 @@ static PyObject *tlsctl_call_python(tlsctl_ctx_ext *ext, PyObject *rec,
     PyObject *res;
     if (tlsctl_dispatch == NULL || ext->holder_ref == NULL)
         return NULL;
-    res = PyObject_CallFunction(tlsctl_dispatch, "iOOiOOii", event,
-                                ext->holder_ref, rec, status,
-                                appdata ? appdata : Py_None,
-                                keyname ? keyname : Py_None, key_index,
-                                fallback);
+    res = PyObject_CallFunction(
+        tlsctl_dispatch, "iOOiOOii", event, ext->holder_ref, rec, status,
+        appdata ? appdata : Py_None, keyname ? keyname : Py_None, key_index,
+        fallback);
     if (res == NULL)
         PyErr_WriteUnraisable(tlsctl_dispatch);
     return res;
@@ -392,10 +414,10 @@ static int tlsctl_gen_ticket_cb(SSL *s, void *arg)
     if (ext == NULL || !ext->on_issue || (rec = tlsctl_record_of(s)) == NULL)
         return 1;
     g = PyGILState_Ensure();
-    if (ext->holder_ref != NULL) {  /* not removed meanwhile */
+    if (ext->holder_ref != NULL) { /* not removed meanwhile */
         res = tlsctl_call_python(ext, rec, TLSCTL_EVENT_ISSUE, -1, NULL, NULL,
                                  -1, 1);
-        ok = 0;  /* failure, or the dispatcher kept an exception */
+        ok = 0; /* failure, or the dispatcher kept an exception */
         if (res == Py_None) {
             ok = 1;
         } else if (res != NULL && PyBytes_Check(res)) {
@@ -413,8 +435,8 @@ static int tlsctl_gen_ticket_cb(SSL *s, void *arg)
 }
 
 static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
-                                const unsigned char *keyname, size_t keyname_len,
-                                int status, void *arg)
+                                const unsigned char *keyname,
+                                size_t keyname_len, int status, void *arg)
 {
     tlsctl_ctx_ext *ext = arg;
     int decision = tlsctl_default_decision(status);
@@ -422,10 +444,11 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
     uintptr_t note = (uintptr_t)p_SSL_get_ex_data(s, tlsctl_calls_idx);
     if (ext == NULL)
         return decision;
-    if (ext->on_resume && status != SSL_TICKET_NONE && status != SSL_TICKET_EMPTY)
+    if (ext->on_resume && status != SSL_TICKET_NONE &&
+        status != SSL_TICKET_EMPTY)
         rec = tlsctl_record_of(s);
     if (rec != NULL && (note >> TLSCTL_NOTE_CALLS) >= TLSCTL_MAX_RESUME_CALLS) {
-        rec = NULL;  /* the bound: never resume unasked */
+        rec = NULL; /* the bound: never resume unasked */
         decision = SSL_TICKET_RETURN_IGNORE_RENEW;
     }
     if (rec != NULL) {
@@ -435,12 +458,14 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
         PyObject *appdata = NULL, *name = NULL, *res;
         void *data = NULL;
         size_t len = 0;
-        if (ss != NULL && p_SSL_SESSION_get0_ticket_appdata(ss, &data, &len) == 1)
-            appdata = PyBytes_FromStringAndSize(data ? data : "", (Py_ssize_t)len);
+        if (ss != NULL &&
+            p_SSL_SESSION_get0_ticket_appdata(ss, &data, &len) == 1)
+            appdata =
+                PyBytes_FromStringAndSize(data ? data : "", (Py_ssize_t)len);
         if (keyname != NULL)
             name = PyBytes_FromStringAndSize((const char *)keyname,
                                              (Py_ssize_t)keyname_len);
-        if (ext->holder_ref == NULL) {  /* removed meanwhile */
+        if (ext->holder_ref == NULL) { /* removed meanwhile */
             res = PyLong_FromLong(decision);
         } else if (PyErr_Occurred()) {
             PyErr_WriteUnraisable(NULL);
@@ -452,7 +477,8 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
         }
         if (res != NULL) {
             long v = PyLong_AsLong(res);
-            if (v >= SSL_TICKET_RETURN_ABORT && v <= SSL_TICKET_RETURN_USE_RENEW)
+            if (v >= SSL_TICKET_RETURN_ABORT &&
+                v <= SSL_TICKET_RETURN_USE_RENEW)
                 decision = (int)v;
             else
                 decision = SSL_TICKET_RETURN_ABORT;
@@ -465,12 +491,15 @@ static int tlsctl_dec_ticket_cb(SSL *s, SSL_SESSION *ss,
         Py_XDECREF(name);
         PyGILState_Release(g);
     }
-    if (ext->renew == TLSCTL_RENEW_NEVER && decision == SSL_TICKET_RETURN_USE_RENEW)
+    if (ext->renew == TLSCTL_RENEW_NEVER &&
+        decision == SSL_TICKET_RETURN_USE_RENEW)
         decision = SSL_TICKET_RETURN_USE;
-    if (!p_SSL_set_ex_data(s, tlsctl_calls_idx,
-                           (void *)tlsctl_note_decision(note, status, decision))
-            && decision >= SSL_TICKET_RETURN_USE)
-        decision = SSL_TICKET_RETURN_IGNORE_RENEW;  /* unrecorded: never resume */
+    if (!p_SSL_set_ex_data(
+            s, tlsctl_calls_idx,
+            (void *)tlsctl_note_decision(note, status, decision)) &&
+        decision >= SSL_TICKET_RETURN_USE)
+        decision =
+            SSL_TICKET_RETURN_IGNORE_RENEW; /* unrecorded: never resume */
     return decision;
 }
 
@@ -489,11 +518,13 @@ static int tlsctl_ticket_expected(const SSL *s)
 
 static int tlsctl_install_ticket_cb(SSL_CTX *ctx, tlsctl_ctx_ext *ext)
 {
-    int needed = ext->renew == TLSCTL_RENEW_NEVER || ext->on_issue || ext->on_resume;
+    int needed =
+        ext->renew == TLSCTL_RENEW_NEVER || ext->on_issue || ext->on_resume;
     if (!needed)
         return p_SSL_CTX_set_session_ticket_cb(ctx, NULL, NULL, NULL);
     return p_SSL_CTX_set_session_ticket_cb(
-        ctx, ext->on_issue ? tlsctl_gen_ticket_cb : NULL, tlsctl_dec_ticket_cb, ext);
+        ctx, ext->on_issue ? tlsctl_gen_ticket_cb : NULL, tlsctl_dec_ticket_cb,
+        ext);
 }
 
 static int tlsctl_set_renewal(SSL_CTX *ctx, int mode)
@@ -563,16 +594,16 @@ static int tlsctl_conn_register(SSL *ssl, PyObject *record)
  * TLS 1.3 handshake (TLS 1.2 may renegotiate). */
 static int tlsctl_guard_done(SSL *ssl)
 {
-    return tlsctl_bound && p_SSL_is_init_finished(ssl)
-        && p_SSL_version(ssl) == TLS1_3_VERSION;
+    return tlsctl_bound && p_SSL_is_init_finished(ssl) &&
+           p_SSL_version(ssl) == TLS1_3_VERSION;
 }
 
 static int tlsctl_keys_mode(void)
 {
     if (!tlsctl_bound)
         return TLSCTL_KEYS_NONE;
-    if (p_SSL_CTX_set_tlsext_ticket_key_evp_cb != NULL
-            && p_EVP_MAC_CTX_set_params != NULL)
+    if (p_SSL_CTX_set_tlsext_ticket_key_evp_cb != NULL &&
+        p_EVP_MAC_CTX_set_params != NULL)
         return TLSCTL_KEYS_EVP;
     if (p_HMAC_Init_ex != NULL)
         return TLSCTL_KEYS_LEGACY;
@@ -593,16 +624,17 @@ static int tlsctl_fallback_pick(const unsigned char *name, int enc,
 {
     int rc = -1;
     pthread_mutex_lock(&tlsctl_exts_lock);
-    if (!tlsctl_fallback_ready
-            && p_RAND_bytes(tlsctl_fallback_key.name, TLSCTL_KEY_NAME_LEN) == 1
-            && p_RAND_bytes(tlsctl_fallback_key.hmac, 32) == 1
-            && p_RAND_bytes(tlsctl_fallback_key.aes, 32) == 1) {
+    if (!tlsctl_fallback_ready &&
+        p_RAND_bytes(tlsctl_fallback_key.name, TLSCTL_KEY_NAME_LEN) == 1 &&
+        p_RAND_bytes(tlsctl_fallback_key.hmac, 32) == 1 &&
+        p_RAND_bytes(tlsctl_fallback_key.aes, 32) == 1) {
         tlsctl_fallback_key.size = 80;
         tlsctl_fallback_ready = 1;
     }
     if (tlsctl_fallback_ready) {
         rc = 0;
-        if (enc || memcmp(name, tlsctl_fallback_key.name, TLSCTL_KEY_NAME_LEN) == 0) {
+        if (enc ||
+            memcmp(name, tlsctl_fallback_key.name, TLSCTL_KEY_NAME_LEN) == 0) {
             memcpy(out, &tlsctl_fallback_key, sizeof(*out));
             rc = 1;
         }
@@ -652,8 +684,8 @@ static int tlsctl_key_cb(SSL *s, unsigned char *name, unsigned char *iv,
     hlen = k.size == 48 ? 16 : 32;
     if (enc) {
         memcpy(name, k.name, TLSCTL_KEY_NAME_LEN);
-        if (p_RAND_bytes(iv, 16) != 1
-                || p_EVP_EncryptInit_ex(cctx, cipher, NULL, k.aes, iv) != 1)
+        if (p_RAND_bytes(iv, 16) != 1 ||
+            p_EVP_EncryptInit_ex(cctx, cipher, NULL, k.aes, iv) != 1)
             rc = -1;
     } else if (p_EVP_DecryptInit_ex(cctx, cipher, NULL, k.aes, iv) != 1) {
         rc = -1;
@@ -666,7 +698,7 @@ static int tlsctl_key_cb(SSL *s, unsigned char *name, unsigned char *iv,
             params[0].data_type = OSSL_PARAM_UTF8_STRING;
             params[0].data = (void *)"SHA256";
             params[0].data_size = 6;
-            params[0].return_size = (size_t)-1;  /* OSSL_PARAM_UNMODIFIED */
+            params[0].return_size = (size_t)-1; /* OSSL_PARAM_UNMODIFIED */
             params[1].key = "key";
             params[1].data_type = OSSL_PARAM_OCTET_STRING;
             params[1].data = k.hmac;
@@ -674,13 +706,13 @@ static int tlsctl_key_cb(SSL *s, unsigned char *name, unsigned char *iv,
             params[1].return_size = (size_t)-1;
             if (p_EVP_MAC_CTX_set_params((EVP_MAC_CTX *)hctx, params) != 1)
                 rc = -1;
-        } else if (p_HMAC_Init_ex((HMAC_CTX *)hctx, k.hmac, hlen, p_EVP_sha256(),
-                                  NULL) != 1) {
+        } else if (p_HMAC_Init_ex((HMAC_CTX *)hctx, k.hmac, hlen,
+                                  p_EVP_sha256(), NULL) != 1) {
             rc = -1;
         }
     }
     if (rc == 1 && !enc && (index != 0 || p_SSL_version(s) == TLS1_3_VERSION))
-        rc = 2;  /* renew: under the first key; TLS 1.3 as built-in keys do */
+        rc = 2; /* renew: under the first key; TLS 1.3 as built-in keys do */
     p_OPENSSL_cleanse(&k, sizeof(k));
     return rc;
 }
@@ -740,9 +772,11 @@ static void tlsctl_keys_swap_locked(tlsctl_ctx_ext *ext, tlsctl_key *keys,
 static int tlsctl_keys_callbacks(SSL_CTX *ctx, int on)
 {
     long ok;
-    p_SSL_CTX_set_client_hello_cb(ctx, on ? tlsctl_client_hello_cb : NULL, NULL);
+    p_SSL_CTX_set_client_hello_cb(ctx, on ? tlsctl_client_hello_cb : NULL,
+                                  NULL);
     if (tlsctl_keys_mode() == TLSCTL_KEYS_EVP)
-        ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, on ? tlsctl_key_evp_cb : NULL);
+        ok = p_SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, on ? tlsctl_key_evp_cb
+                                                            : NULL);
     else
         ok = p_SSL_CTX_callback_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB,
                                      on ? (tlsctl_void_fn)tlsctl_key_legacy_cb
@@ -768,15 +802,15 @@ static int tlsctl_set_ticket_keys(SSL_CTX *ctx, const unsigned char *records,
     if (tlsctl_keys_mode() == TLSCTL_KEYS_NONE)
         return TLSCTL_ERR_NO_KEYS;
     n = nbytes / TLSCTL_KEY_RECORD;
-    if (records == NULL || n == 0 || n > TLSCTL_MAX_KEYS
-            || nbytes % TLSCTL_KEY_RECORD != 0)
+    if (records == NULL || n == 0 || n > TLSCTL_MAX_KEYS ||
+        nbytes % TLSCTL_KEY_RECORD != 0)
         return TLSCTL_ERR_BAD_KEYS;
     for (i = 0; i < n; i++)
-        if (records[i * TLSCTL_KEY_RECORD] != 48
-                && records[i * TLSCTL_KEY_RECORD] != 80)
+        if (records[i * TLSCTL_KEY_RECORD] != 48 &&
+            records[i * TLSCTL_KEY_RECORD] != 80)
             return TLSCTL_ERR_BAD_KEYS;
-    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL
-            || (keys = calloc(n, sizeof(*keys))) == NULL)
+    if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL ||
+        (keys = calloc(n, sizeof(*keys))) == NULL)
         return TLSCTL_ERR_OPENSSL;
     for (i = 0; i < n; i++) {
         const unsigned char *r = records + i * TLSCTL_KEY_RECORD;
@@ -806,11 +840,13 @@ static int tlsctl_hmac_sha256(const unsigned char *key, size_t keylen,
     size_t outlen = 0;
     unsigned int ulen = 0;
     if (p_EVP_Q_mac != NULL)
-        return p_EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, key, keylen, data,
-                           len, out, 32, &outlen) != NULL && outlen == 32;
+        return p_EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, key, keylen,
+                           data, len, out, 32, &outlen) != NULL &&
+               outlen == 32;
     if (p_HMAC != NULL && keylen <= INT_MAX)
-        return p_HMAC(p_EVP_sha256(), key, (int)keylen, data, len, out, &ulen)
-            != NULL && ulen == 32;
+        return p_HMAC(p_EVP_sha256(), key, (int)keylen, data, len, out,
+                      &ulen) != NULL &&
+               ulen == 32;
     return 0;
 }
 
@@ -839,7 +875,7 @@ static int tlsctl_derive_key(const unsigned char *master, size_t master_len,
     ok = tlsctl_hmac_sha256(salt, sizeof(salt) - 1, master, master_len, prk);
     for (i = 0, off = 0; ok && i < 3; i++, off += 32) {
         len = 0;
-        if (i > 0) {  /* T(i) = HMAC(PRK, T(i-1) || info || i) */
+        if (i > 0) { /* T(i) = HMAC(PRK, T(i-1) || info || i) */
             memcpy(block, okm + off - 32, 32);
             len = 32;
         }
@@ -909,11 +945,11 @@ static int tlsctl_set_rotation(SSL_CTX *ctx, const unsigned char *master,
     int ok;
     if (!tlsctl_bound)
         return TLSCTL_ERR_NOT_BOUND;
-    if (tlsctl_keys_mode() == TLSCTL_KEYS_NONE
-            || (p_EVP_Q_mac == NULL && p_HMAC == NULL))
+    if (tlsctl_keys_mode() == TLSCTL_KEYS_NONE ||
+        (p_EVP_Q_mac == NULL && p_HMAC == NULL))
         return TLSCTL_ERR_NO_KEYS;
-    if (master == NULL || master_len == 0 || master_len > TLSCTL_MASTER_MAX
-            || every == 0 || every > UINT32_MAX || keep > TLSCTL_MAX_KEEP)
+    if (master == NULL || master_len == 0 || master_len > TLSCTL_MASTER_MAX ||
+        every == 0 || every > UINT32_MAX || keep > TLSCTL_MAX_KEEP)
         return TLSCTL_ERR_BAD_KEYS;
     if ((ext = tlsctl_ext_get_or_create(ctx)) == NULL)
         return TLSCTL_ERR_OPENSSL;
@@ -925,7 +961,7 @@ static int tlsctl_set_rotation(SSL_CTX *ctx, const unsigned char *master,
     ext->keep = keep;
     ext->rotating = 1;
     tlsctl_keys_swap_locked(ext, NULL, NULL, 0);
-    tlsctl_rotate_locked(ext);  /* keys now: errors show here, not later */
+    tlsctl_rotate_locked(ext); /* keys now: errors show here, not later */
     ok = ext->nkeys > 0;
     if (!ok)
         ext->rotating = 0;

@@ -187,16 +187,16 @@
 
 #define TLSCTL_KIND_UNKNOWN 0
 #define TLSCTL_KIND_GENERIC 1
-#define TLSCTL_KIND_SERVER 2
-#define TLSCTL_KIND_CLIENT 3
+#define TLSCTL_KIND_SERVER  2
+#define TLSCTL_KIND_CLIENT  3
 
 #define TLSCTL_ERR_NOT_BOUND (-1)
 #define TLSCTL_ERR_HANDSHAKE (-2)
 #define TLSCTL_ERR_NO_NATIVE (-3)
-#define TLSCTL_ERR_OPENSSL (-4)
-#define TLSCTL_ERR_CLIENT (-5)
+#define TLSCTL_ERR_OPENSSL   (-4)
+#define TLSCTL_ERR_CLIENT    (-5)
 #define TLSCTL_ERR_NOT_TLS13 (-6)
-#define TLSCTL_ERR_CLOSED (-9)
+#define TLSCTL_ERR_CLOSED    (-9)
 
 /* At most this many tickets wait for one write (patch()'s count, plus
  * issue_tickets()): a client keeps a few (one per parallel connection it
@@ -208,22 +208,30 @@
 
 /* A connection's policy, as make_apply() takes it and the SSL's ex_data
  * records it (see 9.). */
-#define TLSCTL_POLICY_NONE 0
-#define TLSCTL_POLICY_DEFER 1
-#define TLSCTL_POLICY_SUPPRESS 2
+#define TLSCTL_POLICY_NONE      0
+#define TLSCTL_POLICY_DEFER     1
+#define TLSCTL_POLICY_SUPPRESS  2
 #define TLSCTL_POLICY_IMMEDIATE 3
 
 /* Where a connection stands on the first-write path (proxy.c, see 9.).
  * Python takes the names from these constants (tlsctl._policy.STATES). */
-#define TLSCTL_STATE_STOCK 0     /* no proxy: the stock _ssl._SSLSocket */
-#define TLSCTL_STATE_DUE 1       /* tickets go out with the next write */
-#define TLSCTL_STATE_FLUSHING 2  /* tickets queued, not yet all written */
-#define TLSCTL_STATE_GUARDED 3   /* nothing due; a ticket callback may still
-                                  * run, and its exception is re-raised */
+/* GUARDED: nothing due; a ticket callback may still run, and its
+ * exception is re-raised. */
+#define TLSCTL_STATE_STOCK    0 /* no proxy: the stock _ssl._SSLSocket */
+#define TLSCTL_STATE_DUE      1 /* tickets go out with the next write */
+#define TLSCTL_STATE_FLUSHING 2 /* tickets queued, not yet all written */
+#define TLSCTL_STATE_GUARDED  3
 
 /* tickets.c: whether OpenSSL would send tickets after this handshake. */
 static int tlsctl_ticket_expected(const SSL *s);
 
 /* Mirrors of the leading fields of CPython's _ssl objects (see 3.). */
-typedef struct { PyObject_HEAD SSL_CTX *ctx; } tlsctl_py_sslcontext;
-typedef struct { PyObject_HEAD PyObject *Socket; SSL *ssl; } tlsctl_py_sslsocket;
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} tlsctl_py_sslcontext;
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    SSL *ssl;
+} tlsctl_py_sslsocket;
