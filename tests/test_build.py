@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -20,66 +18,14 @@ if sys.implementation.name != "cpython":  # tlsctl-pymech
     )
 import tlsctl._binding
 
+from _c_helpers import build_module, header_values, load
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _build_module() -> ModuleType:
-    return _load("_tlsctl_build", ROOT / "src" / "_tlsctl_build.py")
-
-
-def _header_values(
-    names: list[str], tmp_path: Path, *, openssl3: bool = False
-) -> dict[str, int]:
-    """Compile and run a C program printing each name from the real OpenSSL
-    headers (macros, expressions and enum members alike).  With
-    ``openssl3``, names only 3.x headers have: skips on 1.1.1 headers."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to read the OpenSSL headers")
-    src = tmp_path / "consts.c"
-    body = "".join(f'    printf("{n} %ld\\n", (long)({n}));\n' for n in names)
-    if openssl3:
-        body = f"#if OPENSSL_VERSION_NUMBER >= 0x30000000L\n{body}#endif\n"
-    src.write_text(
-        "#include <stdio.h>\n#include <stddef.h>\n#include <openssl/ssl.h>\n"
-        "#include <openssl/bio.h>\n"
-        + (
-            "#if OPENSSL_VERSION_NUMBER >= 0x30000000L\n"
-            "#include <openssl/core.h>\n#endif\n"
-            if openssl3
-            else ""
-        )
-        + "int main(void) {\n"
-        + body
-        + "    return 0;\n}\n"
-    )
-    exe = tmp_path / "consts"
-    # TLSCTL_OPENSSL_INCLUDE: headers unpacked beside a system that must
-    # build tlsctl without them (ci/matrix.sh).
-    extra = os.environ.get("TLSCTL_OPENSSL_INCLUDE", "")
-    includes = [f"-I{d}" for d in extra.split(os.pathsep) if d]
-    proc = subprocess.run(
-        [cc, *includes, str(src), "-o", str(exe)], capture_output=True, text=True
-    )
-    if proc.returncode != 0 and "openssl/ssl.h" in proc.stderr:
-        pytest.skip("OpenSSL development headers are not installed")
-    assert proc.returncode == 0, proc.stderr
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
-    lines = out.stdout.splitlines()
-    return {k: int(v) for k, v in (line.rsplit(maxsplit=1) for line in lines)}
-
-
 def test_declared_constants_match_the_real_headers(tmp_path: Path) -> None:
-    build = _build_module()
-    real = _header_values(list(build.OPENSSL_CONSTANTS), tmp_path)
+    build = build_module()
+    real = header_values(list(build.OPENSSL_CONSTANTS), tmp_path)
     for name, value in build.OPENSSL_CONSTANTS.items():
         assert real[name] == value, name
         assert getattr(tlsctl._binding.lib, name) == value
@@ -90,7 +36,7 @@ def test_openssl3_constants_and_param_layout_match_the_real_headers(
 ) -> None:
     """OSSL_PARAM (declared by hand for the EVP ticket key callback) and its
     type codes, against 3.x headers."""
-    build = _build_module()
+    build = build_module()
     layout = [
         "sizeof(OSSL_PARAM)",
         "offsetof(OSSL_PARAM, data_type)",
@@ -98,7 +44,7 @@ def test_openssl3_constants_and_param_layout_match_the_real_headers(
         "offsetof(OSSL_PARAM, data_size)",
         "offsetof(OSSL_PARAM, return_size)",
     ]
-    real = _header_values([*build.OPENSSL3_CONSTANTS, *layout], tmp_path, openssl3=True)
+    real = header_values([*build.OPENSSL3_CONSTANTS, *layout], tmp_path, openssl3=True)
     if not real:
         pytest.skip("the installed OpenSSL headers are 1.1.1 (no OSSL_PARAM)")
     for name, value in build.OPENSSL3_CONSTANTS.items():
@@ -113,7 +59,7 @@ def test_openssl3_constants_and_param_layout_match_the_real_headers(
 
 
 def test_c_source_has_no_openssl_include_and_binds_every_function() -> None:
-    build = _build_module()
+    build = build_module()
     source = build.c_source()
     assert "#include <openssl" not in source
     for name, _, _, required in build.OPENSSL_FUNCTIONS:
@@ -231,7 +177,7 @@ def test_abi3_extension_is_named_plain_abi3_so(
     """A wheel tagged cp39-abi3 must load on 3.9 .. 3.14 too, which only
     import ``*.abi3.so``, even when 3.15 (``.abi3-<platform>.so`` first)
     built it."""
-    setup = _load("_tlsctl_setup", ROOT / "setup.py")
+    setup = load("_tlsctl_setup", ROOT / "setup.py")
     name = setup.extension_filename("tlsctl._binding", default, True, suffixes)
     assert name == os.path.join("tlsctl", "_binding.abi3.so")
 
@@ -258,7 +204,7 @@ def test_abi3_extension_is_named_plain_abi3_so(
 def test_other_extensions_keep_the_interpreters_suffix(
     suffixes: list[str], default: str, limited_api: bool
 ) -> None:
-    setup = _load("_tlsctl_setup", ROOT / "setup.py")
+    setup = load("_tlsctl_setup", ROOT / "setup.py")
     name = setup.extension_filename("tlsctl._binding", default, limited_api, suffixes)
     assert name == default
 
@@ -309,7 +255,7 @@ def test_c_source_compiles_without_warnings(tmp_path: Path) -> None:
     include = sysconfig.get_paths()["include"]
     if not (Path(include) / "Python.h").is_file():
         pytest.skip(f"Python headers not installed (no {include}/Python.h)")
-    build = _build_module()
+    build = build_module()
     generated = tmp_path / "_binding.c"
     build.ffibuilder.emit_c_code(str(generated))
     text = generated.read_text()

@@ -1,0 +1,356 @@
+/* first_write_cuts.c: the stash filter's partial drain, at the C level.
+ *
+ * tests/test_c_units.py writes c_source() of src/_tlsctl_build.py (every
+ * hand-written C file of tlsctl behind its #line marker) to c_source.c,
+ * builds this program against it and runs it:
+ *
+ *     first_write_cuts LIBSSL CERT_CHAIN_PEM KEY_PEM
+ *
+ * It binds tlsctl to the libssl at LIBSSL (the one the interpreter's _ssl
+ * uses) exactly as the module does, then runs real TLS 1.3 handshakes
+ * between a server SSL whose transport is one half of an OpenSSL BIO pair
+ * and a client on memory BIOs.  The BIO pair is the cut: before the
+ * server's first write, filler bytes leave exactly CUT bytes free in it,
+ * so the stash's one write of "held tickets + first record" is accepted
+ * up to CUT bytes, and OpenSSL's retry must carry the rest.  Every CUT
+ * from 0 to past the whole flight is tried, for both ways tickets reach
+ * the stash:
+ *
+ *   stash    tlsctl_stash_install() (the 1.1.1 mechanism): the handshake's
+ *            own tickets, captured at the client's Finished;
+ *   capture  tlsctl_capture() (native defer on a socket): tickets queued
+ *            by SSL_new_session_ticket() after the handshake (OpenSSL 3.x).
+ *
+ * For each: no byte lost, doubled or reordered (the client decrypts every
+ * ticket and the data: one wrong byte fails a record's MAC), every ticket
+ * counted as released, the filter removable afterwards and the records
+ * after it going straight to the transport.  One line per mode on success
+ * ("stash: N cuts, T tickets each"), a message and exit status 1 on the
+ * first failure.
+ */
+
+#include <Python.h>
+
+#include "c_source.c"
+
+/* OpenSSL functions only this program needs (tlsctl's table has the
+ * rest), bound from the same handle. */
+#define X_FUNCTIONS(X)                                                         \
+    X(SSL_CTX *, SSL_CTX_new, (const SSL_METHOD *))                            \
+    X(int, SSL_CTX_use_certificate_chain_file, (SSL_CTX *, const char *))      \
+    X(int, SSL_CTX_use_PrivateKey_file, (SSL_CTX *, const char *, int))        \
+    X(long, SSL_CTX_ctrl, (SSL_CTX *, int, long, void *))                      \
+    X(void, SSL_CTX_sess_set_new_cb,                                           \
+      (SSL_CTX *, int (*)(SSL *, SSL_SESSION *)))                              \
+    X(SSL *, SSL_new, (SSL_CTX *))                                             \
+    X(void, SSL_free, (SSL *))                                                 \
+    X(void, SSL_set_bio, (SSL *, BIO *, BIO *))                                \
+    X(void, SSL_set_accept_state, (SSL *))                                     \
+    X(void, SSL_set_connect_state, (SSL *))                                    \
+    X(int, SSL_do_handshake, (SSL *))                                          \
+    X(int, SSL_write, (SSL *, const void *, int))                              \
+    X(int, SSL_read, (SSL *, void *, int))                                     \
+    X(int, SSL_get_error, (const SSL *, int))                                  \
+    X(int, BIO_new_bio_pair, (BIO **, size_t, BIO **, size_t))                 \
+    X(const BIO_METHOD *, BIO_s_mem, (void))                                   \
+    X(int, BIO_free, (BIO *))
+
+#define X_POINTER(ret, name, params) static ret(*x_##name) params;
+X_FUNCTIONS(X_POINTER)
+#define X_ROW(ret, name, params) {#name, (void **)&x_##name},
+static const struct {
+    const char *name;
+    void **slot;
+} x_syms[] = {X_FUNCTIONS(X_ROW){NULL, NULL}};
+
+/* <openssl/ssl.h> values (tests/test_c_units.py compares them with the
+ * real headers when those are installed). */
+#define X_SSL_FILETYPE_PEM             1
+#define X_SSL_CTRL_SET_SESS_CACHE_MODE 44
+#define X_SSL_SESS_CACHE_CLIENT        1
+#define X_SSL_ERROR_WANT_WRITE         3
+#define X_BIO_CTRL_PENDING             10
+
+#define PAIR_SIZE  4096 /* each direction of the BIO pair */
+#define FILLER     0x5a
+#define MAX_ROUNDS 64
+/* OpenSSL's default count, and another for the capture mode, so that
+ * each mode's count is checked against the records actually held. */
+#define STASH_TICKETS   2
+#define CAPTURE_TICKETS 3
+
+static const char message[] = "the first response";
+static int tickets_seen;
+
+static int fail(const char *mode, int cut, const char *what)
+{
+    fprintf(stderr, "%s, cut %d: %s\n", mode, cut, what);
+    return 0;
+}
+
+static int count_ticket(SSL *ssl, SSL_SESSION *session)
+{
+    (void)ssl;
+    (void)session;
+    tickets_seen++;
+    return 0; /* not kept: OpenSSL frees the session */
+}
+
+typedef struct {
+    SSL *server, *client;
+    BIO *pair_server, *pair_peer; /* the server's transport, its far end */
+    BIO *client_in, *client_out;
+} conn;
+
+static void conn_free(conn *c)
+{
+    if (c->server != NULL)
+        x_SSL_free(c->server); /* frees the pair half and the stash */
+    if (c->client != NULL)
+        x_SSL_free(c->client); /* frees client_in and client_out */
+    if (c->pair_peer != NULL)
+        x_BIO_free(c->pair_peer);
+    memset(c, 0, sizeof(*c));
+}
+
+/* Move whatever is in flight: server -> client, client -> server.
+ * skip: bytes to read from the server's side first and check as filler.
+ * Returns the bytes moved, or -1 when the filler is not what was put. */
+static int pump(conn *c, int *skip)
+{
+    unsigned char buf[PAIR_SIZE];
+    int n, i, moved = 0;
+    while ((n = p_BIO_read(c->pair_peer, (char *)buf, sizeof(buf))) > 0) {
+        i = 0;
+        for (; i<n && * skip> 0; i++, (*skip)--)
+            if (buf[i] != FILLER)
+                return -1;
+        if (i < n)
+            p_BIO_write(c->client_in, (char *)buf + i, n - i);
+        moved += n;
+    }
+    while ((n = p_BIO_read(c->client_out, (char *)buf, sizeof(buf))) > 0) {
+        if (p_BIO_write(c->pair_peer, (char *)buf, n) != n)
+            return -1; /* the pair holds PAIR_SIZE: never short here */
+        moved += n;
+    }
+    return moved;
+}
+
+static int conn_new(conn *c, SSL_CTX *sctx, SSL_CTX *cctx)
+{
+    memset(c, 0, sizeof(*c));
+    if ((c->server = x_SSL_new(sctx)) == NULL ||
+        (c->client = x_SSL_new(cctx)) == NULL ||
+        !x_BIO_new_bio_pair(&c->pair_server, PAIR_SIZE, &c->pair_peer,
+                            PAIR_SIZE) ||
+        (c->client_in = p_BIO_new(x_BIO_s_mem())) == NULL ||
+        (c->client_out = p_BIO_new(x_BIO_s_mem())) == NULL)
+        return 0;
+    /* One reference for both roles, as SSL_set_fd() gives a socket BIO. */
+    x_SSL_set_bio(c->server, c->pair_server, c->pair_server);
+    x_SSL_set_bio(c->client, c->client_in, c->client_out);
+    x_SSL_set_accept_state(c->server);
+    x_SSL_set_connect_state(c->client);
+    return 1;
+}
+
+static int handshake(conn *c)
+{
+    int round, skip = 0, cdone = 0, sdone = 0;
+    for (round = 0; round < MAX_ROUNDS && !(cdone && sdone); round++) {
+        cdone = cdone || x_SSL_do_handshake(c->client) == 1;
+        sdone = sdone || x_SSL_do_handshake(c->server) == 1;
+        if (pump(c, &skip) < 0)
+            return 0;
+    }
+    return cdone && sdone && p_SSL_version(c->server) == TLS1_3_VERSION;
+}
+
+enum mode { MODE_STASH, MODE_CAPTURE };
+static const char *const mode_names[] = {"stash", "capture"};
+
+/* The tickets into the stash, by mode; returns how many, or -1. */
+static int hold_tickets(conn *c, enum mode mode)
+{
+    size_t held, released;
+    int i;
+    if (mode == MODE_CAPTURE) {
+        for (i = 0; i < CAPTURE_TICKETS; i++)
+            if (p_SSL_new_session_ticket(c->server) != 1)
+                return -1;
+        if (tlsctl_capture(c->server, 1) != 1 ||
+            x_SSL_do_handshake(c->server) != 1 ||
+            tlsctl_capture(c->server, 0) != 1)
+            return -1;
+    }
+    if (!tlsctl_stash_state(c->server, &held, &released) || released != 0)
+        return -1;
+    return held > 0 ? (int)held : -1;
+}
+
+/* One connection, its first write cut at `cut` bytes.  Returns the
+ * size of tickets + first record (so the caller knows when to stop), 0 on
+ * failure (reported). */
+static int run_cut(SSL_CTX *sctx, SSL_CTX *cctx, enum mode mode, int cut,
+                   int *flight)
+{
+    const char *name = mode_names[mode];
+    char filler[PAIR_SIZE], got[sizeof(message)];
+    conn c;
+    int expected = mode == MODE_CAPTURE ? CAPTURE_TICKETS : STASH_TICKETS;
+    int held, r, skip, rounds, ok = 0;
+    size_t still_held, released;
+
+    tickets_seen = 0;
+    if (!conn_new(&c, sctx, cctx))
+        return fail(name, cut, "could not set up the connection");
+    if (mode == MODE_CAPTURE)
+        p_SSL_set_num_tickets(c.server, 0);
+    else if (tlsctl_stash_install(c.server) != 1) {
+        fail(name, cut, "tlsctl_stash_install() refused");
+        goto done;
+    }
+    if (!handshake(&c)) {
+        fail(name, cut, "the TLS 1.3 handshake did not complete");
+        goto done;
+    }
+    if ((held = hold_tickets(&c, mode)) < 0) {
+        fail(name, cut, "no tickets held after the handshake");
+        goto done;
+    }
+    if (p_BIO_ctrl(c.pair_peer, X_BIO_CTRL_PENDING, 0, NULL) != 0) {
+        fail(name, cut, "a ticket went out before the data");
+        goto done;
+    }
+    /* The pair is empty now (handshake pumps to the end): leave `cut`. */
+    memset(filler, FILLER, sizeof(filler));
+    skip = PAIR_SIZE - cut;
+    if (skip > 0 && p_BIO_write(c.pair_server, filler, skip) != skip) {
+        fail(name, cut, "could not fill the pair");
+        goto done;
+    }
+    r = x_SSL_write(c.server, message, (int)sizeof(message));
+    if (r <= 0 && x_SSL_get_error(c.server, r) != X_SSL_ERROR_WANT_WRITE) {
+        fail(name, cut, "SSL_write failed instead of asking to retry");
+        goto done;
+    }
+    for (rounds = 0; r <= 0 && rounds < MAX_ROUNDS; rounds++) {
+        if (pump(&c, &skip) < 0) {
+            fail(name, cut, "the filler came back changed");
+            goto done;
+        }
+        r = x_SSL_write(c.server, message, (int)sizeof(message));
+    }
+    if (r != (int)sizeof(message)) {
+        fail(name, cut, "SSL_write did not complete on retry");
+        goto done;
+    }
+    if (pump(&c, &skip) < 0 || skip != 0) {
+        fail(name, cut, "the filler came back changed");
+        goto done;
+    }
+    r = x_SSL_read(c.client, got, (int)sizeof(got));
+    if (r != (int)sizeof(message) || memcmp(got, message, sizeof(got)) != 0) {
+        fail(name, cut, "the client did not read the data intact");
+        goto done;
+    }
+    if (tickets_seen != expected) {
+        fail(name, cut, "the client did not get every ticket, once");
+        goto done;
+    }
+    if (!tlsctl_stash_state(c.server, &still_held, &released) ||
+        still_held != 0 || released != (size_t)expected) {
+        fail(name, cut, "the stash does not count every ticket released");
+        goto done;
+    }
+    if (tlsctl_stash_remove(c.server) != 1 ||
+        p_BIO_method_type(p_SSL_get_wbio(c.server)) == tlsctl_stash_type ||
+        p_SSL_get_wbio(c.server) != c.pair_server) {
+        fail(name, cut, "the stash is still in the write chain");
+        goto done;
+    }
+    /* After the filter: straight to the transport, still in order. */
+    if (x_SSL_write(c.server, message, (int)sizeof(message)) !=
+            (int)sizeof(message) ||
+        pump(&c, &skip) <= 0 ||
+        x_SSL_read(c.client, got, (int)sizeof(got)) != (int)sizeof(got) ||
+        memcmp(got, message, sizeof(got)) != 0) {
+        fail(name, cut, "a write after the filter's removal was not read back");
+        goto done;
+    }
+    /* held tickets + the first record: the TLS 1.3 record of message is
+     * 5 header + data + 1 content type + 16 tag bytes. */
+    *flight = held + 5 + (int)sizeof(message) + 1 + 16;
+    ok = 1;
+done:
+    conn_free(&c);
+    return ok;
+}
+
+static int bind_extra(const char *libssl)
+{
+    void *handle = dlopen(libssl, RTLD_NOW | RTLD_NOLOAD);
+    int i;
+    if (handle == NULL)
+        return 0;
+    for (i = 0; x_syms[i].name != NULL; i++)
+        if ((*x_syms[i].slot = dlsym(handle, x_syms[i].name)) == NULL)
+            return 0;
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    char err[512];
+    SSL_CTX *sctx, *cctx;
+    int mode, cut, flight, cuts, status = 0;
+
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s LIBSSL CERT_CHAIN_PEM KEY_PEM\n", argv[0]);
+        return 2;
+    }
+    /* What _ssl does for the module: the library is loaded; tlsctl_bind
+     * then proves and binds it (RTLD_NOLOAD). */
+    if (dlopen(argv[1], RTLD_NOW | RTLD_GLOBAL) == NULL) {
+        fprintf(stderr, "dlopen(%s): %s\n", argv[1], dlerror());
+        return 1;
+    }
+    if (tlsctl_bind(argv[1], err, sizeof(err)) != 0) {
+        fprintf(stderr, "tlsctl_bind: %s\n", err);
+        return 1;
+    }
+    if (!bind_extra(argv[1])) {
+        fprintf(stderr, "%s lacks a function this program uses\n", argv[1]);
+        return 1;
+    }
+    sctx = x_SSL_CTX_new(p_TLS_server_method());
+    cctx = x_SSL_CTX_new(p_TLS_client_method());
+    if (sctx == NULL || cctx == NULL ||
+        x_SSL_CTX_use_certificate_chain_file(sctx, argv[2]) != 1 ||
+        x_SSL_CTX_use_PrivateKey_file(sctx, argv[3], X_SSL_FILETYPE_PEM) != 1) {
+        fprintf(stderr, "could not set up the contexts\n");
+        return 1;
+    }
+    x_SSL_CTX_ctrl(cctx, X_SSL_CTRL_SET_SESS_CACHE_MODE,
+                   X_SSL_SESS_CACHE_CLIENT, NULL);
+    x_SSL_CTX_sess_set_new_cb(cctx, count_ticket);
+
+    for (mode = MODE_STASH; status == 0 && mode <= MODE_CAPTURE; mode++) {
+        if (mode == MODE_CAPTURE &&
+            !tlsctl_has_symbol("SSL_new_session_ticket")) {
+            printf("capture: no SSL_new_session_ticket (OpenSSL 1.1.1)\n");
+            continue;
+        }
+        flight = INT_MAX;
+        for (cut = 0, cuts = 0; status == 0 && cut <= flight; cut++, cuts++)
+            if (!run_cut(sctx, cctx, (enum mode)mode, cut, &flight))
+                status = 1;
+        if (status == 0)
+            printf("%s: %d cuts, %d tickets each\n", mode_names[mode], cuts,
+                   mode == MODE_CAPTURE ? CAPTURE_TICKETS : STASH_TICKETS);
+    }
+    p_SSL_CTX_free(sctx);
+    p_SSL_CTX_free(cctx);
+    return status;
+}

@@ -1,0 +1,145 @@
+"""C-level tests: programs in tests/c/ built against tlsctl's own C.
+
+Each program includes ``c_source()`` of src/_tlsctl_build.py (every
+hand-written C file behind its ``#line`` marker, so a failure or a
+sanitizer report names the real file and line), binds to the libssl this
+interpreter's ``_ssl`` loaded, and drives OpenSSL directly: the cases a
+Python test cannot reach exactly, such as a transport that takes the
+stash's write up to any given byte.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from _c_helpers import build_module, header_values
+from tlsctl import scenarios
+
+if sys.implementation.name != "cpython":  # tlsctl-pymech
+    pytest.skip("the C programs embed CPython's libpython", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+C_DIR = ROOT / "tests" / "c"
+CUTS = C_DIR / "first_write_cuts.c"
+# The sanitizers catch what a wrong drain would do quietly (a read past the
+# held buffer, a use after the filter is freed); the plain build is the
+# optimised code the wheel ships.
+BUILDS = {
+    "plain": ["-O2"],
+    "sanitized": ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"],
+}
+
+
+def _libssl() -> str:
+    """The libssl this process's _ssl loaded (what tlsctl binds to)."""
+    import ssl  # noqa: F401  # loads _ssl and its libssl
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps to find _ssl's libssl (Linux)")
+    paths = {
+        line.split()[-1]
+        for line in maps.read_text().splitlines()
+        if re.search(r"/libssl\.so[.\d]*$", line)
+    }
+    assert len(paths) == 1, f"expected one libssl in this process: {paths}"
+    return paths.pop()
+
+
+def _libpython() -> list[str]:
+    """Linker arguments for this interpreter's shared libpython."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    version = sysconfig.get_config_var("LDVERSION")
+    if not (Path(libdir) / f"libpython{version}.so").exists():
+        pytest.skip(f"no shared libpython{version} in {libdir} to link with")
+    return [f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}"]
+
+
+def build(program: Path, tmp_path: Path, flags: list[str]) -> Path:
+    """program, compiled with tlsctl's C beside it, warnings as errors."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not found")
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").is_file():
+        pytest.skip(f"Python headers not installed (no {include}/Python.h)")
+    (tmp_path / "c_source.c").write_text(build_module().c_source())
+    exe = tmp_path / program.stem
+    command = [
+        gcc,
+        *flags,
+        "-g",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        # The program calls a few of tlsctl's static functions; the module
+        # (cffi's glue) calls them all.
+        "-Wno-unused-function",
+        f"-I{include}",
+        f"-I{tmp_path}",
+        str(program),
+        "-o",
+        str(exe),
+        *_libpython(),
+        "-ldl",
+        "-lpthread",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0 and "-fsanitize" in " ".join(flags):
+        if re.search(r"cannot find .*(asan|ubsan)", proc.stderr):
+            pytest.skip("the sanitizer runtimes are not installed")
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+@pytest.mark.parametrize("flags", list(BUILDS.values()), ids=list(BUILDS))
+def test_first_write_survives_every_cut(
+    flags: list[str], tmp_path: Path, certs: scenarios.Certs
+) -> None:
+    """The stash's one write of "held tickets + first record", taken by
+    the transport up to every byte from 0 to the whole: each ticket and the
+    data reach a real client once, in order (tests/c/first_write_cuts.c)."""
+    exe = build(CUTS, tmp_path, flags)
+    chain = tmp_path / "server.pem"
+    key = tmp_path / "server.key"
+    certs.server.private_key_pem.write_to_path(str(key))
+    chain.write_bytes(b"".join(blob.bytes() for blob in certs.server.cert_chain_pems))
+    proc = subprocess.run(
+        [str(exe), _libssl(), str(chain), str(key)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.fullmatch(r"stash: (\d+) cuts, 2 tickets each", lines[0]), lines
+    # Two tickets of ~250 bytes and the record: several hundred cuts.
+    assert int(lines[0].split()[1]) > 300, lines
+    if ssl_is_111():
+        assert lines[1] == "capture: no SSL_new_session_ticket (OpenSSL 1.1.1)"
+    else:
+        assert re.fullmatch(r"capture: (\d+) cuts, 3 tickets each", lines[1]), lines
+        assert int(lines[1].split()[1]) > 400, lines
+
+
+def ssl_is_111() -> bool:
+    import ssl
+
+    return ssl.OPENSSL_VERSION_INFO < (3,)
+
+
+def test_the_programs_constants_match_the_real_headers(tmp_path: Path) -> None:
+    """The few <openssl/ssl.h> values first_write_cuts.c declares itself."""
+    declared = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"#define X_(\w+)\s+(\d+)", CUTS.read_text())
+    }
+    assert len(declared) == 5
+    assert header_values(list(declared), tmp_path) == declared
