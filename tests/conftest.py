@@ -128,6 +128,19 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 # --- end tlsctl-pymech -------------------------------------------------------
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once the tests are selected, a module's ``start_early(item)`` may
+    start a slow child for an item that will run, so that it overlaps the
+    rest of the suite (test_stdlib_suites: CPython's test_ssl, which mostly
+    waits)."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        start = getattr(getattr(item, "module", None), "start_early", None)
+        if start is not None:
+            start(item)
+
+
 @pytest.fixture(scope="session")
 def certs() -> scenarios.Certs:
     return scenarios.make_certs(client_sans=400)

@@ -11,9 +11,10 @@ connections, besides the suite's own result.
 
 The axis is chosen with ``TLSCTL_STDLIB_SUITES``:
 
-* unset: CPython's and trio's suites under ``defer`` (about 45 s on 3.11,
-  35 s on 3.13, 5 s on 3.9); a suite that is not installed skips, saying
-  what to install;
+* unset: CPython's and trio's suites under ``defer`` (about 25 s and 2 s on
+  3.11; CPython's starts as soon as the tests are selected and runs beside
+  the rest, see ``start_early``); a suite that is not installed skips,
+  saying what to install;
 * ``defer``: the same, but a missing suite fails (for CI);
 * ``all``: also ``suppress``, ``immediate`` and, on OpenSSL 3.x, ``defer``
   with the ticket stash forced (``TLSCTL_MECHANISM=stash``), for both
@@ -31,14 +32,18 @@ exactly those, so a new failure is still caught.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -180,31 +185,55 @@ class Child:
         )
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> Child:
-    import time
+@dataclass
+class Started:
+    """A child started, its output going to a file (a pipe nobody reads
+    while other tests run would fill and stop it)."""
 
-    start = time.monotonic()
-    with subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    ) as proc:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            raise AssertionError(
-                f"{' '.join(cmd)} did not finish in {timeout:.0f} s; output "
-                f"ends:\n{_tail(out, 60)}"
-            ) from None
-    return Child(proc.returncode, out, proc.pid, time.monotonic() - start)
+    cmd: list[str]
+    proc: subprocess.Popen[bytes]
+    log: Path
+    start: float
+
+
+def _start(cmd: list[str], env: dict[str, str], cwd: Path) -> Started:
+    log = cwd / "child-output.txt"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Started(cmd, proc, log, time.monotonic())
+
+
+def _finish(started: Started, timeout: float) -> Child:
+    """Wait for the child, at most timeout seconds from its start."""
+    proc = started.proc
+    left = max(1.0, timeout - (time.monotonic() - started.start))
+    try:
+        proc.wait(timeout=left)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(
+            f"{' '.join(started.cmd)} did not finish in {timeout:.0f} s; output "
+            f"ends:\n{_tail(_output(started), 60)}"
+        ) from None
+    seconds = time.monotonic() - started.start
+    return Child(proc.returncode, _output(started), proc.pid, seconds)
+
+
+def _output(started: Started) -> str:
+    return started.log.read_text(errors="replace")
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> Child:
+    return _finish(_start(cmd, env, cwd), timeout)
 
 
 def _tail(text: str, lines: int) -> str:
@@ -284,17 +313,61 @@ def _test_name(method: str, where: str) -> str:
     return f"{parts[-1]}.{method}"
 
 
-def _regrtest(
-    env: dict[str, str], cwd: Path, tests: Iterable[str] = ()
-) -> tuple[Child, UnittestResult]:
+def _regrtest_command(tests: Iterable[str] = ()) -> list[str]:
     # -u all,-network: every resource but the Internet, which is not
     # reachable here; on 3.11+ that enables test_echo ('walltime').
     cmd = [sys.executable, "-m", "test", "-v", "-u", "all,-network"]
     cmd += ["--timeout", "600", "--fail-env-changed", "test_ssl"]
     for name in sorted({t.split(".")[-1] for t in tests}):
         cmd += ["-m", name]
-    child = _run(cmd, env, cwd, timeout=900)
+    return cmd
+
+
+REGRTEST_TIMEOUT = 900
+
+
+def _regrtest(
+    env: dict[str, str], cwd: Path, tests: Iterable[str] = ()
+) -> tuple[Child, UnittestResult]:
+    child = _run(_regrtest_command(tests), env, cwd, REGRTEST_TIMEOUT)
     return child, UnittestResult.parse(child.output)
+
+
+# CPython's test_ssl takes ~25 s here of which ~1 s is CPU: it mostly waits
+# on its own timeouts.  conftest.py calls start_early() once the tests are
+# selected, so the selected runs start then and overlap the rest of the
+# suite; the test only collects the result.
+_EARLY: dict[str, Started] = {}
+
+
+def start_early(item: pytest.Item) -> None:
+    """Start this item's test_ssl child now, if it is one that will run."""
+    if getattr(item, "originalname", None) != "test_cpython_test_ssl":
+        return
+    policy = item.callspec.params["policy"]  # type: ignore[attr-defined]
+    if any(item.iter_markers("skip")) or any(
+        m.args and m.args[0] for m in item.iter_markers("skipif")
+    ):
+        return
+    if not tlsctl.info().bound or _mode() == "off":
+        return
+    if importlib.util.find_spec("test") is None or (
+        importlib.util.find_spec("test.test_ssl") is None
+    ):
+        return  # the test skips or fails itself, saying why
+    cwd = Path(tempfile.mkdtemp(prefix=f"tlsctl-test_ssl-{policy}-"))
+    _EARLY[policy] = _start(_regrtest_command(), _child_env(policy), cwd)
+
+
+@atexit.register
+def _stop_early() -> None:
+    """A session that ends before a started run was collected (-x, ^C)."""
+    for started in _EARLY.values():
+        if started.proc.poll() is None:
+            os.killpg(started.proc.pid, signal.SIGKILL)
+            started.proc.wait()
+        shutil.rmtree(started.log.parent, ignore_errors=True)
+    _EARLY.clear()
 
 
 def _report(failures: dict[str, str], names: Iterable[str], limit: int = 40) -> str:
@@ -314,7 +387,15 @@ def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
     the expected failures (none so far), besides tests that fail without
     tlsctl too."""
     _require("CPython's test_ssl", "test.test_ssl", _testsuite_package())
-    child, result = _regrtest(_child_env(policy), tmp_path)
+    started = _EARLY.pop(policy, None)
+    if started is None:
+        child, result = _regrtest(_child_env(policy), tmp_path)
+    else:
+        try:
+            child = _finish(started, REGRTEST_TIMEOUT)
+        finally:
+            shutil.rmtree(started.log.parent, ignore_errors=True)
+        result = UnittestResult.parse(child.output)
     summary = _check_patching(child, policy)
     head = (
         f"test_ssl, {policy}, {ssl.OPENSSL_VERSION}, "
