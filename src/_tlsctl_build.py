@@ -377,7 +377,15 @@ def _c_symbol_table() -> str:
 # translation unit after the generated parts, each behind a #line marker so
 # compiler diagnostics, gdb, gcov and the sanitizers name the real file.
 C_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_tlsctl_c")
-C_FILES = ("tlsctl.h", "bind.c", "stash.c", "tickets.c", "proxy.c")
+C_FILES = (
+    "tlsctl.h",
+    "bind.c",
+    "stash.c",
+    "tickets.c",
+    "keys.c",
+    "proxy.c",
+    "apply.c",
+)
 
 
 def _c_files() -> str:
@@ -388,7 +396,7 @@ def _c_files() -> str:
             text = f.read()
         shown = os.path.relpath(path).replace(os.sep, "/").replace('"', "")
         out.append(f'#line 1 "{shown}"\n{text}')
-    # cffi's own glue follows: say so, rather than leave it on proxy.c
+    # cffi's own glue follows: say so, rather than leave it on apply.c
     out.append('#line 1 "cffi-generated glue of tlsctl._binding"\n')
     return "".join(out)
 

@@ -119,7 +119,7 @@
  *      the keys through SSL_get_SSL_CTX(s): a connection moved to another
  *      context by an SNI callback uses that context's keys.
  *
- * 9. The per-connection path (proxy.c): one path for every server
+ * 9. The per-connection path (proxy.c, apply.c): one path for every server
  *    connection of a configured context (every policy, the stash, ticket
  *    callbacks) and for issue_tickets().  A Python version cost ~40 us per
  *    connection in a handshake loop (cold caches), 4% of a handshake.
@@ -167,10 +167,11 @@
  *    record, which SSL_write's retry would reject with BAD_LENGTH) and the
  *    data record takes them along.
  *
- * Layout: this header, then bind.c, stash.c, tickets.c and proxy.c, spliced
- * in that order (after the generated pointer table) into ONE translation
- * unit by src/_tlsctl_build.py, with #line markers, so static functions of
- * an earlier file are visible to the later ones.
+ * Layout: this header, then bind.c (1.-6.), stash.c (7., 10.), tickets.c
+ * and keys.c (8.), proxy.c and apply.c (9.), spliced in that order (after
+ * the generated pointer table) into ONE translation unit by
+ * src/_tlsctl_build.py, with #line markers, so static functions of an
+ * earlier file are visible to the later ones.
  */
 
 #include <dlfcn.h>

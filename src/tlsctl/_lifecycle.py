@@ -13,7 +13,7 @@ compromise decrypts every session of the process's lifetime.
 refuses a presented session (a full handshake; measured on 1.1.1 and 3.x,
 TLS 1.2 and 1.3).
 
-``rotate_ticket_keys`` makes the ticket key callback (C, ``tickets.c``) derive
+``rotate_ticket_keys`` makes the ticket key callback (C, ``keys.c``) derive
 its keys from a master and the time window ``floor(now / every)``:
 HKDF-SHA256 (RFC 5869; salt ``"tlsctl ticket keys"``, info
 ``"tlsctl rotation v1" || every || window``, both 8-byte big-endian) gives an
