@@ -107,8 +107,8 @@ def lint(session: nox.Session) -> None:
             env={"MYPYPATH": str(ROOT / "bench")},
         )
     session.run("shellcheck", "ci/matrix.sh", ".ci/run")
-    # The C: src/_tlsctl_c/.clang-format is the style of every C file (the
-    # same major version as Debian 12's clang-format, which agrees with it).
+    # The C: .clang-format is the style of every C file (the same major
+    # version as Debian 12's clang-format, which agrees with it).
     session.install("clang-format==14.0.6")
     c_files = sorted(
         str(p.relative_to(ROOT))
@@ -119,7 +119,7 @@ def lint(session: nox.Session) -> None:
         "clang-format",
         "--dry-run",
         "--Werror",
-        "--style=file:src/_tlsctl_c/.clang-format",
+        "--style=file",
         *c_files,
     )
 

@@ -133,8 +133,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     start a slow child for an item that will run, so that it overlaps the
     rest of the suite (test_stdlib_suites: CPython's test_ssl, which mostly
     waits)."""
-    if session.config.option.collectonly:
-        return
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
+        return  # nothing will run, or a pytest-xdist worker (the tests spread)
     for item in session.items:
         start = getattr(getattr(item, "module", None), "start_early", None)
         if start is not None:

@@ -33,6 +33,7 @@ exactly those, so a new failure is still caught.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import json
 import os
@@ -197,7 +198,10 @@ class Started:
 
 
 def _start(cmd: list[str], env: dict[str, str], cwd: Path) -> Started:
+    """cmd in cwd, which also takes its temporary files (TMPDIR): removing
+    cwd removes what a killed child leaves."""
     log = cwd / "child-output.txt"
+    env = dict(env, TMPDIR=str(cwd))
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -218,8 +222,7 @@ def _finish(started: Started, timeout: float) -> Child:
     try:
         proc.wait(timeout=left)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _stop(started)
         raise AssertionError(
             f"{' '.join(started.cmd)} did not finish in {timeout:.0f} s; output "
             f"ends:\n{_tail(_output(started), 60)}"
@@ -338,6 +341,21 @@ def _regrtest(
 # selected, so the selected runs start then and overlap the rest of the
 # suite; the test only collects the result.
 _EARLY: dict[str, Started] = {}
+_PID = os.getpid()  # a forked child exiting must not stop the parent's runs
+
+
+def _will_skip(item: pytest.Item) -> bool:
+    """Conservatively: True unless no skip mark can apply (string
+    conditions count as skipping: the test then runs its child itself)."""
+    if any(item.iter_markers("skip")):
+        return True
+    for mark in item.iter_markers("skipif"):
+        conditions = list(mark.args)
+        if "condition" in mark.kwargs:
+            conditions.append(mark.kwargs["condition"])
+        if any(isinstance(c, str) or c for c in conditions):
+            return True
+    return any(not m.kwargs.get("run", True) for m in item.iter_markers("xfail"))
 
 
 def start_early(item: pytest.Item) -> None:
@@ -345,27 +363,39 @@ def start_early(item: pytest.Item) -> None:
     if getattr(item, "originalname", None) != "test_cpython_test_ssl":
         return
     policy = item.callspec.params["policy"]  # type: ignore[attr-defined]
-    if any(item.iter_markers("skip")) or any(
-        m.args and m.args[0] for m in item.iter_markers("skipif")
-    ):
+    if policy in _EARLY or _will_skip(item):
         return
     if not tlsctl.info().bound or _mode() == "off":
         return
-    if importlib.util.find_spec("test") is None or (
-        importlib.util.find_spec("test.test_ssl") is None
-    ):
+    try:
+        found = importlib.util.find_spec("test.test_ssl") is not None
+    except ImportError:  # "test" is some other module, or a broken package
+        found = False
+    if not found:
         return  # the test skips or fails itself, saying why
     cwd = Path(tempfile.mkdtemp(prefix=f"tlsctl-test_ssl-{policy}-"))
     _EARLY[policy] = _start(_regrtest_command(), _child_env(policy), cwd)
 
 
+def _stop(started: Started) -> None:
+    """End a child's whole session: SIGTERM (regrtest cleans up), then
+    SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        if started.proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started.proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            started.proc.wait(timeout=grace)
+
+
 @atexit.register
 def _stop_early() -> None:
     """A session that ends before a started run was collected (-x, ^C)."""
+    if os.getpid() != _PID:
+        return
     for started in _EARLY.values():
-        if started.proc.poll() is None:
-            os.killpg(started.proc.pid, signal.SIGKILL)
-            started.proc.wait()
+        _stop(started)
         shutil.rmtree(started.log.parent, ignore_errors=True)
     _EARLY.clear()
 
