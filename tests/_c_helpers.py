@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 from types import ModuleType
 
@@ -68,3 +69,14 @@ def header_values(
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
     return {k: int(v) for k, v in (line.rsplit(maxsplit=1) for line in lines)}
+
+
+def gcc_and_python_include() -> tuple[str, str]:
+    """gcc and the folder of this interpreter's Python.h, or skip."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not found (the warning flags are gcc's)")
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").is_file():
+        pytest.skip(f"Python headers not installed (no {include}/Python.h)")
+    return gcc, include

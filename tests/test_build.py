@@ -18,7 +18,7 @@ if sys.implementation.name != "cpython":  # tlsctl-pymech
     )
 import tlsctl._binding
 
-from _c_helpers import build_module, header_values, load
+from _c_helpers import build_module, gcc_and_python_include, header_values, load
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,12 +249,7 @@ def test_c_source_compiles_without_warnings(tmp_path: Path) -> None:
     build, compiles with -Wall -Wextra -Werror; the hand-written part
     (c_source(), included from its own file so messages name its lines)
     also with OWN_C_WARNINGS."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc not found (the warning flags are gcc's)")
-    include = sysconfig.get_paths()["include"]
-    if not (Path(include) / "Python.h").is_file():
-        pytest.skip(f"Python headers not installed (no {include}/Python.h)")
+    gcc, include = gcc_and_python_include()
     build = build_module()
     generated = tmp_path / "_binding.c"
     build.ffibuilder.emit_c_code(str(generated))

@@ -11,7 +11,6 @@ stash's write up to any given byte.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import tlsctl
-from _c_helpers import build_module, header_values
+from _c_helpers import build_module, gcc_and_python_include, header_values
 from tlsctl import scenarios
 
 if sys.implementation.name != "cpython":  # tlsctl-pymech
@@ -65,12 +64,7 @@ def _libpython() -> list[str]:
 
 def build(program: Path, tmp_path: Path, flags: list[str]) -> Path:
     """program, compiled with tlsctl's C beside it, warnings as errors."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc not found")
-    include = sysconfig.get_paths()["include"]
-    if not (Path(include) / "Python.h").is_file():
-        pytest.skip(f"Python headers not installed (no {include}/Python.h)")
+    gcc, include = gcc_and_python_include()
     (tmp_path / "c_source.c").write_text(build_module().c_source())
     exe = tmp_path / program.stem
     command = [
