@@ -171,17 +171,16 @@ class ConnectionRules(MachineDrivers):
     @precondition(lambda self: any(c.phase == "open" for c in self.conns))
     @rule(index=st.integers(0, MAX_CONNS - 1), size=st.integers(1, 64))
     def server_write(self, index: int, size: int) -> None:
-        live = [c for c in self.conns if c.phase == "open" and not c.sent_shutdown]
-        if live:
-            self._server_write(live[index % len(live)], size)
+        conn = self._pick_writable(index)
+        if conn is not None:
+            self._server_write(conn, size)
 
     @precondition(lambda self: any(c.phase == "open" for c in self.conns))
     @rule(index=st.integers(0, MAX_CONNS - 1), size=st.integers(1, 64))
     def exchange(self, index: int, size: int) -> None:
         """The server writes (tickets due go first), the client reads it all."""
-        live = [c for c in self.conns if c.phase == "open" and not c.sent_shutdown]
-        if live:
-            conn = live[index % len(live)]
+        conn = self._pick_writable(index)
+        if conn is not None:
             self._server_write(conn, size)
             if conn.phase == "open":
                 self._client_read(conn)
@@ -196,9 +195,9 @@ class ConnectionRules(MachineDrivers):
     @precondition(lambda self: any(c.phase == "open" for c in self.conns))
     @rule(index=st.integers(0, MAX_CONNS - 1), size=st.integers(1, 64))
     def client_write_server_read(self, index: int, size: int) -> None:
-        live = [c for c in self.conns if c.phase == "open" and not c.sent_shutdown]
-        if live:
-            self._client_write_server_read(live[index % len(live)], size)
+        conn = self._pick_writable(index)
+        if conn is not None:
+            self._client_write_server_read(conn, size)
 
     @precondition(lambda self: bool(self.conns))
     @rule(
@@ -229,10 +228,9 @@ class ConnectionRules(MachineDrivers):
     @precondition(lambda self: any(c.phase == "open" for c in self.conns))
     @rule(index=st.integers(0, MAX_CONNS - 1))
     def unwrap(self, index: int) -> None:
-        live = [c for c in self.conns if c.phase == "open" and not c.sent_shutdown]
-        if not live:
+        conn = self._pick_writable(index)
+        if conn is None:
             return
-        conn = live[index % len(live)]
         self.touched.add(conn.ident)
         server, client = conn.server, conn.client
         assert server is not None and client is not None

@@ -82,6 +82,11 @@ class MachineDrivers:
     def _pick(self, index: int) -> Conn:
         return self.conns[index % len(self.conns)]
 
+    def _pick_writable(self, index: int) -> Conn | None:
+        """An open connection the server has not shut down, if any."""
+        live = [c for c in self.conns if c.phase == "open" and not c.sent_shutdown]
+        return live[index % len(live)] if live else None
+
     def _client_tickets(self, conn: Conn) -> list[bytes]:
         counter = self.counters[conn.version]
         return list(counter.by_conn.get(conn.client, []))

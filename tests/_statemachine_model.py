@@ -224,20 +224,16 @@ class Conn:
         return self.version is V13
 
     @property
+    def defer_policy(self) -> bool:
+        return self.policy is not None and self.policy.tickets == "defer"
+
+    @property
     def stash(self) -> bool:
-        return (
-            self.policy is not None
-            and self.policy.tickets == "defer"
-            and MECHANISM == "stash"
-        )
+        return self.defer_policy and MECHANISM == "stash"
 
     @property
     def native_defer(self) -> bool:
-        return (
-            self.policy is not None
-            and self.policy.tickets == "defer"
-            and MECHANISM == "native"
-        )
+        return self.defer_policy and MECHANISM == "native"
 
     def tickets_due(self) -> int:
         """Tickets the server's next application write sends first."""
