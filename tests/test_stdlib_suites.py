@@ -101,16 +101,19 @@ def _mode() -> str:
     return value
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent is some other module, or a broken package
+        return False
+
+
 def _require(suite: str, module: str, install: str) -> None:
     """Skip (or fail, when the axis was asked for) if ``module`` is absent."""
     mode = _mode()
     if mode == "off":
         pytest.skip(f"{SUITES_ENV}=off")
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ImportError:
-        found = False
-    if found:
+    if _importable(module):
         return
     reason = f"{suite}: {module} cannot be imported ({install})"
     if mode:
@@ -367,11 +370,7 @@ def start_early(item: pytest.Item) -> None:
         return
     if not tlsctl.info().bound or _mode() == "off":
         return
-    try:
-        found = importlib.util.find_spec("test.test_ssl") is not None
-    except ImportError:  # "test" is some other module, or a broken package
-        found = False
-    if not found:
+    if not _importable("test.test_ssl"):
         return  # the test skips or fails itself, saying why
     cwd = Path(tempfile.mkdtemp(prefix=f"tlsctl-test_ssl-{policy}-"))
     _EARLY[policy] = _start(_regrtest_command(), _child_env(policy), cwd)
