@@ -574,7 +574,7 @@ static int tlsctl_set_callbacks(SSL_CTX *ctx, uintptr_t holder_ref,
 }
 
 /* Attach a connection's Python record (a new strong reference) to ssl.
- * The GIL is held (called from proxy.c's apply).  1, or 0 on failure. */
+ * The GIL is held (called from apply.c's apply).  1, or 0 on failure. */
 static int tlsctl_conn_register(SSL *ssl, PyObject *record)
 {
     PyObject *old;

@@ -19,7 +19,7 @@ handshake, the tickets go out with the server's first application write.
   (``_wrap``): the function the ``wrap_socket`` / ``wrap_bio`` hooks apply
   to each new server connection before its handshake.  Every plan of a
   bound tlsctl is the same C function (``make_apply`` in ``tlsctl._binding``,
-  ``src/_tlsctl_c/proxy.c``), configured per context: the policy, the
+  ``src/_tlsctl_c/apply.c``), configured per context: the policy, the
   count, the stash, whether the context has ticket callbacks.  A connection
   costs tlsctl no Python frame (a Python version cost ~40 us per connection
   in a handshake loop, where caches are cold).  The policy and the count of
