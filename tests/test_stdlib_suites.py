@@ -19,7 +19,8 @@ The axis is chosen with ``TLSCTL_STDLIB_SUITES``:
 * ``all``: also ``suppress``, ``immediate`` and, on OpenSSL 3.x, ``defer``
   with the ticket stash forced (``TLSCTL_MECHANISM=stash``), for both
   suites; a missing suite fails;
-* ``off``: the suites skip (the helper's own quick tests still run).
+* ``off``: the suites skip (the helper's own quick tests, in
+  ``test_stdlib_patch.py``, still run).
 
 A test that fails in a patched run is run again without tlsctl (regrtest's
 ``-m``); one that fails there too is this system's own (reported as a
@@ -35,7 +36,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -54,12 +54,11 @@ from typing import Any
 import pytest
 
 import tlsctl
+from _patch_all import TAG, child_env, unpatched_env
 
 HERE = Path(__file__).resolve().parent
-PATCH_DIR = HERE / "stdlib_patch"
 SUITES_ENV = "TLSCTL_STDLIB_SUITES"
 MODES = ("defer", "all", "off")
-TAG = "tlsctl-patch-all:"
 
 # Failures that a policy causes by design, as "Class.test_method", per
 # suite.  Each must be a difference the README documents.  Measured: none,
@@ -147,28 +146,6 @@ def _testsuite_package() -> str:
 
 
 # ---- the child --------------------------------------------------------------
-
-
-def _child_env(policy: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("TLSCTL_MECHANISM", None)
-    if policy == "defer-stash":
-        policy = "defer"
-        env["TLSCTL_MECHANISM"] = "stash"
-    path = [str(PATCH_DIR)]
-    if env.get("PYTHONPATH"):
-        path.append(env["PYTHONPATH"])
-    env.update(PYTHONPATH=os.pathsep.join(path), TLSCTL_PATCH_ALL=policy)
-    env.pop("TLSCTL_PATCH_ALL_REPORT", None)
-    env.update(extra or {})
-    return env
-
-
-def _unpatched_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("TLSCTL_PATCH_ALL", "TLSCTL_PATCH_ALL_REPORT", "TLSCTL_MECHANISM"):
-        env.pop(name, None)
-    return env
 
 
 @dataclass
@@ -373,7 +350,7 @@ def start_early(item: pytest.Item) -> None:
     if not _importable("test.test_ssl"):
         return  # the test skips or fails itself, saying why
     cwd = Path(tempfile.mkdtemp(prefix=f"tlsctl-test_ssl-{policy}-"))
-    _EARLY[policy] = _start(_regrtest_command(), _child_env(policy), cwd)
+    _EARLY[policy] = _start(_regrtest_command(), child_env(policy), cwd)
 
 
 def _stop(started: Started) -> None:
@@ -418,7 +395,7 @@ def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
     _require("CPython's test_ssl", "test.test_ssl", _testsuite_package())
     started = _EARLY.pop(policy, None)
     if started is None:
-        child, result = _regrtest(_child_env(policy), tmp_path)
+        child, result = _regrtest(child_env(policy), tmp_path)
     else:
         try:
             child = _finish(started, REGRTEST_TIMEOUT)
@@ -441,7 +418,7 @@ def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
     own: set[str] = set()
     if failed - expected:
         # Failing without tlsctl too: this system's own failure, not tlsctl's.
-        _, stock = _regrtest(_unpatched_env(), tmp_path, failed - expected)
+        _, stock = _regrtest(unpatched_env(), tmp_path, failed - expected)
         own = (failed - expected) & set(stock.failures)
         assert len(own) <= MAX_OWN_FAILURES, (
             f"{head}\n{len(own)} tests of test_ssl fail without tlsctl too: this "
@@ -490,7 +467,7 @@ def test_trio_test_ssl(policy: str, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
     cmd += ["-p", "trio._tests.pytest_plugin", "--run-slow", "-rfE"]
     cmd += ["--pyargs", "trio._tests.test_ssl", "--rootdir", str(tmp_path)]
-    child = _run(cmd, _child_env(policy), tmp_path, timeout=600)
+    child = _run(cmd, child_env(policy), tmp_path, timeout=600)
     summary = _check_patching(child, policy)
     lines = child.output.splitlines()
     totals = [m.group(1) for m in map(_PYTEST_TOTALS.match, lines) if m]
@@ -570,109 +547,3 @@ def test_unittest_output_parsing() -> None:
     assert "two" in new.failures["ThreadedTests.test_c"]
     ok = UnittestResult.parse("Ran 3 tests in 0.1s\n\nOK (skipped=1)\n")
     assert (ok.ran, ok.status, ok.counts, ok.failures) == (3, "OK", {"skipped": 1}, {})
-
-
-_PROBE = r"""
-import json, ssl, sys, warnings
-import tlsctl
-
-server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-default_server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-# Not create_default_context(): before 3.10 it makes a PROTOCOL_TLS
-# context, which can serve, and so is patched.
-client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS)
-    fixed = ssl.SSLContext(ssl.PROTOCOL_TLSv1_2)
-
-class Sub(ssl.SSLContext):
-    pass
-
-sub = Sub(ssl.PROTOCOL_TLS_SERVER)
-conn = server.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
-client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="x")
-print(json.dumps({
-    "policies": [getattr(c.__dict__.get("_tlsctl_policy"), "tickets", None)
-                 for c in (server, default_server, legacy, sub, client, fixed)],
-    "conn": tlsctl.connection_state(conn).policy,
-    "sitecustomize": sys.modules["sitecustomize"].__file__,
-    "ours": getattr(sys.modules.get("tlsctl_patch_all"), "__file__", None),
-}))
-"""
-
-
-def _probe(env: dict[str, str], code: str = _PROBE) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-@pytest.mark.parametrize("policy", ["defer", "suppress", "immediate"])
-def test_helper_patches_every_server_context(policy: str, tmp_path: Path) -> None:
-    report = tmp_path / "report.jsonl"
-    env = _child_env(policy, {"TLSCTL_PATCH_ALL_REPORT": str(report)})
-    proc = _probe(env)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    server_side = [policy] * 4
-    assert data["policies"] == [*server_side, None, None]
-    assert data["conn"] == policy
-    assert data["ours"] == str(PATCH_DIR / "sitecustomize.py")
-    line = [x for x in proc.stderr.splitlines() if x.startswith(TAG)]
-    assert len(line) == 1, proc.stderr
-    assert line[0].split(" ", 2)[2] == (
-        f"policy={policy} patched=4 server_connections=1 stock=2 client=1 "
-        "fixed-version=1 unexpected=0"
-    )
-    (record,) = (json.loads(x) for x in report.read_text().splitlines())
-    assert record["patched"] == 4 and record["errors"] == []
-
-
-def test_helper_imports_the_next_sitecustomize(tmp_path: Path) -> None:
-    """A sitecustomize further along sys.path (Debian ships one) still runs."""
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "sitecustomize.py").write_text("import os\nos.environ['NEXT'] = '1'\n")
-    env = _child_env("defer")
-    env["PYTHONPATH"] = os.pathsep.join([str(PATCH_DIR), str(other)])
-    code = _PROBE + "import os; assert os.environ['NEXT'] == '1'\n"
-    proc = _probe(env, code)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    assert data["sitecustomize"] == str(other / "sitecustomize.py")
-    assert data["ours"] == str(PATCH_DIR / "sitecustomize.py")
-    assert data["conn"] == "defer"
-
-
-def test_helper_refuses_an_unknown_policy() -> None:
-    proc = _probe(_child_env("sometimes"), "print('ran')")
-    assert proc.returncode == 2
-    assert "ran" not in proc.stdout
-    assert f"{TAG} cannot patch: TLSCTL_PATCH_ALL='sometimes'" in proc.stderr
-
-
-def test_helper_is_inert_without_a_policy() -> None:
-    env = _child_env("defer")
-    env["TLSCTL_PATCH_ALL"] = ""
-    proc = _probe(env)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["policies"] == [None] * 6
-    assert TAG not in proc.stderr
-
-
-def test_helper_reports_once_from_the_owning_process() -> None:
-    """A fork() child that exits normally does not print the parent's line."""
-    code = (
-        "import os, ssl\nssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
-        "pid = os.fork()\nif pid == 0:\n    raise SystemExit(0)\n"
-        "os.waitpid(pid, 0)\n"
-    )
-    proc = _probe(_child_env("defer"), code)
-    assert proc.returncode == 0, proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.startswith(TAG)]
-    assert len(lines) == 1 and " patched=1 " in lines[0], proc.stderr
