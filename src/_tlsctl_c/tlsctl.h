@@ -121,8 +121,8 @@
  *
  * 9. The per-connection path (proxy.c, apply.c): one path for every server
  *    connection of a configured context (every policy, the stash, ticket
- *    callbacks) and for issue_tickets().  A Python version cost ~40 us per
- *    connection in a handshake loop (cold caches), 4% of a handshake.
+ *    callbacks) and for issue_tickets().  A Python version cost several per
+ *    cent of a handshake (docs/performance.md, "Behind the design").
  *    - tlsctl_fast_init(), once at binding, creates the FirstWriteProxy
  *      type (PyType_FromSpec, stable ABI) and the builtins arm, make_apply
  *      and report, and hands them to Python in a dict (passed by id(), as

@@ -329,8 +329,8 @@ def _self_test() -> str | None:
 
 
 # Symbols and version at import; the layout self-test (which makes the
-# process's first SSL_CTX, ~1.3 ms of OpenSSL's own start-up that a server
-# pays anyway when it makes its context) on the first info() call, which
+# process's first SSL_CTX: OpenSSL's own start-up, which a server pays
+# anyway when it makes its context) on the first info() call, which
 # every call taking a pointer from a Python object makes first.
 _INFO = _bind()
 _TESTED = not _INFO.bound

@@ -17,14 +17,15 @@ handshake, the tickets go out with the server's first application write.
 
 * At ``patch()`` time the context records its policy and gets a *plan*
   (``_wrap``): the function the ``wrap_socket`` / ``wrap_bio`` hooks apply
-  to each new server connection before its handshake.  Every plan of a
-  bound tlsctl is the same C function (``make_apply`` in ``tlsctl._binding``,
-  ``src/_tlsctl_c/apply.c``), configured per context: the policy, the
-  count, the stash, whether the context has ticket callbacks.  A connection
-  costs tlsctl no Python frame (a Python version cost ~40 us per connection
-  in a handshake loop, where caches are cold).  The policy and the count of
-  tickets issued live in the SSL's ex_data under tlsctl's own index, as a
-  tagged integer: no Python object per idle connection.
+  to each new server connection before its handshake.  Every plan of a bound
+  tlsctl is the same C function (``make_apply`` in ``tlsctl._binding``,
+  ``src/_tlsctl_c/apply.c``), configured per context: the policy, the count,
+  the stash, whether the context has ticket callbacks.  A connection costs
+  tlsctl no Python frame (a Python version cost several per cent of a
+  handshake; figures in docs/performance.md, "Behind the design").  The
+  policy and the count of tickets issued live in the SSL's ex_data under
+  tlsctl's own index, as a tagged integer: no Python object per idle
+  connection.
 
 * Every write path of ``SSLSocket`` and ``SSLObject`` ends in
   ``self._sslobj.write(data)``: ``send`` / ``sendall`` / ``sendfile`` /
@@ -34,11 +35,11 @@ handshake, the tickets go out with the server's first application write.
   real object back.  That is a plain store to an attribute the connection
   already has: its class, its attribute layout and CPython's specialised
   attribute lookups stay exactly as stock, so every later write costs what
-  it costs without tlsctl (measured with callgrind: the same instructions
-  per 1 KiB write either way).  Shadowing methods in the instance
-  ``__dict__`` or swapping ``__class__`` instead cost 3-4% per write for
-  the life of the connection (measured).  Other attributes are forwarded to
-  the real object while the proxy stands.
+  it costs without tlsctl (callgrind counts the same instructions per write
+  either way).  Shadowing methods in the instance ``__dict__`` or swapping
+  ``__class__`` instead cost every write for the life of the connection
+  (docs/performance.md, "Behind the design").  Other attributes are
+  forwarded to the real object while the proxy stands.
 
 * The proxy's state is one of ``STATES`` (``TLSCTL_STATE_*`` in
   ``tlsctl.h``): ``due`` (tickets go with the next write), ``flushing``

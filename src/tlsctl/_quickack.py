@@ -11,8 +11,8 @@ Finished is acknowledged.  A stock OpenSSL server writes its
 NewSessionTickets right after reading the Finished, and that segment carries
 the ACK.  A server patched with ``tickets="defer"`` or ``"suppress"`` writes
 nothing after the handshake, so the ACK waits for the delayed-ACK timer
-(~40 ms on Linux) and so does the client's first request (measured: 0.2 ms
-stock, 42 ms patched).
+(~40 ms on Linux) and so does the client's first request (figures in
+docs/performance.md, "On the wire").
 
 The fix.  ``setsockopt(IPPROTO_TCP, TCP_QUICKACK, 1)`` on the server's socket
 right after the server's handshake completes makes Linux send the pending
@@ -22,8 +22,7 @@ permanent (tcp(7)): it acts on the ACK pending now, which is exactly the
 Finished's, and the kernel goes back to delayed ACKs by itself.  So the
 moment matters: after the server's handshake, before the event loop goes
 back to waiting.  Set on the accepted socket before the handshake it does
-nothing for this ACK (measured with a blocking patched server: 43 ms when
-set before the handshake, 0.11 ms after).
+nothing for this ACK (measured: docs/performance.md, "Behind the design").
 
 Sockets (``ctx.wrap_socket``) are handled in C by tlsctl's info callback.
 Memory-BIO servers never hand tlsctl their socket, and an ``ssl.SSLObject``
@@ -56,17 +55,18 @@ its transport:
   So this module reports uvloop as unavailable; the application's
   ``connection_made`` (called synchronously right after the handshake,
   line 551) can do it in one line, see ``quickack()`` (measured with
-  uvloop: 42.9 ms without, 0.11-0.14 ms with).
+  uvloop: docs/performance.md, "On the wire").
 
 Only connections that need it are touched: server side, TLS 1.3, and
 ``tlsctl.connection_state()`` reporting the policy ``defer`` or ``suppress``
-(the policy fixed when the connection was created, so a connection whose
-SNI callback switched contexts is judged by the context it was created
-from).  Client-side connections, TLS 1.2 (tlsctl leaves it stock), stock
-contexts and ``immediate`` return before any system call; the check costs
-about 1.5 us per handshake.  Only TCP sockets get the option, and an error
-from ``setsockopt`` is ignored (the connection then behaves as without this
-module).  Without ``socket.TCP_QUICKACK`` (not Linux) nothing is installed.
+(the policy fixed when the connection was created, so a connection whose SNI
+callback switched contexts is judged by the context it was created from).
+Client-side connections, TLS 1.2 (tlsctl leaves it stock), stock contexts
+and ``immediate`` return before any system call (the check is a few
+attribute reads and one ``connection_state()`` per handshake).  Only TCP
+sockets get the option, and an error from ``setsockopt`` is ignored (the
+connection then behaves as without this module).  Without
+``socket.TCP_QUICKACK`` (not Linux) nothing is installed.
 
 Lazy installation.  ``install()`` wraps the hooks of frameworks already
 imported (``sys.modules``); it never imports a framework itself.  For a

@@ -2,7 +2,7 @@
 and tlsctl's private settings.
 
 Not dataclasses: importing ``dataclasses`` pulls in ``inspect``, ``ast``,
-``dis`` and ``tokenize``, about 6 ms of every server's start-up, for four
+``dis`` and ``tokenize``, milliseconds of every server's start-up, for four
 classes of a few fields (``import tlsctl`` is held to within 5 ms of
 ``import ssl``; see docs/performance.md).
 

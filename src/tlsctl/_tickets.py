@@ -91,7 +91,7 @@ _KEY_SIZES = (48, 80)
 
 
 def _fingerprint(name: bytes) -> str:
-    import hashlib  # here: ~1 ms that an import of tlsctl need not pay
+    import hashlib  # here, not at import: see docs/performance.md, Import
 
     return hashlib.sha256(b"tlsctl ticket key name\0" + name).hexdigest()[:16]
 
