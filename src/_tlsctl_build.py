@@ -26,10 +26,8 @@ from cffi import FFI
 # installed.  Keys are the OpenSSL macro names.
 # --------------------------------------------------------------------------
 OPENSSL_CONSTANTS: dict[str, int] = {
-    "TLS1_2_VERSION": 0x0303,
     "TLS1_3_VERSION": 0x0304,
     "CRYPTO_EX_INDEX_SSL": 0,
-    "OPENSSL_VERSION": 0,
     "SSL_TICKET_FATAL_ERR_MALLOC": 0,
     "SSL_TICKET_FATAL_ERR_OTHER": 1,
     "SSL_TICKET_NONE": 2,
@@ -52,7 +50,6 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "SSL_CB_HANDSHAKE_DONE": 0x20,
     "CRYPTO_EX_INDEX_SSL_CTX": 1,
     "SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB": 72,
-    "EVP_MAX_IV_LENGTH": 16,
     "SSL_SENT_SHUTDOWN": 1,
     "SSL_CLIENT_HELLO_SUCCESS": 1,
 }
@@ -68,7 +65,6 @@ OPENSSL3_CONSTANTS: dict[str, int] = {
 # reason; an optional one becomes a capability flag (``tlsctl_has_<name>``).
 OPENSSL_FUNCTIONS: list[tuple[str, str, str, bool]] = [
     ("OpenSSL_version_num", "unsigned long", "void", True),
-    ("OpenSSL_version", "const char *", "int", True),
     ("TLS_method", "const SSL_METHOD *", "void", True),
     ("TLS_server_method", "const SSL_METHOD *", "void", True),
     ("TLS_client_method", "const SSL_METHOD *", "void", True),

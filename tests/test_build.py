@@ -31,6 +31,25 @@ def test_declared_constants_match_the_real_headers(tmp_path: Path) -> None:
         assert getattr(tlsctl._binding.lib, name) == value
 
 
+def test_public_enums_are_the_checked_constants() -> None:
+    """TicketStatus and TicketDecision are SSL_TICKET_* and
+    SSL_TICKET_RETURN_* (checked against the headers above), member for
+    member, and every such constant has its member."""
+    lib = tlsctl._binding.lib
+
+    def declared(prefix: str, but: str = "-") -> dict[str, int]:
+        return {
+            name[len(prefix) :]: getattr(lib, name)
+            for name in dir(lib)
+            if name.startswith(prefix) and not name.startswith(but)
+        }
+
+    status = declared("SSL_TICKET_", but="SSL_TICKET_RETURN_")
+    assert {m.name: m.value for m in tlsctl.TicketStatus} == status
+    decision = declared("SSL_TICKET_RETURN_")
+    assert {m.name: m.value for m in tlsctl.TicketDecision} == decision
+
+
 def test_openssl3_constants_and_param_layout_match_the_real_headers(
     tmp_path: Path,
 ) -> None:
