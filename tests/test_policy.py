@@ -479,6 +479,12 @@ def test_the_first_write_path_reports_its_named_states(
     from tlsctl import _bind, _policy
 
     assert _policy.STATES == {0: "stock", 1: "due", 2: "flushing", 3: "guarded"}
+    assert _policy._POLICY_NAMES == {
+        0: None,
+        1: "defer",
+        2: "suppress",
+        3: "immediate",
+    }
 
     def state(conn: Any) -> str:
         report = _bind.fast["report"](conn._sslobj)

@@ -215,23 +215,31 @@ def _sslobj_of(conn: Connection) -> Any:
 # armed) and the python mechanism's; both keep the real object in _real.
 _C_PROXY: type | None = _bind.fast.get("FirstWriteProxy")
 _PROXIES = (_C_PROXY, _pyhold.PROXY) if _C_PROXY is not None else (_pyhold.PROXY,)
-# Policy names by the C module's TLSCTL_POLICY_* codes.
-_POLICY_NAMES = (None, "defer", "suppress", "immediate")
 
 
-def _state_names() -> dict[int, str]:
+def _c_names(prefix: str) -> dict[int, str]:
+    """The C module's ``<prefix>*`` constants: {code: lower-case name}."""
+    if _C_PROXY is None:
+        return {}
     lib = _bind.lib
     return {
-        getattr(lib, name): name[len("TLSCTL_STATE_") :].lower()
+        getattr(lib, name): name[len(prefix) :].lower()
         for name in dir(lib)
-        if name.startswith("TLSCTL_STATE_")
+        if name.startswith(prefix)
     }
 
 
 #: The first-write path's states by their C codes (``TLSCTL_STATE_*`` in
 #: ``src/_tlsctl_c/tlsctl.h``): ``stock``, ``due``, ``flushing``, ``guarded``;
 #: see docs/design.md.
-STATES: dict[int, str] = _state_names() if _C_PROXY is not None else {}
+STATES: dict[int, str] = _c_names("TLSCTL_STATE_")
+# Policy names by their C codes (TLSCTL_POLICY_*; NONE, a connection tracked
+# for its callbacks only, is None as in ConnectionState), and back.
+_POLICY_NAMES: dict[int, str | None] = {
+    code: None if name == "none" else name
+    for code, name in _c_names("TLSCTL_POLICY_").items()
+}
+_POLICY_CODES = {name: code for code, name in _POLICY_NAMES.items()}
 
 
 def _real_sslobj(conn: Connection) -> Any:
@@ -259,7 +267,7 @@ def _make_apply(
     """The C plan (``renew_on_resume`` is the context's: its decrypt
     callback decides whether a resumed handshake owes a ticket)."""
     return _bind.fast["make_apply"](
-        _POLICY_NAMES.index(policy),
+        _POLICY_CODES[policy],
         -1 if count is None else count,
         stash,
         _CallbackRecord if callbacks else None,
