@@ -1,5 +1,6 @@
 """First-response latency of a client without TCP_NODELAY against memory-BIO
-TLS servers (asyncio ``start_server`` / ``create_server``, uvloop, trio).
+TLS servers (asyncio ``start_server`` / ``create_server``, on asyncio's loop
+and on uvloop; trio; aiohttp and websockets on uvloop).
 
 A TLS 1.3 client without ``TCP_NODELAY`` (plain ``socket`` + ``ssl``, Java's
 default) writes its first request right after its Finished; Nagle holds the
@@ -48,20 +49,30 @@ def nagle_client(
     *,
     nodelay: bool = False,
     timeout: float = 5.0,
+    request: bytes = REQUEST,
+    response: bytes | None = RESPONSE,
 ) -> list[float]:
     """``connections`` sequential connections, each: TCP connect, set
     ``TCP_NODELAY`` explicitly (0 by default: Nagle on), full TLS handshake,
-    then time ``sendall(REQUEST)`` to the first response byte.  Seconds."""
+    then time ``sendall(request)`` to the first response byte.  Seconds.
+    The response must be the line ``response``, or with ``None`` anything
+    the server sends before it closes (an HTTP request with ``Connection:
+    close``)."""
     latencies: list[float] = []
     for _ in range(connections):
         with socket.create_connection((LOCALHOST, port), timeout=timeout) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
             with client_ctx.wrap_socket(raw, server_hostname="localhost") as conn:
                 start = time.perf_counter()
-                conn.sendall(REQUEST)
+                conn.sendall(request)
                 first = conn.recv(1)
                 latencies.append(time.perf_counter() - start)
-                if first + scenarios.recv_line(conn) != RESPONSE:
+                if not first:
+                    raise ConnectionError("closed without a response")
+                if response is None:
+                    while conn.recv(65536):
+                        pass
+                elif first + scenarios.recv_line(conn) != response:
                     raise ConnectionError("unexpected response")
     return latencies
 
@@ -80,7 +91,7 @@ async def _asyncio_serve(
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
             if remedy:
-                _quickack.quickack(writer)
+                tlsctl.quickack(writer)
             try:
                 await reader.readline()
                 writer.write(RESPONSE)
@@ -96,7 +107,7 @@ async def _asyncio_serve(
         class Pong(asyncio.Protocol):
             def connection_made(self, transport: Any) -> None:
                 if remedy:
-                    _quickack.quickack(transport)
+                    tlsctl.quickack(transport)
                 self.transport = transport
                 self.buffer = b""
 
@@ -123,7 +134,7 @@ def run_asyncio(
     """Serve ``REQUEST`` -> ``RESPONSE`` with ``asyncio.start_server`` or
     ``loop.create_server`` (``api``) on the stock or a uvloop event loop
     while ``client(port)`` runs in a thread; return its result.  ``remedy``:
-    the application sets TCP_QUICKACK itself (``_quickack.quickack``) in
+    the application sets TCP_QUICKACK itself (``tlsctl.quickack``) in
     its handler / ``connection_made``."""
     if uvloop:
         import uvloop as uv
@@ -135,6 +146,66 @@ def run_asyncio(
         return loop.run_until_complete(_asyncio_serve(ctx, client, api, remedy))
     finally:
         loop.close()
+
+
+# ------------------------------------------ aiohttp and websockets on uvloop
+
+GET = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+def _on_uvloop(serve: Callable[[], Any]) -> Any:
+    import uvloop as uv
+
+    loop = uv.new_event_loop()
+    try:
+        return loop.run_until_complete(serve())
+    finally:
+        loop.close()
+
+
+def run_aiohttp(ctx: ssl.SSLContext, client: Client) -> Any:
+    """An aiohttp ``web.Application`` answering ``GET /`` on uvloop (a
+    client of this server sends ``GET``, see ``HTTP_SERVERS``)."""
+    from aiohttp import web
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def serve() -> Any:
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, LOCALHOST, 0, ssl_context=ctx)
+            await site.start()
+            port = runner.addresses[0][1]
+            loop = asyncio.get_running_loop()
+            call = loop.run_in_executor(None, client, port)
+            return await asyncio.wait_for(call, TIMEOUT)
+        finally:
+            await runner.cleanup()
+
+    return _on_uvloop(serve)
+
+
+def run_websockets(ctx: ssl.SSLContext, client: Client) -> Any:
+    """A websockets (asyncio implementation) server on uvloop; a plain
+    ``GET`` gets its HTTP error response, the first response timed."""
+    from websockets.asyncio.server import ServerConnection
+    from websockets.asyncio.server import serve as ws_serve
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    async def serve() -> Any:
+        async with ws_serve(handler, LOCALHOST, 0, ssl=ctx) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            loop = asyncio.get_running_loop()
+            call = loop.run_in_executor(None, client, port)
+            return await asyncio.wait_for(call, TIMEOUT)
+
+    return _on_uvloop(serve)
 
 
 # --------------------------------------------------------------------- trio
@@ -187,7 +258,11 @@ SERVERS: dict[str, Callable[..., Any]] = {
         ctx, client, api="create_server", uvloop=True, remedy=remedy
     ),
     "trio": lambda ctx, client, remedy: run_trio(ctx, client),
+    "uvloop aiohttp": lambda ctx, client, remedy: run_aiohttp(ctx, client),
+    "uvloop websockets": lambda ctx, client, remedy: run_websockets(ctx, client),
 }
+HTTP_SERVERS = ("uvloop aiohttp", "uvloop websockets")  # their clients send GET
+NO_REMEDY = ("trio", *HTTP_SERVERS)  # hooked by tlsctl: no remedy variant
 VARIANTS = ("stock", "patched", "patched+install", "patched+remedy")
 
 
@@ -202,6 +277,15 @@ def measure(server: str, variant: str, nodelay: bool, connections: int) -> list[
     client_ctx = scenarios.client_context(certs)
 
     def client(port: int) -> list[float]:
+        if server in HTTP_SERVERS:
+            return nagle_client(
+                port,
+                client_ctx,
+                connections,
+                nodelay=nodelay,
+                request=GET,
+                response=None,
+            )
         return nagle_client(port, client_ctx, connections, nodelay=nodelay)
 
     result: list[float] = SERVERS[server](ctx, client, variant == "patched+remedy")
@@ -241,7 +325,7 @@ def main() -> int:
     print(f"{'server':22} {'variant':16} {'Nagle client':>24} {'NODELAY client':>24}")
     for server in SERVERS:
         for variant in VARIANTS:
-            if variant == "patched+remedy" and server == "trio":
+            if variant == "patched+remedy" and server in NO_REMEDY:
                 continue
             cells = []
             for nodelay in (False, True):

@@ -26,12 +26,15 @@ import pytest
 import tlsctl
 from conftest import bio_pair, needs_defer, require_binding_for
 from quickack_latency import (
+    GET,
     LOCALHOST,
     REQUEST,
     RESPONSE,
     nagle_client,
+    run_aiohttp,
     run_asyncio,
     run_trio,
+    run_websockets,
 )
 from tlsctl import _quickack, scenarios
 
@@ -88,16 +91,52 @@ def test_trio_first_response_without_stall(certs: scenarios.Certs) -> None:
 
 
 @linux_only
-@pytest.mark.parametrize("api", ["start_server", "create_server"])
-def test_uvloop_remedy_in_the_application(certs: scenarios.Certs, api: str) -> None:
-    """uvloop cannot be hooked (Cython SSLProtocol); the documented remedy,
-    the application setting TCP_QUICKACK in connection_made (or first thing
-    in its start_server handler), removes the stall."""
+def test_uvloop_start_server_without_stall(certs: scenarios.Certs) -> None:
+    """On uvloop (Cython, no handshake hook) asyncio.start_server's
+    StreamReaderProtocol is reached through its connection_made."""
     pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
     ctx = _patched(certs)
-    assert _quickack.status()["uvloop"].startswith("unavailable: ")
-    latencies = run_asyncio(ctx, _client(certs), api=api, uvloop=True, remedy=True)
-    _assert_no_stall(latencies)
+    _assert_no_stall(run_asyncio(ctx, _client(certs), api="start_server", uvloop=True))
+    assert _quickack.status()["uvloop: start_server"] == "active"
+    assert _quickack.status()["uvloop"].startswith("partial: ")
+
+
+@linux_only
+@pytest.mark.parametrize("framework", ["aiohttp", "websockets"])
+def test_uvloop_servers_without_stall(certs: scenarios.Certs, framework: str) -> None:
+    """aiohttp's RequestHandler and websockets' asyncio Connection on uvloop
+    are reached through their connection_made (a plain GET, timed to the
+    first response byte)."""
+    pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
+    pytest.importorskip(framework, reason=f"{framework} is not installed")
+    ctx = _patched(certs)
+    client_ctx = scenarios.client_context(certs)
+
+    def client(port: int) -> list[float]:
+        return nagle_client(port, client_ctx, CONNECTIONS, request=GET, response=None)
+
+    run = run_aiohttp if framework == "aiohttp" else run_websockets
+    _assert_no_stall(run(ctx, client))
+    assert _quickack.status()[f"uvloop: {framework}"] == "active"
+
+
+@linux_only
+@pytest.mark.parametrize("remedy", [True, False])
+def test_uvloop_own_protocol_needs_the_remedy(
+    certs: scenarios.Certs, remedy: bool
+) -> None:
+    """A protocol of the application's own on uvloop is out of tlsctl's
+    reach: it stalls (the control, ~40 ms) until its connection_made calls
+    the documented remedy, tlsctl.quickack(transport)."""
+    pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
+    ctx = _patched(certs)
+    latencies = run_asyncio(
+        ctx, _client(certs), api="create_server", uvloop=True, remedy=remedy
+    )
+    if remedy:
+        _assert_no_stall(latencies)
+    else:
+        assert statistics.median(latencies) > THRESHOLD, latencies
 
 
 # ------------------------------------------------- who gets the option
@@ -289,6 +328,39 @@ def test_unexpected_private_hooks_are_left_alone() -> None:
     assert (SSLProtocol._on_handshake_complete, SSLStream._do_handshake) == original
 
 
+def test_connection_made_hooks_wrap_once_and_check_signatures() -> None:
+    calls: list[Any] = []
+
+    class Proto:
+        def connection_made(self, transport: Any) -> None:
+            calls.append(transport)
+
+    class Odd:
+        def connection_made(self, transport: Any, extra: Any) -> None: ...
+
+    class Broken:  # a uvloop transport whose get_extra_info fails
+        __module__ = "uvloop.loop"
+
+        def get_extra_info(self, name: str) -> Any:
+            raise RuntimeError(name)
+
+    fake = types.ModuleType("fake")
+    fake.Proto = Proto  # type: ignore[attr-defined]
+    fake.Odd = Odd  # type: ignore[attr-defined]
+    assert _quickack._connection_made_hook("Gone")(fake).startswith("unavailable: ")
+    assert "unexpected signature" in _quickack._connection_made_hook("Odd")(fake)
+    original = Proto.connection_made
+    assert _quickack._connection_made_hook("Proto")(fake) == "active"
+    hooked = Proto.connection_made
+    assert cast(Any, hooked).__wrapped__ is original
+    assert _quickack._connection_made_hook("Proto")(fake) == "active"
+    assert Proto.connection_made is hooked  # not twice
+    broken = Broken()
+    Proto().connection_made("asyncio's")  # not uvloop's: the original only
+    Proto().connection_made(broken)  # the nudge fails, the protocol does not
+    assert calls == ["asyncio's", broken]
+
+
 _CHILD = """
 import sys
 import tlsctl
@@ -310,6 +382,12 @@ assert trio.SSLStream._do_handshake.__wrapped__
 loader = trio._ssl.__spec__.loader
 assert type(loader).__module__.startswith("_frozen_importlib"), loader
 assert trio._ssl.__loader__ is loader
+left = set(q._finder._watched.values())  # the other servers' protocols
+assert left == {f for f in q._HOOKS if f.startswith("uvloop: ")} - {
+    "uvloop: start_server"
+}, left
+for framework in left:
+    q._finder.done(framework)
 assert q._finder not in sys.meta_path  # removed once nothing is watched
 """
 
@@ -326,11 +404,12 @@ def test_frameworks_imported_after_install_are_hooked_on_import() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == str(dict.fromkeys(("asyncio", "trio", "uvloop"), "not imported"))
+    hooks = [*_quickack._HOOKS, "uvloop"]
+    assert lines[0] == str(dict.fromkeys(hooks, "not imported"))
     assert eval(lines[1])["asyncio"] == "not installed"
     assert eval(lines[2]) == {
+        **dict.fromkeys(hooks, "not imported"),
         "asyncio": "active",
-        "trio": "not imported",
-        "uvloop": "not imported",
+        "uvloop: start_server": "active",  # asyncio imports asyncio.streams
     }
     assert eval(lines[3])["trio"] == "active"

@@ -31,6 +31,7 @@ import contextlib
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ import pytest
 import _server_helpers as common
 from _server_helpers import Figures, _installed, _one_way_posts, _reconnects, _settle
 from conftest import needs_c_defer
+from quickack_latency import nagle_client
 from tlsctl import TicketKey, scenarios
 
 # The real servers run the product as deployed (sockets, the launcher, key
@@ -182,9 +184,10 @@ def _cli(name: str) -> list[str]:
 def _server_argv(kind: str, port: int, files: Files) -> list[str]:
     bind = f"127.0.0.1:{port}"
     cert, key = str(files.cert), str(files.key)
-    if kind == "uvicorn":
+    if kind.startswith("uvicorn"):  # uvicorn (--http auto), uvicorn-h11
         return [
             *_cli("uvicorn"),
+            *(["--http", "h11"] if kind == "uvicorn-h11" else []),
             "asgi_app:app",
             "--app-dir",
             str(files.folder),
@@ -201,9 +204,10 @@ def _server_argv(kind: str, port: int, files: Files) -> list[str]:
             "--log-level",
             "warning",
         ]
-    if kind == "hypercorn":
+    if kind.startswith("hypercorn"):  # hypercorn, hypercorn-uvloop
         return [
             *_cli("hypercorn"),
+            *(["--worker-class", "uvloop"] if kind == "hypercorn-uvloop" else []),
             "--workers",
             str(WORKERS),
             "--bind",
@@ -374,3 +378,30 @@ def test_cli_server_under_the_launcher(
     print(f"\n{kind} x{WORKERS} stock:   {stock}\n{kind} x{WORKERS} patched: {patched}")
     assert patched.complete == common.UPLOADS, patched
     assert patched.resumed >= common.RECONNECTS - 1, patched
+
+
+_GET = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.skipif(
+    not hasattr(socket, "TCP_QUICKACK"), reason="no TCP_QUICKACK (Linux only)"
+)
+@pytest.mark.parametrize("kind", ["uvicorn", "uvicorn-h11", "hypercorn-uvloop"])
+def test_cli_server_on_uvloop_answers_without_stall(
+    kind: str, files: Files, tmp_path: Path, certs: scenarios.Certs
+) -> None:
+    """uvicorn (``--loop auto`` picks uvloop, which the test extra installs;
+    ``--http auto`` picks httptools, also installed, or h11) and ``hypercorn
+    --worker-class uvloop`` under the launcher: a client without TCP_NODELAY
+    gets its first response without the ~40 ms delayed-ACK stall (tlsctl
+    hooks their protocols' connection_made; uvloop itself has no hook)."""
+    _installed("uvloop")
+    _installed(kind.split("-")[0])
+    if kind == "uvicorn":
+        _installed("httptools")
+    with _cli_server(kind, files, tmp_path, launcher=True) as (port, _):
+        latencies = nagle_client(
+            port, scenarios.client_context(certs), 5, request=_GET, response=None
+        )
+    ms = [f"{v * 1e3:.2f}" for v in latencies]
+    assert statistics.median(latencies) < 0.020, f"latencies (ms): {ms}"

@@ -55,6 +55,7 @@ from tlsctl._policy import (
     patch,
 )
 from tlsctl._pyhold import SocketsNotDeferredWarning
+from tlsctl._quickack import quickack
 from tlsctl._tickets import (
     ResumeStatus,
     TicketDecision,
@@ -92,6 +93,7 @@ __all__ = [
     "inject_into_ssl",
     "issue_tickets",
     "patch",
+    "quickack",
     "rotate_ticket_keys",
     "set_ticket_callbacks",
     "set_ticket_keys",

@@ -48,14 +48,18 @@ its transport:
   path consists of ``cdef`` methods that cannot be wrapped (uvloop 0.23.0
   sslproto.pxd: ``cdef inline _do_handshake(self)``, ``cdef inline
   _on_handshake_complete(self, handshake_exc)``; sslproto.pyx lines 507-556),
-  and it keeps its transport in a C field (``object _transport``).  The
-  calls it makes into Python there (``sslobj.do_handshake()``,
-  ``getpeercert()``, ``cipher()``, the application's ``connection_made``)
-  give tlsctl the connection or the transport, never both.
-  So this module reports uvloop as unavailable; the application's
-  ``connection_made`` (called synchronously right after the handshake,
-  line 551) can do it in one line, see ``quickack()`` (measured with
-  uvloop: docs/performance.md, "On the wire").
+  and it keeps its transport in a C field (``object _transport``).  Its one
+  call into Python with both the connection and the socket at hand is the
+  application protocol's ``connection_made(app_transport)``, made
+  synchronously right after the handshake (line 551; the transport answers
+  ``get_extra_info("ssl_object")`` and ``("socket")``).  So tlsctl wraps
+  ``connection_made`` of the server protocols it knows: asyncio's
+  ``StreamReaderProtocol`` (``asyncio.start_server``, hypercorn's uvloop
+  worker), uvicorn's ``H11Protocol`` and ``HttpToolsProtocol``, aiohttp's
+  ``RequestHandler`` and websockets' asyncio ``Connection``; the wrapper
+  acts only on uvloop's transports (the stdlib loop's hook came first).
+  Another protocol on uvloop calls ``tlsctl.quickack(transport)`` first in
+  its ``connection_made``.
 
 Only connections that need it are touched: server side, TLS 1.3, and
 ``tlsctl.connection_state()`` reporting the policy ``defer`` or ``suppress``
@@ -103,10 +107,9 @@ NOT_IMPORTED = "not imported"
 NOT_INSTALLED = "not installed"
 
 _UVLOOP_REASON = (
-    "unavailable: uvloop's SSLProtocol is a Cython cdef class with no "
-    "Python-visible hook after the handshake (uvloop/sslproto.pyx); remedy, in "
-    "the protocol's connection_made: transport.get_extra_info('socket')"
-    ".setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)"
+    "partial: uvloop's SSLProtocol is Cython; the server protocols marked "
+    "'uvloop: ...' are hooked, any other calls tlsctl.quickack(transport) "
+    "first in its connection_made"
 )
 
 _lock = _thread.allocate_lock()
@@ -122,9 +125,9 @@ def quickack(obj: Any) -> bool:
     uvloop's ``PseudoSocket``, a ``trio.socket`` socket), an asyncio or
     uvloop transport or ``StreamWriter`` (anything with
     ``get_extra_info("socket")``), or a ``trio.SocketStream`` (``.socket``).
-    The remedy where tlsctl cannot hook in (uvloop): call it first thing in
-    the application's ``connection_made(transport)``, or in an
-    ``asyncio.start_server`` handler with the ``StreamWriter``.
+    The remedy where tlsctl cannot hook in (a protocol of your own on
+    uvloop): call it first thing in its ``connection_made(transport)``.
+    Public as ``tlsctl.quickack``.
 
     Returns whether the option was set: ``False`` without
     ``socket.TCP_QUICKACK`` (not Linux), for a non-TCP socket (``AF_UNIX``),
@@ -262,6 +265,52 @@ def _hook_trio(module: ModuleType) -> str:
     return ACTIVE
 
 
+# ------------------------------------------------------------------- uvloop
+
+
+def _uvloop_connection_made(transport: Any) -> None:
+    """In a hooked protocol's ``connection_made``: on uvloop's TLS transport
+    (``uvloop.loop._SSLProtocolTransport``) of a quiet server connection,
+    the socket gets the option.  The stdlib loop's transports are left to
+    the ``asyncio`` hook, which already ran."""
+    if type(transport).__module__ != "uvloop.loop":
+        return
+    if _needs_quickack(transport.get_extra_info("ssl_object")):
+        quickack(transport)
+
+
+def _connection_made_hook(class_name: str) -> Callable[[ModuleType], str]:
+    """The hook wrapping ``connection_made(self, transport)`` of the module's
+    ``class_name`` (subclasses that call ``super()`` are covered too)."""
+
+    def hook(module: ModuleType) -> str:
+        import functools
+
+        where = f"{module.__name__}.{class_name}.connection_made"
+        cls = getattr(module, class_name, None)
+        original = getattr(cls, "connection_made", None)
+        if cls is None or original is None:
+            return f"unavailable: {where} not found"
+        if getattr(original, _MARK, False):
+            return ACTIVE
+        if not _has_parameters(original, ("self", "transport")):
+            return f"unavailable: {where} has an unexpected signature"
+
+        @functools.wraps(original)
+        def connection_made(self: Any, transport: Any) -> Any:
+            try:
+                _uvloop_connection_made(transport)
+            except Exception:  # never let the nudge break a connection
+                pass
+            return original(self, transport)
+
+        setattr(connection_made, _MARK, True)
+        cls.connection_made = connection_made
+        return ACTIVE
+
+    return hook
+
+
 def _has_parameters(func: Any, names: Sequence[str]) -> bool:
     import inspect
 
@@ -278,6 +327,26 @@ def _has_parameters(func: Any, names: Sequence[str]) -> bool:
 _HOOKS: dict[str, tuple[str, Callable[[ModuleType], str]]] = {
     "asyncio": ("asyncio.sslproto", _hook_asyncio),
     "trio": ("trio._ssl", _hook_trio),
+    "uvloop: start_server": (
+        "asyncio.streams",
+        _connection_made_hook("StreamReaderProtocol"),
+    ),
+    "uvloop: uvicorn h11": (
+        "uvicorn.protocols.http.h11_impl",
+        _connection_made_hook("H11Protocol"),
+    ),
+    "uvloop: uvicorn httptools": (
+        "uvicorn.protocols.http.httptools_impl",
+        _connection_made_hook("HttpToolsProtocol"),
+    ),
+    "uvloop: aiohttp": (
+        "aiohttp.web_protocol",
+        _connection_made_hook("RequestHandler"),
+    ),
+    "uvloop: websockets": (
+        "websockets.asyncio.connection",
+        _connection_made_hook("Connection"),
+    ),
 }
 # framework -> module whose import means the framework is in use
 _UNREACHABLE: dict[str, tuple[str, str]] = {"uvloop": ("uvloop", _UVLOOP_REASON)}
@@ -425,10 +494,12 @@ def install() -> None:
 
 
 def status() -> dict[str, str]:
-    """Per framework (``asyncio``, ``trio``, ``uvloop``), for ``python -m
-    tlsctl doctor``: ``"active"`` (hooked), ``"unavailable: <reason>"``,
-    ``"not imported"`` (hooked when it is imported, if ``install()`` ran),
-    or ``"not installed"`` (imported, but ``install()`` has not run)."""
+    """Per hook (``asyncio``, ``trio``, ``uvloop: <server protocol>``) and
+    for ``uvloop`` itself, for ``python -m tlsctl doctor``: ``"active"``
+    (hooked), ``"unavailable: <reason>"``, ``"not imported"`` (hooked when
+    it is imported, if ``install()`` ran), ``"not installed"`` (imported,
+    but ``install()`` has not run); ``uvloop``, once imported, is
+    ``"partial: ..."`` (only the hooked protocols are reached)."""
     out: dict[str, str] = {}
     with _lock:
         for framework, (module_name, _) in _HOOKS.items():
