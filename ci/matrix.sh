@@ -38,6 +38,12 @@
 # Usage: ci/matrix.sh            (TLSCTL_CHROOTS overrides the cache folder)
 set -euo pipefail
 
+# The Debian systems (chroots) the one wheel is tested in, oldest first; the
+# wheel is built in the first.  Their Python versions: PY[suite].
+SUITES=(bullseye trixie)
+BUILD_SUITE=${SUITES[0]}
+declare -A PY
+
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${TLSCTL_CHROOTS:-/var/tmp/tlsctl-chroots}
 OUT="$CACHE/out"
@@ -84,7 +90,7 @@ unmount() {  # unmount DIR: what enter mounted in a chroot
 
 cleanup() {
     local dir
-    for dir in "$CACHE"/bullseye "$CACHE"/trixie "$CACHE"/sid; do
+    for dir in "${SUITES[@]/#/$CACHE/}" "$CACHE"/sid; do
         unmount "$dir"
     done
 }
@@ -359,24 +365,26 @@ if [ ! -x "$TOOLS/bin/python" ]; then
 fi
 TPY="$TOOLS/bin/python"
 "$TPY" -m pip install -q --upgrade pip uv auditwheel twine build
-make_chroot bullseye
-make_chroot trixie
+for suite in "${SUITES[@]}"; do
+    make_chroot "$suite"
+done
 make_sid
 # Exact versions: pip reads "3.9" as 3.9.0, which some packages exclude.
-PY_BULLSEYE=$(enter "$CACHE/bullseye" python3 -c 'import platform; print(platform.python_version())')
-PY_TRIXIE=$(enter "$CACHE/trixie" python3 -c 'import platform; print(platform.python_version())')
+for suite in "${SUITES[@]}"; do
+    PY[$suite]=$(enter "$CACHE/$suite" python3 -c 'import platform; print(platform.python_version())')
+    wheels_for "${PY[$suite]}"
+done
 SID_PY=$(cat "$CACHE/sid/.tlsctl-python")
 PY_SID=$(enter "$CACHE/sid" "$SID_PY" -c 'import platform; print(platform.python_version())')
-wheels_for "$PY_BULLSEYE"
-wheels_for "$PY_TRIXIE"
 wheels_for "$PY_SID" build
 
-# ---- build the one wheel, in bullseye --------------------------------------
-log "bullseye: building the abi3 wheel"
-copy_source "$CACHE/bullseye/src"
-rm -rf "$CACHE/bullseye/wheels" && cp -r "$CACHE/wheels-$PY_BULLSEYE" "$CACHE/bullseye/wheels"
-rm -rf "$CACHE/bullseye/out" && mkdir -p "$CACHE/bullseye/out"
-enter "$CACHE/bullseye" /bin/sh -ec '
+# ---- build the one wheel, in the oldest system ------------------------------
+log "$BUILD_SUITE: building the abi3 wheel"
+copy_source "$CACHE/$BUILD_SUITE/src"
+rm -rf "$CACHE/$BUILD_SUITE/wheels"
+cp -r "$CACHE/wheels-${PY[$BUILD_SUITE]}" "$CACHE/$BUILD_SUITE/wheels"
+rm -rf "$CACHE/$BUILD_SUITE/out" && mkdir -p "$CACHE/$BUILD_SUITE/out"
+enter "$CACHE/$BUILD_SUITE" /bin/sh -ec '
     if [ -e /usr/include/openssl/ssl.h ]; then
         echo "matrix: OpenSSL headers are installed in the build system" >&2
         exit 1
@@ -387,7 +395,7 @@ enter "$CACHE/bullseye" /bin/sh -ec '
     pip install -q --no-index --find-links /wheels "setuptools>=77" "cffi>=1.14" wheel
     pip wheel -q --no-deps --no-build-isolation -w /out /src'
 rm -f "$OUT"/tlsctl-*.whl
-cp "$CACHE"/bullseye/out/tlsctl-*.whl "$OUT/"
+cp "$CACHE/$BUILD_SUITE"/out/tlsctl-*.whl "$OUT/"
 WHEEL=$(ls "$OUT"/tlsctl-*.whl)
 log "wheel: $(basename "$WHEEL")"
 case "$(basename "$WHEEL")" in
@@ -496,8 +504,8 @@ SUMMARY+=("sid: $SID_NAME built by Python $PY_SID holds $SID_SO (${SID_TAG:-no m
 
 # ---- the same wheel, three systems -----------------------------------------
 NAME=$(basename "$WHEEL")
-for suite in bullseye trixie; do
-    pyver=$PY_BULLSEYE; [ "$suite" = trixie ] && pyver=$PY_TRIXIE
+for suite in "${SUITES[@]}"; do
+    pyver=${PY[$suite]}
     copy_source "$CACHE/$suite/src"
     rm -rf "$CACHE/$suite/wheels" && cp -r "$CACHE/wheels-$pyver" "$CACHE/$suite/wheels"
     rm -rf "$CACHE/$suite/out" && mkdir -p "$CACHE/$suite/out" && cp "$WHEEL" "$CACHE/$suite/out/"
