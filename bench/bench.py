@@ -290,6 +290,8 @@ def main() -> int:
         except ImportError:
             print("charts need matplotlib: pip install '.[bench]' (or --no-plot)")
             return 1
+        # Now, not after the run: a folder that cannot be made fails at once.
+        os.makedirs(args.plot_dir, exist_ok=True)
     strace = shutil.which("strace") is not None
     configs = 1 + len(server_configs())
     steps = plan.rounds * len(wall_metrics()) + 2 + plan.rss_repeats + 1

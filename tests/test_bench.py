@@ -34,7 +34,7 @@ INTERVAL = rf"\[({NUMBER}), ({NUMBER})\]"
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     pytest.importorskip("matplotlib", reason="matplotlib is not installed")
-    plots = tmp_path_factory.mktemp("plots")
+    plots = tmp_path_factory.mktemp("plots") / "made by bench.py"  # not there yet
     proc = subprocess.run(
         [sys.executable, str(BENCH / "bench.py"), "--smoke", "--plot-dir", str(plots)],
         capture_output=True,
