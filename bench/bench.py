@@ -83,8 +83,12 @@ server's difference:
   tickets with it), over memory BIOs; the client's calls and the BIO
   transfers are not timed.  Reported as exchanges per server CPU second
   (target 0.99 of stock);
+* server CPU, full, technique by hand: the same on a ``num_tickets = 0``
+  context with the tickets queued by hand (``SSL_new_session_ticket``)
+  right before the write (that call untimed), no tlsctl code: the
+  technique's own cost (reference, no target; OpenSSL 3.0+);
 * server CPU, resumed + request/response: the same with a resumed
-  handshake (target 0.99);
+  handshake (target 0.99), and its by-hand reference;
 * junk-PSK hellos/s, on_resume (CPU): the server's CPU time
   (``time.thread_time``) in ``do_handshake`` for one crafted 63 KB TLS 1.3
   ClientHello offering 9,000 one-byte PSK identities (``clienthello.py``

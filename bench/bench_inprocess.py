@@ -32,6 +32,8 @@ BY_HAND = "full handshakes/s, technique by hand"
 BY_HAND_RESUMED = "resumed handshakes/s, technique by hand"
 SERVER_FULL = "server CPU, full + request/response"
 SERVER_RESUMED = "server CPU, resumed + request/response"
+SERVER_BY_HAND = "server CPU, full, technique by hand"
+SERVER_RESUMED_BY_HAND = "server CPU, resumed, technique by hand"
 JUNK_PSK = "junk-PSK hellos/s, on_resume (CPU)"
 JUNK_IDENTITIES = 9000  # one byte each: a 63 KB ClientHello
 JUNK_PER_ROUND = 10  # hellos per side and round (unbounded: ~20-40 ms each)
@@ -43,7 +45,9 @@ TARGETS: dict[str, float | None] = {
     BY_HAND_RESUMED: None,
     "resumed handshakes/s, shared keys": 0.98,
     SERVER_FULL: 0.99,
+    SERVER_BY_HAND: None,
     SERVER_RESUMED: 0.99,
+    SERVER_RESUMED_BY_HAND: None,
     "1 KiB writes/s": 0.98,
     "bulk MB/s": 0.99,
     # Server CPU for a hello of junk PSK identities: at most 2x stock.
@@ -76,12 +80,8 @@ def one_by_hand(
     resumed handshake), which then writes them ahead of its data, as tlsctl
     does on a memory BIO (tlsctl's private binding, unchecked pointer: a
     measuring aid only)."""
-    from tlsctl._bind import lib
-
     pair = BioPair(server, client, session).handshake()
-    real = pair.server._sslobj  # type: ignore[attr-defined]
-    if lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1, 0) < 1:
-        raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
+    _queue_by_hand(pair.server)
     pair.exchange()
     if session is not None and not pair.client.session_reused:
         raise RuntimeError("the benchmark's handshakes did not resume")
@@ -106,14 +106,28 @@ def junk_psk_hello(server: ssl.SSLContext, hello: bytes) -> int:
     return elapsed
 
 
+def _queue_by_hand(conn: ssl.SSLObject) -> None:
+    """Queue the tickets tlsctl would (two, or one after a resumed
+    handshake) with ``SSL_new_session_ticket`` (tlsctl's private binding,
+    unchecked pointer: a measuring aid only)."""
+    from tlsctl._bind import lib
+
+    real = conn._sslobj  # type: ignore[attr-defined]
+    if lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1, 0) < 1:
+        raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
+
+
 def server_exchange(
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
     session: ssl.SSLSession | None = None,
+    by_hand: bool = False,
 ) -> int:
     """A handshake (resumed with ``session``) and one request/response over
     memory BIOs; returns the server thread's CPU time, in ns, in its own
-    calls only: ``wrap_bio``, ``do_handshake``, ``read``, ``write``."""
+    calls only: ``wrap_bio``, ``do_handshake``, ``read``, ``write``
+    (``by_hand``: on a ``num_tickets = 0`` context, ``_queue_by_hand``
+    right before the write, itself untimed)."""
     clock = time.thread_time_ns
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
     client = client_ctx.wrap_bio(
@@ -140,6 +154,10 @@ def server_exchange(
     start = clock()
     server.do_handshake()  # reads the Finished (stock: writes the tickets)
     request = server.read(4096)
+    if by_hand:  # untimed: the Python glue is no part of the technique
+        spent += clock() - start
+        _queue_by_hand(server)  # SSL_new_session_ticket only counts them
+        start = clock()
     server.write(RESPONSE)  # patched: the tickets go with it
     spent += clock() - start
     c_in.write(s_out.read())
@@ -270,7 +288,7 @@ def junk_psk(rounds: int, progress: Progress) -> Row:
 def wall_metrics() -> list[str]:
     """The wall-clock metrics this OpenSSL can run: the by-hand references
     need ``SSL_new_session_ticket`` (3.0+)."""
-    by_hand = (BY_HAND, BY_HAND_RESUMED)
+    by_hand = (BY_HAND, BY_HAND_RESUMED, SERVER_BY_HAND, SERVER_RESUMED_BY_HAND)
     native = tlsctl.info().native_tickets
     return [m for m in TARGETS if native or m not in by_hand]
 
@@ -323,6 +341,15 @@ def wall_clock(rounds: int, progress: Progress) -> dict[str, Row]:
         SERVER_FULL,
         self_timed=True,
     )
+    if SERVER_BY_HAND in metrics:
+        results[SERVER_BY_HAND] = paired_rounds(
+            lambda: server_exchange(stock_ctx, client),
+            lambda: server_exchange(bare_ctx, client, by_hand=True),
+            rounds,
+            progress,
+            SERVER_BY_HAND,
+            self_timed=True,
+        )
     results[SERVER_RESUMED] = paired_rounds(
         lambda: server_exchange(stock_ctx, client, sessions[stock_ctx]),
         lambda: server_exchange(patched_ctx, client, sessions[patched_ctx]),
@@ -331,6 +358,16 @@ def wall_clock(rounds: int, progress: Progress) -> dict[str, Row]:
         SERVER_RESUMED,
         self_timed=True,
     )
+    if SERVER_RESUMED_BY_HAND in metrics:
+        bare_session = one_by_hand(bare_ctx, client).client.session
+        results[SERVER_RESUMED_BY_HAND] = paired_rounds(
+            lambda: server_exchange(stock_ctx, client, sessions[stock_ctx]),
+            lambda: server_exchange(bare_ctx, client, bare_session, by_hand=True),
+            rounds,
+            progress,
+            SERVER_RESUMED_BY_HAND,
+            self_timed=True,
+        )
     results[JUNK_PSK] = junk_psk(rounds, progress)
     # A sweep writes once on each of the CONNECTIONS connections of its side.
     for size, metric, per_round in (
