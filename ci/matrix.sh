@@ -89,9 +89,9 @@ unmount() {  # unmount DIR: what enter mounted in a chroot
 }
 
 cleanup() {
-    local dir
-    for dir in "${SUITES[@]/#/$CACHE/}" "$CACHE"/sid; do
-        unmount "$dir"
+    local suite
+    for suite in "${SUITES[@]}" sid; do
+        unmount "$CACHE/$suite"
     done
 }
 trap cleanup EXIT
