@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import stat
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 import tlsctl
+from tlsctl import _quickack
 
 pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
 
@@ -29,6 +31,11 @@ def test_doctor() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"openssl_version          {tlsctl.info().openssl_version}" in proc.stdout
     assert "-> OK" in proc.stdout
+    if hasattr(socket, "TCP_QUICKACK"):  # every hook reported, aligned
+        hooks = [line for line in proc.stdout.splitlines() if "quickack " in line]
+        assert len(hooks) == 2 + len(_quickack._HOOKS), proc.stdout  # sockets, uvloop
+        active = [line for line in hooks if line.endswith(" active")]
+        assert len({line.index(" active") for line in active}) == 1, active
 
 
 @pytest.mark.skipif(
@@ -58,6 +65,7 @@ def test_pydoc_reads_well() -> None:
         "class ConnectionState",
         "set_ticket_callbacks(",  # 3.13 wraps long signatures
         "set_ticket_keys(",
+        "quickack(obj",
         "class TicketKey",
         "class TicketDecision",
         "class ResumeStatus",

@@ -25,7 +25,8 @@ fleet-wide from one master: ``rotate_ticket_keys``;
 ``defer`` serves memory-BIO connections only and says so once with
 ``SocketsNotDeferredWarning``);
 ``inject_into_ssl`` / ``extract_from_ssl`` for every server context of the
-process (``python -m tlsctl run -- COMMAND`` does it for a process tree).
+process (``python -m tlsctl run -- COMMAND`` does it for a process tree);
+``quickack`` for a protocol of your own on uvloop (the delayed-ACK remedy).
 ``python -m tlsctl doctor`` shows what was bound; ``python -m tlsctl demo``
 shows the bugs and the fix side by side.
 """

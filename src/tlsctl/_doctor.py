@@ -105,16 +105,18 @@ def _doctor_quickack() -> None:
     from tlsctl import _quickack
 
     if not hasattr(socket, "TCP_QUICKACK"):
-        print("  quickack                 unavailable (no TCP_QUICKACK on this system)")
+        print(f"  {'quickack':36} unavailable (no TCP_QUICKACK on this system)")
         return
     if tlsctl.info().mechanism == "python":  # tlsctl-pymech
-        print("  quickack sockets         not needed (sockets are stock here)")
+        print(f"  {'quickack sockets':36} not needed (sockets are stock here)")
     else:
-        print("  quickack sockets         active (set in C when the handshake is done)")
-    for name in ("asyncio", "trio", "uvloop"):  # what a server here would get
+        print(f"  {'quickack sockets':36} active (set in C when the handshake is done)")
+    # What a server here would get: every hooked module that imports.
+    modules = [module for module, _ in _quickack._HOOKS.values()]
+    for name in ("asyncio", "trio", "uvloop", *modules):
         try:
             importlib.import_module(name)
         except ImportError:
             pass
     for framework, state in _quickack.status().items():
-        print(f"  {'quickack ' + framework:24} {state}")
+        print(f"  {'quickack ' + framework:36} {state}")

@@ -59,7 +59,10 @@ its transport:
   ``RequestHandler`` and websockets' asyncio ``Connection``; the wrapper
   acts only on uvloop's transports (the stdlib loop's hook came first).
   Another protocol on uvloop calls ``tlsctl.quickack(transport)`` first in
-  its ``connection_made``.
+  its ``connection_made``.  STARTTLS on uvloop (``loop.start_tls``,
+  ``StreamWriter.start_tls``) calls no ``connection_made`` (uvloop passes
+  ``call_connection_made=False``): the application calls
+  ``tlsctl.quickack(writer)`` right after ``await start_tls(...)``.
 
 Only connections that need it are touched: server side, TLS 1.3, and
 ``tlsctl.connection_state()`` reporting the policy ``defer`` or ``suppress``
@@ -118,7 +121,7 @@ _results: dict[str, str] = {}  # framework -> "active" or "unavailable: ..."
 _connection_state: Callable[[Any], Any] | None = None
 
 
-def quickack(obj: Any) -> bool:
+def quickack(obj: Any, /) -> bool:
     """Set ``TCP_QUICKACK`` on the TCP socket behind ``obj``, now.
 
     ``obj``: a socket (``socket.socket``, asyncio's ``TransportSocket``,
@@ -516,6 +519,8 @@ def status() -> dict[str, str]:
                 out[framework] = "unavailable: no socket.TCP_QUICKACK (Linux only)"
             elif module_name not in sys.modules:
                 out[framework] = NOT_IMPORTED
+            elif not _installed:
+                out[framework] = NOT_INSTALLED
             else:
                 out[framework] = reason
     return out
