@@ -76,12 +76,14 @@ def record(*words):
 ASGI_APP = (
     _RECORD
     + """
+import asyncio
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":  # once per worker, before it serves
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                record("loop", type(asyncio.get_running_loop()).__module__)
                 record("up", os.getpid())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -399,9 +401,10 @@ def test_cli_server_on_uvloop_answers_without_stall(
     _installed(kind.split("-")[0])
     if kind == "uvicorn":
         _installed("httptools")
-    with _cli_server(kind, files, tmp_path, launcher=True) as (port, _):
+    with _cli_server(kind, files, tmp_path, launcher=True) as (port, log):
         latencies = nagle_client(
             port, scenarios.client_context(certs), 5, request=_GET, response=None
         )
+    assert set(_records(log, "loop")) == {"uvloop"}  # every worker's loop
     ms = [f"{v * 1e3:.2f}" for v in latencies]
     assert statistics.median(latencies) < 0.020, f"latencies (ms): {ms}"
