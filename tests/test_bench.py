@@ -78,6 +78,8 @@ def test_smoke_prints_every_ratio_row_with_interval_and_verdict(
     by_hand = [
         "full handshakes/s, technique by hand",
         "resumed handshakes/s, technique by hand",
+        "server CPU, full, technique by hand",
+        "server CPU, resumed, technique by hand",
     ]
     for metric in by_hand:
         assert (metric in stdout) == tlsctl.info().native_tickets, metric
