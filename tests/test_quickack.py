@@ -211,17 +211,24 @@ async def _asyncio_round_trips(
 
 
 @linux_only
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_asyncio_hook_touches_only_patched_server_connections(
-    certs: scenarios.Certs, calls: list[Any]
+    certs: scenarios.Certs, calls: list[Any], loop: str
 ) -> None:
+    """On asyncio's loop (its sslproto hook) and on uvloop (the hooked
+    StreamReaderProtocol, which open_connection's client side uses too)."""
+    run: Callable[[Any], Any] = asyncio.run
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+        run = uvloop.run
     patched = _patched(certs)
     client = _generic_client_context(certs)
-    port = asyncio.run(_asyncio_round_trips(patched, client, 3))
+    port = run(_asyncio_round_trips(patched, client, 3))
     # Three server sockets; the client side (a patched context too) none.
     assert [address[1] for address in calls] == [port] * 3
     calls.clear()
     stock = scenarios.server_context(certs)
-    asyncio.run(_asyncio_round_trips(stock, client, 2))
+    run(_asyncio_round_trips(stock, client, 2))
     assert calls == []
 
 
