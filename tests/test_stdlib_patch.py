@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
+import tlsctl
 from _patch_all import PATCH_DIR, TAG, child_env
+
+# The helper patches with tlsctl.patch(), which needs the binding (PyPy,
+# uv's Pythons and TLSCTL_BINDING=off have none).
+pytestmark = pytest.mark.skipif(not tlsctl.info().bound, reason="tlsctl not bound")
 
 _PROBE = r"""
 import json, ssl, sys, warnings
