@@ -194,34 +194,20 @@ def _asyncio_handshake_done(protocol: Any) -> None:
 
 
 def _hook_asyncio(module: ModuleType) -> str:
-    import functools  # here: at hooking time, not at tlsctl's import
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _on_handshake_complete(self: Any, handshake_exc: Any) -> Any:
+            if handshake_exc is None:
+                try:
+                    _asyncio_handshake_done(self)
+                except Exception:  # never let the nudge break a handshake
+                    pass
+            return original(self, handshake_exc)
 
-    cls = getattr(module, "SSLProtocol", None)
-    original = getattr(cls, "_on_handshake_complete", None)
-    if cls is None or original is None:
-        return (
-            "unavailable: asyncio.sslproto.SSLProtocol._on_handshake_complete not found"
-        )
-    if getattr(original, _MARK, False):
-        return ACTIVE
-    if not _has_parameters(original, ("self", "handshake_exc")):
-        return (
-            "unavailable: asyncio.sslproto.SSLProtocol._on_handshake_complete "
-            "has an unexpected signature"
-        )
+        return _on_handshake_complete
 
-    @functools.wraps(original)
-    def _on_handshake_complete(self: Any, handshake_exc: Any) -> Any:
-        if handshake_exc is None:
-            try:
-                _asyncio_handshake_done(self)
-            except Exception:  # never let the nudge break a handshake
-                pass
-        return original(self, handshake_exc)
-
-    setattr(_on_handshake_complete, _MARK, True)
-    cls._on_handshake_complete = _on_handshake_complete
-    return ACTIVE
+    return _wrap_method(
+        module, "SSLProtocol", "_on_handshake_complete", ("self", "handshake_exc"), wrap
+    )
 
 
 # --------------------------------------------------------------------- trio
@@ -241,31 +227,19 @@ def _trio_handshake_done(stream: Any) -> None:
 
 
 def _hook_trio(module: ModuleType) -> str:
-    import functools
-    import inspect
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def _do_handshake(self: Any) -> None:
+            await original(self)
+            try:
+                _trio_handshake_done(self)
+            except Exception:  # never let the nudge break a handshake
+                pass
 
-    cls = getattr(module, "SSLStream", None)
-    original = getattr(cls, "_do_handshake", None)
-    if cls is None or original is None:
-        return "unavailable: trio.SSLStream._do_handshake not found"
-    if getattr(original, _MARK, False):
-        return ACTIVE
-    if not inspect.iscoroutinefunction(original) or not _has_parameters(
-        original, ("self",)
-    ):
-        return "unavailable: trio.SSLStream._do_handshake has an unexpected signature"
+        return _do_handshake
 
-    @functools.wraps(original)
-    async def _do_handshake(self: Any) -> None:
-        await original(self)
-        try:
-            _trio_handshake_done(self)
-        except Exception:  # never let the nudge break a handshake
-            pass
-
-    setattr(_do_handshake, _MARK, True)
-    cls._do_handshake = _do_handshake
-    return ACTIVE
+    return _wrap_method(
+        module, "SSLStream", "_do_handshake", ("self",), wrap, where="trio.SSLStream"
+    )
 
 
 # ------------------------------------------------------------------- uvloop
@@ -286,20 +260,7 @@ def _connection_made_hook(class_name: str) -> Callable[[ModuleType], str]:
     """The hook wrapping ``connection_made(self, transport)`` of the module's
     ``class_name`` (subclasses that call ``super()`` are covered too)."""
 
-    def hook(module: ModuleType) -> str:
-        import functools
-
-        where = f"{module.__name__}.{class_name}.connection_made"
-        cls = getattr(module, class_name, None)
-        original = getattr(cls, "connection_made", None)
-        if cls is None or original is None:
-            return f"unavailable: {where} not found"
-        if getattr(original, _MARK, False):
-            return ACTIVE
-        if not _has_parameters(original, ("self", "transport")):
-            return f"unavailable: {where} has an unexpected signature"
-
-        @functools.wraps(original)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def connection_made(self: Any, transport: Any) -> Any:
             try:
                 _uvloop_connection_made(transport)
@@ -307,11 +268,47 @@ def _connection_made_hook(class_name: str) -> Callable[[ModuleType], str]:
                 pass
             return original(self, transport)
 
-        setattr(connection_made, _MARK, True)
-        cls.connection_made = connection_made
-        return ACTIVE
+        return connection_made
+
+    def hook(module: ModuleType) -> str:
+        return _wrap_method(
+            module, class_name, "connection_made", ("self", "transport"), wrap
+        )
 
     return hook
+
+
+def _wrap_method(
+    module: ModuleType,
+    class_name: str,
+    method: str,
+    parameters: Sequence[str],
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    where: str | None = None,
+) -> str:
+    """Replace ``module.<class_name>.<method>`` with ``wrap(original)``
+    (``functools.wraps`` and ``_MARK`` applied here), once; ACTIVE, or
+    ``"unavailable: ..."`` when it is missing or its signature is not
+    exactly ``parameters`` (an ``async def`` for an ``async def`` wrapper)."""
+    import functools
+    import inspect
+
+    name = f"{where or module.__name__ + '.' + class_name}.{method}"
+    cls = getattr(module, class_name, None)
+    original = getattr(cls, method, None)
+    if cls is None or original is None:
+        return f"unavailable: {name} not found"
+    if getattr(original, _MARK, False):
+        return ACTIVE
+    wrapper = wrap(original)
+    if not _has_parameters(original, parameters) or inspect.iscoroutinefunction(
+        wrapper
+    ) != inspect.iscoroutinefunction(original):
+        return f"unavailable: {name} has an unexpected signature"
+    functools.update_wrapper(wrapper, original)
+    setattr(wrapper, _MARK, True)
+    setattr(cls, method, wrapper)
+    return ACTIVE
 
 
 def _has_parameters(func: Any, names: Sequence[str]) -> bool:
