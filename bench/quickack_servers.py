@@ -35,6 +35,7 @@ from tlsctl import scenarios
 
 GET = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
 
 ASGI = """\
 async def app(scope, receive, send):
@@ -84,10 +85,42 @@ TLS_OPTIONS = {
 }
 
 
-def _free_port() -> int:
+# --- server commands in their own process group (tests/test_servers.py too)
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def console_script(name: str) -> list[str]:
+    """The server's console script next to this interpreter, else ``-m``."""
+    script = Path(sys.executable).with_name(name)
+    return [str(script)] if script.exists() else [sys.executable, "-m", name]
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM the server's process group, SIGKILL it after ``timeout``;
+    return when no process of it is left."""
+    pgid = proc.pid  # start_new_session: the server leads its own group
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _alive(pgid):
+                return
+            time.sleep(0.02)
+    raise RuntimeError(f"process group {pgid} survived SIGKILL")
 
 
 def _argv(name: str, port: int, folder: Path, patched: bool) -> list[str]:
@@ -98,10 +131,7 @@ def _argv(name: str, port: int, folder: Path, patched: bool) -> list[str]:
         "key": str(folder / "key.pem"),
     }
     argv = [w.format(**fill) for w in words]
-    script = Path(sys.executable).with_name(argv[0])
-    argv = (
-        [str(script)] if script.exists() else [sys.executable, "-m", argv[0]]
-    ) + argv[1:]
+    argv = console_script(argv[0]) + argv[1:]
     return [sys.executable, "-m", "tlsctl", "run", "--", *argv] if patched else argv
 
 
@@ -128,19 +158,13 @@ def _serving(argv: list[str], folder: Path, port: int) -> Iterator[None]:
             time.sleep(0.05)
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_group(proc)
 
 
 def measure(
     name: str, patched: bool, connections: int, folder: Path, client_ctx: ssl.SSLContext
 ) -> list[float]:
-    port = _free_port()
+    port = free_port()
     with _serving(_argv(name, port, folder, patched), folder, port):
         return nagle_client(port, client_ctx, connections, request=GET, response=None)
 

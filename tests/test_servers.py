@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ import _server_helpers as common
 from _server_helpers import Figures, _installed, _one_way_posts, _reconnects, _settle
 from conftest import needs_c_defer
 from quickack_latency import nagle_client
+from quickack_servers import console_script, free_port, stop_group
 from tlsctl import TicketKey, scenarios
 
 # The real servers run the product as deployed (sockets, the launcher, key
@@ -171,24 +171,12 @@ def files(certs: scenarios.Certs, tmp_path_factory: pytest.TempPathFactory) -> F
 # --- CLI servers in their own process group -----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cli(name: str) -> list[str]:
-    """The server's console script next to this interpreter, else ``-m``."""
-    script = Path(sys.executable).with_name(name)
-    return [str(script)] if script.exists() else [sys.executable, "-m", name]
-
-
 def _server_argv(kind: str, port: int, files: Files) -> list[str]:
     bind = f"127.0.0.1:{port}"
     cert, key = str(files.cert), str(files.key)
     if kind.startswith("uvicorn"):  # uvicorn (--http auto), uvicorn-h11
         return [
-            *_cli("uvicorn"),
+            *console_script("uvicorn"),
             *(["--http", "h11"] if kind == "uvicorn-h11" else []),
             "asgi_app:app",
             "--app-dir",
@@ -208,7 +196,7 @@ def _server_argv(kind: str, port: int, files: Files) -> list[str]:
         ]
     if kind.startswith("hypercorn"):  # hypercorn, hypercorn-uvloop
         return [
-            *_cli("hypercorn"),
+            *console_script("hypercorn"),
             *(["--worker-class", "uvloop"] if kind == "hypercorn-uvloop" else []),
             "--workers",
             str(WORKERS),
@@ -222,7 +210,7 @@ def _server_argv(kind: str, port: int, files: Files) -> list[str]:
         ]
     worker_class = kind.split("-")[1]  # gunicorn-sync, gunicorn-gthread
     return [
-        *_cli("gunicorn"),
+        *console_script("gunicorn"),
         "--chdir",
         str(files.folder),
         "--workers",
@@ -248,29 +236,6 @@ def _records(log: Path, kind: str) -> list[str]:
     return [line.split()[1] for line in lines if line.startswith(kind + " ")]
 
 
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, SIGKILL it after a deadline;
-    return when no process of it is left."""
-    pgid = proc.pid  # start_new_session: the server leads its own group
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + common.STOP_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _alive(pgid):
-                return
-            time.sleep(0.02)
-    raise AssertionError(f"process group {pgid} survived SIGKILL")
-
-
 class _PortTaken(Exception):
     """The free port was taken before the server bound it: try another."""
 
@@ -286,7 +251,7 @@ def _cli_server(
     log, output = tmp_path / f"{label}.log", tmp_path / f"{label}.out"
     env = dict(os.environ, TLSCTL_TEST_LOG=str(log))
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         argv = _server_argv(kind, port, files)
         if launcher:
             argv = [
@@ -308,16 +273,16 @@ def _cli_server(
         try:
             _wait_ready(proc, port, log, output, last_try=attempt == 2)
         except _PortTaken:
-            _stop_group(proc)
+            stop_group(proc, common.STOP_TIMEOUT)
             continue
         except BaseException:
-            _stop_group(proc)
+            stop_group(proc, common.STOP_TIMEOUT)
             raise
         break
     try:
         yield port, log
     finally:
-        _stop_group(proc)
+        stop_group(proc, common.STOP_TIMEOUT)
 
 
 def _wait_ready(
@@ -347,7 +312,7 @@ def _wait_ready(
         check()
 
 
-def _measure_cli(
+def _measureconsole_script(
     kind: str, files: Files, tmp_path: Path, certs: scenarios.Certs, launcher: bool
 ) -> Figures:
     with _cli_server(kind, files, tmp_path, launcher=launcher) as (port, log):
@@ -375,8 +340,8 @@ def test_cli_server_under_the_launcher(
     whichever worker they reach (gunicorn's sync and gthread workers even
     make a new context per connection)."""
     _installed(CLI_SERVERS[kind])
-    stock = _measure_cli(kind, files, tmp_path, certs, launcher=False)
-    patched = _measure_cli(kind, files, tmp_path, certs, launcher=True)
+    stock = _measureconsole_script(kind, files, tmp_path, certs, launcher=False)
+    patched = _measureconsole_script(kind, files, tmp_path, certs, launcher=True)
     print(f"\n{kind} x{WORKERS} stock:   {stock}\n{kind} x{WORKERS} patched: {patched}")
     assert patched.complete == common.UPLOADS, patched
     assert patched.resumed >= common.RECONNECTS - 1, patched
