@@ -120,7 +120,27 @@ async def _asyncio_serve(
         server = await loop.create_server(Pong, LOCALHOST, 0, ssl=ctx)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        return await asyncio.wait_for(loop.run_in_executor(None, client, port), TIMEOUT)
+        return await _client_in_thread(client, port)
+
+
+async def _client_in_thread(client: Client, port: int) -> Any:
+    """``client(port)`` in a worker thread while this loop serves; bounded."""
+    call = asyncio.get_running_loop().run_in_executor(None, client, port)
+    return await asyncio.wait_for(call, TIMEOUT)
+
+
+def _run_loop(serve: Callable[[], Any], uvloop: bool) -> Any:
+    """``serve()`` to completion on a fresh asyncio or uvloop event loop."""
+    if uvloop:
+        import uvloop as uv
+
+        loop: asyncio.AbstractEventLoop = uv.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(serve())
+    finally:
+        loop.close()
 
 
 def run_asyncio(
@@ -136,31 +156,12 @@ def run_asyncio(
     while ``client(port)`` runs in a thread; return its result.  ``remedy``:
     the application sets TCP_QUICKACK itself (``tlsctl.quickack``) in
     its handler / ``connection_made``."""
-    if uvloop:
-        import uvloop as uv
-
-        loop: asyncio.AbstractEventLoop = uv.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(_asyncio_serve(ctx, client, api, remedy))
-    finally:
-        loop.close()
+    return _run_loop(lambda: _asyncio_serve(ctx, client, api, remedy), uvloop)
 
 
 # ------------------------------------------ aiohttp and websockets on uvloop
 
 GET = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-
-
-def _on_uvloop(serve: Callable[[], Any]) -> Any:
-    import uvloop as uv
-
-    loop = uv.new_event_loop()
-    try:
-        return loop.run_until_complete(serve())
-    finally:
-        loop.close()
 
 
 def run_aiohttp(ctx: ssl.SSLContext, client: Client) -> Any:
@@ -179,14 +180,11 @@ def run_aiohttp(ctx: ssl.SSLContext, client: Client) -> Any:
         try:
             site = web.TCPSite(runner, LOCALHOST, 0, ssl_context=ctx)
             await site.start()
-            port = runner.addresses[0][1]
-            loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(None, client, port)
-            return await asyncio.wait_for(call, TIMEOUT)
+            return await _client_in_thread(client, runner.addresses[0][1])
         finally:
             await runner.cleanup()
 
-    return _on_uvloop(serve)
+    return _run_loop(serve, uvloop=True)
 
 
 def run_websockets(ctx: ssl.SSLContext, client: Client) -> Any:
@@ -201,11 +199,9 @@ def run_websockets(ctx: ssl.SSLContext, client: Client) -> Any:
     async def serve() -> Any:
         async with ws_serve(handler, LOCALHOST, 0, ssl=ctx) as server:
             port = next(iter(server.sockets)).getsockname()[1]
-            loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(None, client, port)
-            return await asyncio.wait_for(call, TIMEOUT)
+            return await _client_in_thread(client, port)
 
-    return _on_uvloop(serve)
+    return _run_loop(serve, uvloop=True)
 
 
 # --------------------------------------------------------------------- trio
