@@ -54,10 +54,12 @@ OPENSSL_CONSTANTS: dict[str, int] = {
     "SSL_CLIENT_HELLO_SUCCESS": 1,
 }
 
-# OpenSSL 3.x only (<openssl/core.h>); checked when 3.x headers are installed.
+# OpenSSL 3.x only (<openssl/core.h>, <openssl/bio.h>); checked when 3.x
+# headers are installed.
 OPENSSL3_CONSTANTS: dict[str, int] = {
     "OSSL_PARAM_UTF8_STRING": 4,
     "OSSL_PARAM_OCTET_STRING": 5,
+    "BIO_CTRL_GET_KTLS_SEND": 73,
 }
 
 # Functions resolved at run time: (name, C return type, C parameters,

@@ -77,6 +77,22 @@ def test_openssl3_constants_and_param_layout_match_the_real_headers(
         ), field
 
 
+def test_the_internal_set_ktls_control_is_the_number_bio_h_names() -> None:
+    """BIO_CTRL_SET_KTLS (which the stash filter refuses) is internal to
+    OpenSSL; 3.x's public <openssl/bio.h> names its number in a comment."""
+    extra = os.environ.get("TLSCTL_OPENSSL_INCLUDE", "")  # as header_values
+    dirs = [Path(d) for d in extra.split(os.pathsep) if d] + [Path("/usr/include")]
+    found = [d / "openssl/bio.h" for d in dirs]
+    headers = [h for h in found if h.is_file()]
+    if not headers:
+        pytest.skip("OpenSSL development headers are not installed")
+    text = headers[0].read_text()
+    if "BIO_CTRL_GET_KTLS_SEND" not in text:
+        pytest.skip("the installed OpenSSL headers are 1.1.1 (no kTLS controls)")
+    assert re.search(r"#\s*define BIO_CTRL_SET_KTLS\w*\s+72\b", text)
+    assert "#define TLSCTL_BIO_CTRL_SET_KTLS 72" in build_module().c_source()
+
+
 def test_c_source_has_no_openssl_include_and_binds_every_function() -> None:
     build = build_module()
     source = build.c_source()

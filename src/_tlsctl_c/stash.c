@@ -52,6 +52,21 @@ static size_t tlsctl_count_records(const unsigned char *p, size_t len)
     return n;
 }
 
+/* Room for len more bytes behind the held ones; 0 when out of memory. */
+static int tlsctl_stash_reserve(tlsctl_stash *st, size_t len)
+{
+    size_t cap;
+    unsigned char *grown;
+    if (st->held_len + len <= st->held_cap)
+        return 1;
+    cap = (st->held_len + len) * 2;
+    if ((grown = realloc(st->held, cap)) == NULL)
+        return 0;
+    st->held = grown;
+    st->held_cap = cap;
+    return 1;
+}
+
 static int tlsctl_stash_write(BIO *b, const char *data, int len)
 {
     tlsctl_stash *st = p_BIO_get_data(b);
@@ -62,31 +77,24 @@ static int tlsctl_stash_write(BIO *b, const char *data, int len)
     if (st == NULL || next == NULL || len < 0)
         return -1;
     if (st->capturing) {
-        if (st->held_len + (size_t)len > st->held_cap) {
-            size_t cap = (st->held_len + (size_t)len) * 2;
-            unsigned char *grown = realloc(st->held, cap);
-            if (grown == NULL)
-                return -1;
-            st->held = grown;
-            st->held_cap = cap;
-        }
+        if (!tlsctl_stash_reserve(st, (size_t)len))
+            return -1;
         memcpy(st->held + st->held_len, data, (size_t)len);
         st->held_len += (size_t)len;
         return len;
     }
     if (st->held_off < st->held_len && len > 0) {
         /* Release: the held records and this one in ONE write, so a peer
-         * that is gone cannot reset the connection between them. */
+         * that is gone cannot reset the connection between them.  The
+         * record is copied behind the held ones for the write only: held
+         * stays what it was (OpenSSL retries a record that did not go). */
         size_t rem = st->held_len - st->held_off;
-        unsigned char *both;
-        if (rem + (size_t)len > 0x7fffffff)
+        if (rem + (size_t)len > 0x7fffffff ||
+            !tlsctl_stash_reserve(st, (size_t)len))
             return -1;
-        if ((both = malloc(rem + (size_t)len)) == NULL)
-            return -1;
-        memcpy(both, st->held + st->held_off, rem);
-        memcpy(both + rem, data, (size_t)len);
-        n = p_BIO_write(next, both, (int)(rem + (size_t)len));
-        free(both);
+        memcpy(st->held + st->held_len, data, (size_t)len);
+        n = p_BIO_write(next, st->held + st->held_off,
+                        (int)(rem + (size_t)len));
         p_BIO_copy_next_retry(b);
         if (n <= 0)
             return n;
@@ -120,11 +128,19 @@ static int tlsctl_stash_read(BIO *b, char *out, int len)
     return n;
 }
 
+/* kTLS (see 10.): the filter never stands in front of a socket that
+ * encrypts in the kernel (tlsctl_capture refuses one; the stash goes in
+ * before the handshake has any key to hand over) and refuses to let one
+ * start behind it (OpenSSL then encrypts itself, as it does when
+ * the kernel lacks kTLS), so OpenSSL's question before every record, "does
+ * the kernel encrypt?", has a known answer: no.  Records it encrypted
+ * itself are what the filter may hold and join; kTLS ones would not be. */
 static long tlsctl_stash_ctrl(BIO *b, int cmd, long num, void *ptr)
 {
-    BIO *next = p_BIO_next(b);
+    BIO *next;
     long ret;
-    if (next == NULL)
+    if (cmd == BIO_CTRL_GET_KTLS_SEND || cmd == TLSCTL_BIO_CTRL_SET_KTLS ||
+        (next = p_BIO_next(b)) == NULL)
         return 0;
     ret = p_BIO_ctrl(next, cmd, num, ptr);
     p_BIO_copy_next_retry(b);
@@ -260,7 +276,9 @@ static int tlsctl_stash_install(SSL *ssl)
  * record written (the data) goes out in one write() with the held
  * tickets in front of it.  Returns 1, 0 on a memory BIO (nothing to do:
  * it takes every byte, and SSL_write puts the tickets ahead of the data
- * in the same buffer), or TLSCTL_ERR_OPENSSL. */
+ * in the same buffer) or on a socket with kTLS sending (the kernel makes
+ * the records: nothing to join; the writes stay apart, as stock's), or
+ * TLSCTL_ERR_OPENSSL. */
 static int tlsctl_capture(SSL *ssl, int on)
 {
     tlsctl_stash *st;
@@ -271,8 +289,9 @@ static int tlsctl_capture(SSL *ssl, int on)
         if (!on)
             return 1;
         if ((w = p_SSL_get_wbio(ssl)) == NULL ||
-            p_BIO_method_type(w) == BIO_TYPE_MEM)
-            return 0;
+            p_BIO_method_type(w) == BIO_TYPE_MEM ||
+            p_BIO_ctrl(w, BIO_CTRL_GET_KTLS_SEND, 0, NULL) > 0)
+            return 0; /* the writes stay apart, as stock's */
         if ((st = tlsctl_stash_push(ssl)) == NULL)
             return TLSCTL_ERR_OPENSSL;
     }

@@ -204,6 +204,10 @@
  * may open); more only make the first write slow. */
 #define TLSCTL_MAX_TICKETS 16
 
+/* OpenSSL's BIO_CTRL_SET_KTLS: in its internal headers only; the public
+ * <openssl/bio.h> of 3.x names the number in a comment (tests/test_build). */
+#define TLSCTL_BIO_CTRL_SET_KTLS 72
+
 #define TLSCTL_RENEW_STOCK 0
 #define TLSCTL_RENEW_NEVER 1
 
