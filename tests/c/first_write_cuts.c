@@ -30,6 +30,11 @@
  * later records go straight to the transport.  One line per mode on
  * success ("stash: N cuts, T tickets each"), a message and exit status 1
  * on the first failure.
+ *
+ * Then kTLS (10.), which this machine's kernel may lack: OpenSSL's "does
+ * the kernel encrypt?" (asked before each record) stops at the filter, as
+ * does a request to start kTLS, and tlsctl_capture() does not stand in
+ * front of a transport that says its kernel encrypts (one line, "ktls:").
  */
 
 #include <Python.h>
@@ -78,6 +83,7 @@ static const struct {
 #define X_SSL_ERROR_WANT_WRITE         3
 #define X_BIO_CTRL_PENDING             10
 #define X_BIO_CB_WRITE                 3
+#define X_BIO_CB_CTRL                  6
 #define X_BIO_CB_RETURN                128
 
 #define PAIR_SIZE  4096 /* each direction of the BIO pair */
@@ -348,6 +354,105 @@ done:
     return ok;
 }
 
+/* ---- kTLS ----------------------------------------------------------- */
+
+static struct {
+    int asked;  /* "does the kernel encrypt?" put to the filter */
+    int passed; /* kTLS controls that reached the transport */
+    int claim;  /* the transport answers "yes, the kernel encrypts" */
+} ktls;
+
+static long watch_filter(BIO *b, int oper, const char *argp, size_t len,
+                         int argi, long argl, int ret, size_t *processed)
+{
+    (void)b;
+    (void)argp;
+    (void)len;
+    (void)argl;
+    (void)processed;
+    if (oper == X_BIO_CB_CTRL && argi == BIO_CTRL_GET_KTLS_SEND)
+        ktls.asked++;
+    return ret;
+}
+
+/* For a control, argi is its command; the value returned after the call
+ * (BIO_CB_RETURN) is what BIO_ctrl returns. */
+static long watch_transport(BIO *b, int oper, const char *argp, size_t len,
+                            int argi, long argl, int ret, size_t *processed)
+{
+    (void)b;
+    (void)argp;
+    (void)len;
+    (void)argl;
+    (void)processed;
+    if ((oper & ~X_BIO_CB_RETURN) != X_BIO_CB_CTRL ||
+        (argi != BIO_CTRL_GET_KTLS_SEND && argi != TLSCTL_BIO_CTRL_SET_KTLS))
+        return ret;
+    if (oper == X_BIO_CB_CTRL)
+        ktls.passed++;
+    else if (ktls.claim && argi == BIO_CTRL_GET_KTLS_SEND)
+        return 1;
+    return ret;
+}
+
+/* The kTLS checks; 1, or 0 on failure (reported). */
+static int check_ktls(SSL_CTX *sctx, SSL_CTX *cctx)
+{
+    conn c;
+    BIO *filter;
+    int skip = 0, r, ok = 0;
+
+    memset(&ktls, 0, sizeof(ktls));
+    if (!conn_new(&c, sctx, cctx))
+        return fail("ktls", 0, "could not set up the connection");
+    x_BIO_set_callback_ex(c.pair_server, watch_transport);
+    if (tlsctl_stash_install(c.server) != 1 ||
+        (filter = p_SSL_get_wbio(c.server)) == c.pair_server) {
+        fail("ktls", 0, "tlsctl_stash_install() refused");
+        goto done;
+    }
+    x_BIO_set_callback_ex(filter, watch_filter);
+    if (!handshake(&c) ||
+        x_SSL_write(c.server, message, (int)sizeof(message)) !=
+            (int)sizeof(message) ||
+        pump(&c, &skip) <= 0) {
+        fail("ktls", 0, "the stash connection did not write");
+        goto done;
+    }
+    if (p_BIO_ctrl(filter, TLSCTL_BIO_CTRL_SET_KTLS, 1, NULL) != 0) {
+        fail("ktls", 0, "the filter let kTLS start behind it");
+        goto done;
+    }
+    if (ktls.passed != 0) {
+        fail("ktls", 0, "a kTLS control went past the filter");
+        goto done;
+    }
+    conn_free(&c);
+
+    if (!conn_new(&c, sctx, cctx))
+        return fail("ktls", 1, "could not set up the connection");
+    p_SSL_set_num_tickets(c.server, 0);
+    if (!handshake(&c)) {
+        fail("ktls", 1, "the TLS 1.3 handshake did not complete");
+        goto done;
+    }
+    x_BIO_set_callback_ex(c.pair_server, watch_transport);
+    ktls.claim = 1;
+    r = tlsctl_capture(c.server, 1);
+    ktls.claim = 0;
+    if (r != 0 || p_SSL_get_wbio(c.server) != c.pair_server) {
+        fail("ktls", 1, "capture stood in front of a kTLS transport");
+        goto done;
+    }
+    printf("ktls: %d questions stopped at the filter, kTLS refused behind "
+           "it; no capture over kTLS\n",
+           ktls.asked);
+    ok = 1;
+done:
+    conn_free(&c);
+    return ok;
+}
+
 static int bind_extra(const char *libssl)
 {
     void *handle = dlopen(libssl, RTLD_NOW | RTLD_NOLOAD);
@@ -412,6 +517,8 @@ int main(int argc, char **argv)
             printf("%s: %d cuts, %d tickets each\n", mode_names[mode], cuts,
                    mode == MODE_CAPTURE ? CAPTURE_TICKETS : STASH_TICKETS);
     }
+    if (status == 0 && !check_ktls(sctx, cctx))
+        status = 1;
     p_SSL_CTX_free(sctx);
     p_SSL_CTX_free(cctx);
     return status;
