@@ -12,6 +12,7 @@ the issue prescribes (half the stall).  The servers and the client are
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 import ssl
 import statistics
@@ -385,10 +386,11 @@ def test_connection_made_hooks_wrap_once_and_check_signatures() -> None:
 
 
 _CHILD = """
+import importlib.util
 import sys
 import tlsctl
 from tlsctl import _quickack as q
-frameworks = ("asyncio", "trio", "uvloop")
+frameworks = ("asyncio", "trio", "uvloop", "aiohttp")
 assert not any(m.split(".")[0] in frameworks for m in sys.modules), sorted(sys.modules)
 print(q.status())
 import asyncio.sslproto
@@ -399,15 +401,26 @@ assert q._finder not in sys.meta_path
 q.install()
 print(q.status())
 assert asyncio.sslproto.SSLProtocol._on_handshake_complete.__wrapped__ is original
+import asyncio.streams
+made = asyncio.streams.StreamReaderProtocol.connection_made
+assert not hasattr(made, "__wrapped__")  # no uvloop: the stdlib loop pays nothing
 import trio
 print(q.status())
 assert trio.SSLStream._do_handshake.__wrapped__
 loader = trio._ssl.__spec__.loader
 assert type(loader).__module__.startswith("_frozen_importlib"), loader
 assert trio._ssl.__loader__ is loader
+assert set(q._finder._watched.items()) == {("uvloop", "uvloop")}  # all wait for it
+import uvloop  # after the protocol module: hooked now
+print(q.status())
+assert asyncio.streams.StreamReaderProtocol.connection_made.__wrapped__ is made
+if importlib.util.find_spec("aiohttp") is not None:
+    import aiohttp.web_protocol  # after uvloop: hooked on import
+    assert aiohttp.web_protocol.RequestHandler.connection_made.__wrapped__
+    print("aiohttp hooked on import")
 left = set(q._finder._watched.values())  # the other servers' protocols
 assert left == {f for f in q._HOOKS if f.startswith("uvloop: ")} - {
-    "uvloop: start_server"
+    "uvloop: start_server", "uvloop: aiohttp"
 }, left
 for framework in left:
     q._finder.done(framework)
@@ -415,9 +428,16 @@ assert q._finder not in sys.meta_path  # removed once nothing is watched
 """
 
 
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 @linux_only
 def test_frameworks_imported_after_install_are_hooked_on_import() -> None:
+    """Each hook goes in when its module is imported; the uvloop ones only
+    once uvloop is imported too, whichever comes first."""
     pytest.importorskip("trio", reason="trio is not installed")
+    pytest.importorskip("uvloop", reason="uvloop is not installed")
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD],
         capture_output=True,
@@ -430,9 +450,13 @@ def test_frameworks_imported_after_install_are_hooked_on_import() -> None:
     hooks = [*_quickack._HOOKS, "uvloop"]
     assert lines[0] == str(dict.fromkeys(hooks, "not imported"))
     assert eval(lines[1])["asyncio"] == "not installed"
+    # asyncio imports asyncio.streams; its uvloop hook waits for uvloop
     assert eval(lines[2]) == {
         **dict.fromkeys(hooks, "not imported"),
         "asyncio": "active",
-        "uvloop: start_server": "active",  # asyncio imports asyncio.streams
     }
     assert eval(lines[3])["trio"] == "active"
+    after_uvloop = eval(lines[4])
+    assert after_uvloop["uvloop: start_server"] == "active"
+    assert after_uvloop["uvloop"].startswith("partial: ")
+    assert lines[5:] == (["aiohttp hooked on import"] if _has("aiohttp") else [])

@@ -112,7 +112,7 @@ def _doctor_quickack() -> None:
     else:
         print(f"  {'quickack sockets':36} active (set in C when the handshake is done)")
     # What a server here would get: every hooked module that imports.
-    modules = [module for module, _ in _quickack._HOOKS.values()]
+    modules = [module for module, _, _ in _quickack._HOOKS.values()]
     for name in ("asyncio", "trio", "uvloop", *modules):
         try:
             importlib.import_module(name)

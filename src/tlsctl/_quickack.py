@@ -57,7 +57,9 @@ its transport:
   ``StreamReaderProtocol`` (``asyncio.start_server``, hypercorn's uvloop
   worker), uvicorn's ``H11Protocol`` and ``HttpToolsProtocol``, aiohttp's
   ``RequestHandler`` and websockets' asyncio ``Connection``; the wrapper
-  acts only on uvloop's transports (the stdlib loop's hook came first).
+  acts only on uvloop's transports (the stdlib loop's hook came first),
+  and is installed only once ``uvloop`` itself is imported, so servers on
+  the stdlib loop pay nothing for it.
   Another protocol on uvloop calls ``tlsctl.quickack(transport)`` first in
   its ``connection_made``.  STARTTLS on uvloop (``loop.start_tls``,
   ``StreamWriter.start_tls``) calls no ``connection_made`` (uvloop passes
@@ -81,7 +83,9 @@ framework imported later, it leaves a finder on ``sys.meta_path`` that
 declines every import except the watched module names; for those it lets
 the other finders find the module and runs the hook right after the
 module's code has executed, then puts the module's own loader back and
-removes itself once nothing is left to watch.
+removes itself once nothing is left to watch.  A hook that waits for
+another module (the uvloop ones wait for ``uvloop``) is installed when
+both are imported, in either order.
 """
 
 from __future__ import annotations
@@ -323,29 +327,36 @@ def _has_parameters(func: Any, names: Sequence[str]) -> bool:
     )
 
 
-# framework -> (module holding the hook, the function hooking it)
-_HOOKS: dict[str, tuple[str, Callable[[ModuleType], str]]] = {
-    "asyncio": ("asyncio.sslproto", _hook_asyncio),
-    "trio": ("trio._ssl", _hook_trio),
+# framework -> (module holding the hook, the function hooking it, a module
+# that must be imported first or None): the uvloop hooks wait for uvloop, so
+# a server on the stdlib loop never runs them (the asyncio hook serves it).
+_HOOKS: dict[str, tuple[str, Callable[[ModuleType], str], str | None]] = {
+    "asyncio": ("asyncio.sslproto", _hook_asyncio, None),
+    "trio": ("trio._ssl", _hook_trio, None),
     "uvloop: start_server": (
         "asyncio.streams",
         _connection_made_hook("StreamReaderProtocol"),
+        "uvloop",
     ),
     "uvloop: uvicorn h11": (
         "uvicorn.protocols.http.h11_impl",
         _connection_made_hook("H11Protocol"),
+        "uvloop",
     ),
     "uvloop: uvicorn httptools": (
         "uvicorn.protocols.http.httptools_impl",
         _connection_made_hook("HttpToolsProtocol"),
+        "uvloop",
     ),
     "uvloop: aiohttp": (
         "aiohttp.web_protocol",
         _connection_made_hook("RequestHandler"),
+        "uvloop",
     ),
     "uvloop: websockets": (
         "websockets.asyncio.connection",
         _connection_made_hook("Connection"),
+        "uvloop",
     ),
 }
 # framework -> module whose import means the framework is in use
@@ -374,12 +385,39 @@ def _hook(framework: str, module: ModuleType) -> None:
         _results[framework] = f"unavailable: {type(exc).__name__}: {exc}"
 
 
+def _arm(framework: str, imported: str | None = None) -> None:
+    """Hook a framework now if its module and the module it waits for are
+    imported, else watch for the missing one (caller holds ``_lock``).
+    ``imported``: a module whose code has just run (``_loaded`` does not
+    count it until its import returns)."""
+    module_name, _, requires = _HOOKS[framework]
+    if requires not in (None, imported) and _loaded(requires) is None:
+        _finder.watch(requires, requires)
+        return
+    module = _loaded(module_name)
+    if module is not None:
+        _hook(framework, module)
+    else:
+        _finder.watch(module_name, framework)
+
+
+def _imported(name: str, module: ModuleType) -> None:
+    """A watched module ran: its framework's hook, or, for a module others
+    wait for (uvloop), theirs (caller holds ``_lock``)."""
+    if name in _HOOKS:
+        _hook(name, module)
+        return
+    for framework, (_, _, requires) in _HOOKS.items():
+        if requires == name:
+            _arm(framework, imported=name)
+
+
 class _HookingLoader:
     """The watched module's own loader, plus the hook after its code ran."""
 
     def __init__(self, loader: Any, framework: str) -> None:
         self._loader = loader
-        self._framework = framework
+        self._framework = framework  # or the module others wait for
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self._loader.create_module(spec)
@@ -392,8 +430,8 @@ class _HookingLoader:
         module.__loader__ = self._loader
         self._loader.exec_module(module)
         with _lock:
-            _hook(self._framework, module)
             _finder.done(self._framework)
+            _imported(self._framework, module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, is_package, ...
         return getattr(self._loader, name)
@@ -404,7 +442,9 @@ class _PostImportFinder:
     it and hands back their spec with a loader that hooks after exec."""
 
     def __init__(self) -> None:
-        self._watched: dict[str, str] = {}  # module name -> framework
+        # module name -> framework, or the name itself for a module that
+        # frameworks wait for
+        self._watched: dict[str, str] = {}
         self._busy = _thread._local()
 
     def watch(self, module_name: str, framework: str) -> None:
@@ -484,12 +524,8 @@ def install() -> None:
             from tlsctl._policy import connection_state
 
             _connection_state = connection_state
-            for framework, (module_name, _) in _HOOKS.items():
-                module = _loaded(module_name)
-                if module is not None:
-                    _hook(framework, module)
-                else:
-                    _finder.watch(module_name, framework)
+            for framework in _HOOKS:
+                _arm(framework)
         _installed = True
 
 
@@ -497,17 +533,20 @@ def status() -> dict[str, str]:
     """Per hook (``asyncio``, ``trio``, ``uvloop: <server protocol>``) and
     for ``uvloop`` itself, for ``python -m tlsctl doctor``: ``"active"``
     (hooked), ``"unavailable: <reason>"``, ``"not imported"`` (hooked when
-    it is imported, if ``install()`` ran), ``"not installed"`` (imported,
-    but ``install()`` has not run); ``uvloop``, once imported, is
-    ``"partial: ..."`` (only the hooked protocols are reached)."""
+    it, and for ``uvloop: ...`` uvloop, is imported, if ``install()`` ran),
+    ``"not installed"`` (imported, but ``install()`` has not run);
+    ``uvloop``, once imported, is ``"partial: ..."`` (only the hooked
+    protocols are reached)."""
     out: dict[str, str] = {}
     with _lock:
-        for framework, (module_name, _) in _HOOKS.items():
+        for framework, (module_name, _, requires) in _HOOKS.items():
             if _QUICKACK is None:
                 out[framework] = "unavailable: no socket.TCP_QUICKACK (Linux only)"
             elif framework in _results:
                 out[framework] = _results[framework]
-            elif _loaded(module_name) is None:
+            elif _loaded(module_name) is None or (
+                requires is not None and _loaded(requires) is None
+            ):
                 out[framework] = NOT_IMPORTED
             else:
                 out[framework] = NOT_INSTALLED
