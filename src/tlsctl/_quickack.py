@@ -122,6 +122,7 @@ _UVLOOP_REASON = (
 _lock = _thread.allocate_lock()
 _installed = False
 _results: dict[str, str] = {}  # framework -> "active" or "unavailable: ..."
+_pending: dict[str, ModuleType] = {}  # framework -> its module, waiting for uvloop
 _connection_state: Callable[[Any], Any] | None = None
 
 
@@ -385,31 +386,32 @@ def _hook(framework: str, module: ModuleType) -> None:
         _results[framework] = f"unavailable: {type(exc).__name__}: {exc}"
 
 
-def _arm(framework: str, imported: str | None = None) -> None:
-    """Hook a framework now if its module and the module it waits for are
-    imported, else watch for the missing one (caller holds ``_lock``).
-    ``imported``: a module whose code has just run (``_loaded`` does not
-    count it until its import returns)."""
-    module_name, _, requires = _HOOKS[framework]
-    if requires not in (None, imported) and _loaded(requires) is None:
-        _finder.watch(requires, requires)
-        return
-    module = _loaded(module_name)
-    if module is not None:
+def _ready(framework: str, module: ModuleType) -> None:
+    """The framework's module has run: hook it, or, while the module it
+    waits for (uvloop) is not imported, keep it for then (caller holds
+    ``_lock``).  That module counts from the start of its import: the
+    uvloop hooks act on uvloop's transports only, so being early is
+    harmless, and a module whose import is under way is never found again
+    by the finder.  Watch first, then look again: that leaves a window of a
+    few instructions for an import starting at that moment in another
+    thread."""
+    requires = _HOOKS[framework][2]
+    if requires is None or requires in sys.modules:
         _hook(framework, module)
-    else:
-        _finder.watch(module_name, framework)
-
-
-def _imported(name: str, module: ModuleType) -> None:
-    """A watched module ran: its framework's hook, or, for a module others
-    wait for (uvloop), theirs (caller holds ``_lock``)."""
-    if name in _HOOKS:
-        _hook(name, module)
         return
+    _pending[framework] = module
+    _finder.watch(requires, requires)
+    if requires in sys.modules:  # its import began meanwhile
+        _finder.done(requires)
+        _imported(requires)
+
+
+def _imported(name: str) -> None:
+    """A watched module ran or is running: hook what waits for it (caller
+    holds ``_lock``)."""
     for framework, (_, _, requires) in _HOOKS.items():
-        if requires == name:
-            _arm(framework, imported=name)
+        if requires == name and framework in _pending:
+            _hook(framework, _pending.pop(framework))
 
 
 class _HookingLoader:
@@ -431,7 +433,10 @@ class _HookingLoader:
         self._loader.exec_module(module)
         with _lock:
             _finder.done(self._framework)
-            _imported(self._framework, module)
+            if self._framework in _HOOKS:
+                _ready(self._framework, module)
+            else:
+                _imported(self._framework)
 
     def __getattr__(self, name: str) -> Any:  # get_source, is_package, ...
         return getattr(self._loader, name)
@@ -524,8 +529,12 @@ def install() -> None:
             from tlsctl._policy import connection_state
 
             _connection_state = connection_state
-            for framework in _HOOKS:
-                _arm(framework)
+            for framework, (module_name, _, _) in _HOOKS.items():
+                module = _loaded(module_name)
+                if module is not None:
+                    _ready(framework, module)
+                else:
+                    _finder.watch(module_name, framework)
         _installed = True
 
 
@@ -539,14 +548,12 @@ def status() -> dict[str, str]:
     protocols are reached)."""
     out: dict[str, str] = {}
     with _lock:
-        for framework, (module_name, _, requires) in _HOOKS.items():
+        for framework, (module_name, _, _) in _HOOKS.items():
             if _QUICKACK is None:
                 out[framework] = "unavailable: no socket.TCP_QUICKACK (Linux only)"
             elif framework in _results:
                 out[framework] = _results[framework]
-            elif _loaded(module_name) is None or (
-                requires is not None and _loaded(requires) is None
-            ):
+            elif _loaded(module_name) is None or framework in _pending:
                 out[framework] = NOT_IMPORTED
             else:
                 out[framework] = NOT_INSTALLED
