@@ -11,7 +11,6 @@ stash's write up to any given byte.
 from __future__ import annotations
 
 import re
-import ssl
 import subprocess
 import sys
 import sysconfig
@@ -128,15 +127,14 @@ def test_first_write_survives_every_cut(
     else:
         assert re.fullmatch(r"capture: (\d+) cuts, 3 tickets each", lines[1]), lines
         assert int(lines[1].split()[1]) > 400, lines
-    ktls = re.fullmatch(
+    # The count is OpenSSL's own questions (~30 on a 3.0 built with kTLS,
+    # none where it is built without or asks elsewhere); the program asks
+    # the filter directly too, with a transport that would answer yes.
+    assert re.fullmatch(
         r"ktls: (\d+) questions stopped at the filter, kTLS refused behind it; "
         r"no capture over kTLS",
         lines[2],
-    )
-    assert ktls, lines
-    if tlsctl.info().native_tickets and ssl.OPENSSL_VERSION_INFO < (3, 2):
-        # 3.0 and 3.1 ask the write BIO before every record they write
-        assert int(ktls.group(1)) > 10, lines
+    ), lines
 
 
 def test_the_programs_constants_match_the_real_headers(tmp_path: Path) -> None:

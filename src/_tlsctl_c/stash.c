@@ -52,14 +52,18 @@ static size_t tlsctl_count_records(const unsigned char *p, size_t len)
     return n;
 }
 
-/* Room for len more bytes behind the held ones; 0 when out of memory. */
-static int tlsctl_stash_reserve(tlsctl_stash *st, size_t len)
+/* Room for len more bytes behind the held ones (exact: no more, for a
+ * record copied there for one write); 0 when out of memory. */
+static int tlsctl_stash_reserve(tlsctl_stash *st, size_t len, int exact)
 {
-    size_t cap;
+    size_t need, cap;
     unsigned char *grown;
-    if (st->held_len + len <= st->held_cap)
+    if (len > SIZE_MAX / 2 - st->held_len)
+        return 0;
+    need = st->held_len + len;
+    if (need <= st->held_cap)
         return 1;
-    cap = (st->held_len + len) * 2;
+    cap = exact ? need : need * 2;
     if ((grown = realloc(st->held, cap)) == NULL)
         return 0;
     st->held = grown;
@@ -77,7 +81,7 @@ static int tlsctl_stash_write(BIO *b, const char *data, int len)
     if (st == NULL || next == NULL || len < 0)
         return -1;
     if (st->capturing) {
-        if (!tlsctl_stash_reserve(st, (size_t)len))
+        if (!tlsctl_stash_reserve(st, (size_t)len, 0))
             return -1;
         memcpy(st->held + st->held_len, data, (size_t)len);
         st->held_len += (size_t)len;
@@ -90,7 +94,7 @@ static int tlsctl_stash_write(BIO *b, const char *data, int len)
          * stays what it was (OpenSSL retries a record that did not go). */
         size_t rem = st->held_len - st->held_off;
         if (rem + (size_t)len > 0x7fffffff ||
-            !tlsctl_stash_reserve(st, (size_t)len))
+            !tlsctl_stash_reserve(st, (size_t)len, 1))
             return -1;
         memcpy(st->held + st->held_len, data, (size_t)len);
         n = p_BIO_write(next, st->held + st->held_off,

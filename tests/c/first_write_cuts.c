@@ -423,6 +423,15 @@ static int check_ktls(SSL_CTX *sctx, SSL_CTX *cctx)
         fail("ktls", 0, "the filter let kTLS start behind it");
         goto done;
     }
+    /* Asked directly, while the transport would say "yes": the filter's
+     * own answer (on every OpenSSL, whether or not it asks by itself). */
+    ktls.claim = 1;
+    r = (int)p_BIO_ctrl(filter, BIO_CTRL_GET_KTLS_SEND, 0, NULL);
+    ktls.claim = 0;
+    if (r != 0) {
+        fail("ktls", 0, "the filter passed on the kTLS question");
+        goto done;
+    }
     if (ktls.passed != 0) {
         fail("ktls", 0, "a kTLS control went past the filter");
         goto done;
