@@ -121,7 +121,10 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   so the difference holds 10N resumed ones), a request line and a 100-byte
   response; (11N run - N run) / 10N is the server's cost per connection,
   start-up cancelled.  stock vs native vs stash, ``--repeats`` times
-  (target: stock/patched >= 0.99 for each);
+  (target: stock/patched >= 0.99 for each), and the technique by hand
+  (``tlsserver.py byhand``: ``num_tickets = 0``, the tickets queued with
+  ``SSL_new_session_ticket`` before the response; a reference, no target;
+  OpenSSL 3.0+);
 * write calls per first write (needs strace): the server runs under
   ``strace -f`` tracing write, writev, sendto, sendmsg and sendmmsg, and
   writes markers to /dev/null around each connection's first application
@@ -204,9 +207,11 @@ from bench_inprocess import (
     worker,
 )
 from bench_processes import (
+    BY_HAND,
     MODES,
     SERVER_INSTRUCTIONS_TARGET,
     import_time,
+    instruction_configs,
     rss_table,
     server_configs,
     server_instructions,
@@ -302,7 +307,8 @@ def main() -> int:
     steps += plan.import_runs + (len(MODES) * configs if strace else 0)
     steps += (len(plan.sizes) + len(plan.delays)) if args.scaling else 0
     if args.instructions:
-        steps += plan.repeats * (len(WORK) + len(MODES) * configs)
+        counted = 1 + len(instruction_configs())
+        steps += plan.repeats * (len(WORK) + len(MODES) * counted)
     progress = Progress(steps, enabled=True)
 
     certs = scenarios.make_certs(client_sans=1)
@@ -346,7 +352,12 @@ def main() -> int:
             f"{plan.repeats} repetitions; ratio = stock/patched,\nmedian; range = "
             "min..max of the repetitions' ratios; verdict from the range)",
             rows,
-            dict.fromkeys(rows, SERVER_INSTRUCTIONS_TARGET),
+            {
+                f"server instr/conn, {mode}, {config}": (
+                    None if config == BY_HAND else SERVER_INSTRUCTIONS_TARGET
+                )
+                for mode, config in server_counts
+            },
         )
     if writes_table is not None:
         report_writes(writes_table)
@@ -384,7 +395,7 @@ def main() -> int:
                     r.ratio,
                     r.lo,
                     r.hi,
-                    SERVER_INSTRUCTIONS_TARGET,
+                    None if config == BY_HAND else SERVER_INSTRUCTIONS_TARGET,
                 )
                 for (mode, config), r in server_counts.items()
             ]

@@ -42,7 +42,9 @@ SERVER_CONFIGS: dict[str, tuple[str, str | None]] = {
     "stock": ("stock", None),
     "native": ("patched", "native"),
     "stash": ("patched", "stash"),
+    "by hand": ("byhand", None),  # a reference, in the instruction rows only
 }
+BY_HAND = "by hand"
 MODES = ("full", "resumed")
 
 
@@ -155,7 +157,16 @@ def _server_instructions(
 def server_configs() -> list[str]:
     """The patched server configurations this OpenSSL can run."""
     native = tlsctl.info().native_tickets
-    return [c for c in SERVER_CONFIGS if c != "stock" and (native or c != "native")]
+    return [
+        c
+        for c in SERVER_CONFIGS
+        if c not in ("stock", BY_HAND) and (native or c != "native")
+    ]
+
+
+def instruction_configs() -> list[str]:
+    """Those, and the technique by hand where it can run (OpenSSL 3.0+)."""
+    return server_configs() + ([BY_HAND] if tlsctl.info().native_tickets else [])
 
 
 def server_instructions(
@@ -163,7 +174,7 @@ def server_instructions(
 ) -> dict[tuple[str, str], CountRow]:
     """{(mode, config): row} of server-process instructions per connection."""
     n = plan.server_instr_n
-    configs = ["stock", *server_configs()]
+    configs = ["stock", *instruction_configs()]
     per_conn: dict[tuple[str, str], list[float]] = {}
     for _ in range(plan.repeats):
         for mode in MODES:

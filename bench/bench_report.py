@@ -5,6 +5,7 @@ matplotlib)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from bench_inprocess import ROTATION_EVERY, TARGETS
@@ -70,7 +71,7 @@ def report_latency(rows: dict[str, Latency], pairs: int) -> None:
 
 
 def report_counts(
-    title: str, rows: dict[str, CountRow], targets: dict[str, float]
+    title: str, rows: dict[str, CountRow], targets: Mapping[str, float | None]
 ) -> None:
     print(f"\n{title}")
     print(
@@ -79,9 +80,10 @@ def report_counts(
     )
     for name, r in rows.items():
         target = targets[name]
+        shown = "-" if target is None else f"{target:.2f}"
         print(
             f"{name:40} {r.stock:11.0f} {r.patched:11.0f} {r.ratio:7.4f} "
-            f"{_interval(r.lo, r.hi, 4):>17} {target:6.2f}  "
+            f"{_interval(r.lo, r.hi, 4):>17} {shown:>6}  "
             f"{verdict(r.lo, r.hi, target, True)}"
         )
 

@@ -4,8 +4,12 @@
                               [--tracemalloc]
 
 ``SIDE`` is ``stock`` (a plain ``PROTOCOL_TLS_SERVER`` context; tlsctl is
-not even imported) or ``patched`` (``tlsctl.patch(ctx)``; the mechanism is
-whatever ``TLSCTL_MECHANISM`` in this process's environment selects).
+not even imported), ``patched`` (``tlsctl.patch(ctx)``; the mechanism is
+whatever ``TLSCTL_MECHANISM`` in this process's environment selects) or
+``byhand`` (the technique with no tlsctl code: ``num_tickets = 0`` and the
+tickets, two or one after a resumed handshake, queued with
+``SSL_new_session_ticket`` right before the response, through tlsctl's
+private binding, whose few Python calls are the only glue; OpenSSL 3.0+).
 ``CERTFILE`` holds the server's key and certificate chain (PEM).  It listens
 on 127.0.0.1, prints its port on one line, and then:
 
@@ -81,12 +85,27 @@ def _held_bytes(conns: list[ssl.SSLSocket]) -> tuple[int, int]:
     return held, waiting
 
 
-def serve_one(ctx: ssl.SSLContext, listener: socket.socket, mark: int | None) -> None:
+def queue_by_hand(conn: ssl.SSLSocket) -> None:
+    """The ``byhand`` side: queue the tickets stock would have sent (2, or
+    1 after a resumed handshake) with ``SSL_new_session_ticket``, for the
+    next write to send (tlsctl's private binding: a measuring aid)."""
+    from tlsctl._bind import lib
+
+    ssl_ptr = lib.tlsctl_ssl_of(id(conn._sslobj))  # type: ignore[attr-defined]
+    if lib.tlsctl_queue_tickets(ssl_ptr, 2, 1, 0) < 1:
+        raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
+
+
+def serve_one(
+    ctx: ssl.SSLContext, listener: socket.socket, mark: int | None, by_hand: bool
+) -> None:
     raw, _ = listener.accept()
     raw.settimeout(None)  # a blocking server
     with ctx.wrap_socket(raw, server_side=True) as conn:
         if not recv_line(conn).endswith(b"\n"):
             raise ConnectionError("the client sent no request line")
+        if by_hand:
+            queue_by_hand(conn)
         if mark is not None:
             os.write(mark, MARK_BEGIN + str(conn.fileno()).encode())
         conn.sendall(RESPONSE)
@@ -96,7 +115,7 @@ def serve_one(ctx: ssl.SSLContext, listener: socket.socket, mark: int | None) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("side", choices=["stock", "patched"])
+    parser.add_argument("side", choices=["stock", "patched", "byhand"])
     parser.add_argument("connections", type=int)
     parser.add_argument("certfile")
     parser.add_argument("--mark", action="store_true")
@@ -111,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         import tlsctl
 
         tlsctl.patch(ctx)
+    by_hand = args.side == "byhand"
+    if by_hand:
+        import tlsctl
+
+        tlsctl.info()  # binds the private binding (start-up: cancels out)
+        ctx.num_tickets = 0
     listener = socket.socket()
     listener.bind((LOCALHOST, 0))
     listener.listen(128)
@@ -120,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.idle:
         for _ in range(args.connections):
-            serve_one(ctx, listener, mark)
+            serve_one(ctx, listener, mark, by_hand)
         return 0
 
     for _ in range(args.warm):
-        serve_one(ctx, listener, None)
+        serve_one(ctx, listener, None, by_hand)
     gc.collect()
     if args.tracemalloc:
         import tracemalloc

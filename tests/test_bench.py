@@ -242,3 +242,25 @@ def test_server_process_instructions_per_connection() -> None:
     per_connection = (large - small) / 10
     # A full handshake costs the server millions of instructions, not billions.
     assert 500_000 < per_connection < 100_000_000, per_connection
+
+
+@pytest.mark.skipif(
+    not tlsctl.info().native_tickets,
+    reason="the by-hand reference needs SSL_new_session_ticket (OpenSSL 3.0+)",
+)
+def test_by_hand_server_sends_its_tickets_with_the_response() -> None:
+    """tlsserver.py's ``byhand`` side, the instruction rows' reference
+    (``num_tickets = 0``): the tickets it queues by hand go out with the
+    response, and every later client resumes with one."""
+    from bench_processes import BY_HAND, ServerProcess, exchange_clients
+    from tlsctl import scenarios
+
+    certs = scenarios.make_certs(client_sans=1)
+    client = scenarios.client_context(certs)
+    with tempfile.TemporaryDirectory() as tmp:
+        certfile = os.path.join(tmp, "server.pem")
+        certs.server.private_key_and_cert_chain_pem.write_to_path(certfile)
+        with ServerProcess(BY_HAND, 4, certfile) as server:
+            # raises unless connections 2 to 4 resume
+            exchange_clients(server.port, client, 4, resumed=True)
+            server.finish()
