@@ -357,30 +357,18 @@ done:
 /* ---- kTLS ----------------------------------------------------------- */
 
 static struct {
-    int asked;  /* "does the kernel encrypt?" put to the filter */
-    int passed; /* kTLS controls that reached the transport */
-    int claim;  /* the transport answers "yes, the kernel encrypts" */
+    BIO *filter; /* the stash filter in front of the transport */
+    int asked;   /* "does the kernel encrypt?" put to the filter */
+    int passed;  /* kTLS controls that reached the transport */
+    int claim;   /* the transport answers "yes, the kernel encrypts" */
 } ktls;
 
-static long watch_filter(BIO *b, int oper, const char *argp, size_t len,
-                         int argi, long argl, int ret, size_t *processed)
+/* On the filter and on the transport behind it.  For a control, argi is
+ * its command; the value returned after the call (BIO_CB_RETURN) is what
+ * BIO_ctrl returns. */
+static long watch_ktls(BIO *b, int oper, const char *argp, size_t len, int argi,
+                       long argl, int ret, size_t *processed)
 {
-    (void)b;
-    (void)argp;
-    (void)len;
-    (void)argl;
-    (void)processed;
-    if (oper == X_BIO_CB_CTRL && argi == BIO_CTRL_GET_KTLS_SEND)
-        ktls.asked++;
-    return ret;
-}
-
-/* For a control, argi is its command; the value returned after the call
- * (BIO_CB_RETURN) is what BIO_ctrl returns. */
-static long watch_transport(BIO *b, int oper, const char *argp, size_t len,
-                            int argi, long argl, int ret, size_t *processed)
-{
-    (void)b;
     (void)argp;
     (void)len;
     (void)argl;
@@ -388,10 +376,14 @@ static long watch_transport(BIO *b, int oper, const char *argp, size_t len,
     if ((oper & ~X_BIO_CB_RETURN) != X_BIO_CB_CTRL ||
         (argi != BIO_CTRL_GET_KTLS_SEND && argi != TLSCTL_BIO_CTRL_SET_KTLS))
         return ret;
-    if (oper == X_BIO_CB_CTRL)
+    if (b == ktls.filter) {
+        if (oper == X_BIO_CB_CTRL && argi == BIO_CTRL_GET_KTLS_SEND)
+            ktls.asked++;
+    } else if (oper == X_BIO_CB_CTRL) {
         ktls.passed++;
-    else if (ktls.claim && argi == BIO_CTRL_GET_KTLS_SEND)
+    } else if (ktls.claim && argi == BIO_CTRL_GET_KTLS_SEND) {
         return 1;
+    }
     return ret;
 }
 
@@ -400,18 +392,19 @@ static int check_ktls(SSL_CTX *sctx, SSL_CTX *cctx)
 {
     conn c;
     BIO *filter;
-    int skip = 0, r, ok = 0;
+    int skip = 0, r, asked, ok = 0;
 
     memset(&ktls, 0, sizeof(ktls));
     if (!conn_new(&c, sctx, cctx))
         return fail("ktls", 0, "could not set up the connection");
-    x_BIO_set_callback_ex(c.pair_server, watch_transport);
+    x_BIO_set_callback_ex(c.pair_server, watch_ktls);
     if (tlsctl_stash_install(c.server) != 1 ||
         (filter = p_SSL_get_wbio(c.server)) == c.pair_server) {
         fail("ktls", 0, "tlsctl_stash_install() refused");
         goto done;
     }
-    x_BIO_set_callback_ex(filter, watch_filter);
+    ktls.filter = filter;
+    x_BIO_set_callback_ex(filter, watch_ktls);
     if (!handshake(&c) ||
         x_SSL_write(c.server, message, (int)sizeof(message)) !=
             (int)sizeof(message) ||
@@ -419,6 +412,7 @@ static int check_ktls(SSL_CTX *sctx, SSL_CTX *cctx)
         fail("ktls", 0, "the stash connection did not write");
         goto done;
     }
+    asked = ktls.asked; /* OpenSSL's own questions, before the test's */
     if (p_BIO_ctrl(filter, TLSCTL_BIO_CTRL_SET_KTLS, 1, NULL) != 0) {
         fail("ktls", 0, "the filter let kTLS start behind it");
         goto done;
@@ -437,6 +431,7 @@ static int check_ktls(SSL_CTX *sctx, SSL_CTX *cctx)
         goto done;
     }
     conn_free(&c);
+    ktls.filter = NULL; /* freed with it: its address may come back */
 
     if (!conn_new(&c, sctx, cctx))
         return fail("ktls", 1, "could not set up the connection");
@@ -445,7 +440,7 @@ static int check_ktls(SSL_CTX *sctx, SSL_CTX *cctx)
         fail("ktls", 1, "the TLS 1.3 handshake did not complete");
         goto done;
     }
-    x_BIO_set_callback_ex(c.pair_server, watch_transport);
+    x_BIO_set_callback_ex(c.pair_server, watch_ktls);
     ktls.claim = 1;
     r = tlsctl_capture(c.server, 1);
     ktls.claim = 0;
@@ -455,7 +450,7 @@ static int check_ktls(SSL_CTX *sctx, SSL_CTX *cctx)
     }
     printf("ktls: %d questions stopped at the filter, kTLS refused behind "
            "it; no capture over kTLS\n",
-           ktls.asked);
+           asked);
     ok = 1;
 done:
     conn_free(&c);
