@@ -207,11 +207,10 @@ from bench_inprocess import (
     worker,
 )
 from bench_processes import (
-    BY_HAND,
     MODES,
-    SERVER_INSTRUCTIONS_TARGET,
     import_time,
     instruction_configs,
+    instruction_target,
     rss_table,
     server_configs,
     server_instructions,
@@ -353,9 +352,7 @@ def main() -> int:
             "min..max of the repetitions' ratios; verdict from the range)",
             rows,
             {
-                f"server instr/conn, {mode}, {config}": (
-                    None if config == BY_HAND else SERVER_INSTRUCTIONS_TARGET
-                )
+                f"server instr/conn, {mode}, {config}": instruction_target(config)
                 for mode, config in server_counts
             },
         )
@@ -395,7 +392,7 @@ def main() -> int:
                     r.ratio,
                     r.lo,
                     r.hi,
-                    None if config == BY_HAND else SERVER_INSTRUCTIONS_TARGET,
+                    instruction_target(config),
                 )
                 for (mode, config), r in server_counts.items()
             ]

@@ -81,7 +81,7 @@ def one_by_hand(
     does on a memory BIO (tlsctl's private binding, unchecked pointer: a
     measuring aid only)."""
     pair = BioPair(server, client, session).handshake()
-    _queue_by_hand(pair.server)
+    tlsserver.queue_by_hand(pair.server)
     pair.exchange()
     if session is not None and not pair.client.session_reused:
         raise RuntimeError("the benchmark's handshakes did not resume")
@@ -106,17 +106,6 @@ def junk_psk_hello(server: ssl.SSLContext, hello: bytes) -> int:
     return elapsed
 
 
-def _queue_by_hand(conn: ssl.SSLObject) -> None:
-    """Queue the tickets tlsctl would (two, or one after a resumed
-    handshake) with ``SSL_new_session_ticket`` (tlsctl's private binding,
-    unchecked pointer: a measuring aid only)."""
-    from tlsctl._bind import lib
-
-    real = conn._sslobj  # type: ignore[attr-defined]
-    if lib.tlsctl_queue_tickets(lib.tlsctl_ssl_of(id(real)), 2, 1, 0) < 1:
-        raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
-
-
 def server_exchange(
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
@@ -126,7 +115,7 @@ def server_exchange(
     """A handshake (resumed with ``session``) and one request/response over
     memory BIOs; returns the server thread's CPU time, in ns, in its own
     calls only: ``wrap_bio``, ``do_handshake``, ``read``, ``write``
-    (``by_hand``: on a ``num_tickets = 0`` context, ``_queue_by_hand``
+    (``by_hand``: on a ``num_tickets = 0`` context, ``queue_by_hand``
     right before the write, itself untimed)."""
     clock = time.thread_time_ns
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
@@ -156,7 +145,7 @@ def server_exchange(
     request = server.read(4096)
     spent += clock() - start  # every side stops here: the same clock calls
     if by_hand:  # untimed: the Python glue is no part of the technique
-        _queue_by_hand(server)  # SSL_new_session_ticket only counts them
+        tlsserver.queue_by_hand(server)  # SSL_new_session_ticket only counts them
     start = clock()
     server.write(RESPONSE)  # patched: the tickets go with it
     spent += clock() - start

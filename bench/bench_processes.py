@@ -38,13 +38,13 @@ REQUEST, RESPONSE = tlsserver.REQUEST, tlsserver.RESPONSE
 LOCALHOST = tlsserver.LOCALHOST
 SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tlsserver.py")
 # Server subprocess configurations: name -> (tlsserver.py side, TLSCTL_MECHANISM).
+BY_HAND = "by hand"  # a reference, in the instruction rows only
 SERVER_CONFIGS: dict[str, tuple[str, str | None]] = {
     "stock": ("stock", None),
     "native": ("patched", "native"),
     "stash": ("patched", "stash"),
-    "by hand": ("byhand", None),  # a reference, in the instruction rows only
+    BY_HAND: ("byhand", None),
 }
-BY_HAND = "by hand"
 MODES = ("full", "resumed")
 
 
@@ -167,6 +167,11 @@ def server_configs() -> list[str]:
 def instruction_configs() -> list[str]:
     """Those, and the technique by hand where it can run (OpenSSL 3.0+)."""
     return server_configs() + ([BY_HAND] if tlsctl.info().native_tickets else [])
+
+
+def instruction_target(config: str) -> float | None:
+    """The target of a configuration's instruction rows (None: a reference)."""
+    return None if config == BY_HAND else SERVER_INSTRUCTIONS_TARGET
 
 
 def server_instructions(

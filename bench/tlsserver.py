@@ -85,13 +85,15 @@ def _held_bytes(conns: list[ssl.SSLSocket]) -> tuple[int, int]:
     return held, waiting
 
 
-def queue_by_hand(conn: ssl.SSLSocket) -> None:
-    """The ``byhand`` side: queue the tickets stock would have sent (2, or
-    1 after a resumed handshake) with ``SSL_new_session_ticket``, for the
-    next write to send (tlsctl's private binding: a measuring aid)."""
+def queue_by_hand(conn: ssl.SSLSocket | ssl.SSLObject) -> None:
+    """The technique by hand (the ``byhand`` side, and bench.py's in-process
+    reference rows): queue the tickets stock would have sent (2, or 1 after
+    a resumed handshake) with ``SSL_new_session_ticket``, for the next write
+    to send (tlsctl's private binding, unchecked pointer: a measuring aid
+    only)."""
     from tlsctl._bind import lib
 
-    ssl_ptr = lib.tlsctl_ssl_of(id(conn._sslobj))  # type: ignore[attr-defined]
+    ssl_ptr = lib.tlsctl_ssl_of(id(conn._sslobj))  # type: ignore[union-attr]
     if lib.tlsctl_queue_tickets(ssl_ptr, 2, 1, 0) < 1:
         raise RuntimeError("SSL_new_session_ticket failed (OpenSSL 3.0+ only)")
 
