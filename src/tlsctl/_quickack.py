@@ -328,37 +328,29 @@ def _has_parameters(func: Any, names: Sequence[str]) -> bool:
     )
 
 
-# framework -> (module holding the hook, the function hooking it, a module
-# that must be imported first or None): the uvloop hooks wait for uvloop, so
-# a server on the stdlib loop never runs them (the asyncio hook serves it).
-_HOOKS: dict[str, tuple[str, Callable[[ModuleType], str], str | None]] = {
+if TYPE_CHECKING:
+    # (module holding the hook, the function hooking it, a module that must
+    # be imported first or None)
+    _Hook = tuple[str, Callable[[ModuleType], str], str | None]
+
+
+def _on_uvloop(module_name: str, class_name: str) -> _Hook:
+    """A server protocol's ``connection_made`` hook, waiting for uvloop."""
+    return (module_name, _connection_made_hook(class_name), "uvloop")
+
+
+# framework -> its _Hook: the uvloop hooks wait for uvloop, so a server on
+# the stdlib loop never runs them (the asyncio hook serves it).
+_HOOKS: dict[str, _Hook] = {
     "asyncio": ("asyncio.sslproto", _hook_asyncio, None),
     "trio": ("trio._ssl", _hook_trio, None),
-    "uvloop: start_server": (
-        "asyncio.streams",
-        _connection_made_hook("StreamReaderProtocol"),
-        "uvloop",
+    "uvloop: start_server": _on_uvloop("asyncio.streams", "StreamReaderProtocol"),
+    "uvloop: uvicorn h11": _on_uvloop("uvicorn.protocols.http.h11_impl", "H11Protocol"),
+    "uvloop: uvicorn httptools": _on_uvloop(
+        "uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"
     ),
-    "uvloop: uvicorn h11": (
-        "uvicorn.protocols.http.h11_impl",
-        _connection_made_hook("H11Protocol"),
-        "uvloop",
-    ),
-    "uvloop: uvicorn httptools": (
-        "uvicorn.protocols.http.httptools_impl",
-        _connection_made_hook("HttpToolsProtocol"),
-        "uvloop",
-    ),
-    "uvloop: aiohttp": (
-        "aiohttp.web_protocol",
-        _connection_made_hook("RequestHandler"),
-        "uvloop",
-    ),
-    "uvloop: websockets": (
-        "websockets.asyncio.connection",
-        _connection_made_hook("Connection"),
-        "uvloop",
-    ),
+    "uvloop: aiohttp": _on_uvloop("aiohttp.web_protocol", "RequestHandler"),
+    "uvloop: websockets": _on_uvloop("websockets.asyncio.connection", "Connection"),
 }
 # framework -> module whose import means the framework is in use
 _UNREACHABLE: dict[str, tuple[str, str]] = {"uvloop": ("uvloop", _UVLOOP_REASON)}
