@@ -180,6 +180,66 @@ def test_exception_hierarchy_and_openssl_text() -> None:
     assert str(tlsctl.TlsctlError("plain")) == "plain"
 
 
+# The public names whose modules load with their first use (tlsctl.__init__).
+LAZY_MODULES = (
+    "tlsctl._inject",
+    "tlsctl._keyfiles",
+    "tlsctl._keyfork",
+    "tlsctl._keysig",
+    "tlsctl._lifecycle",
+    "tlsctl._tickets",
+)
+
+
+def test_a_patching_server_loads_no_key_or_callback_module() -> None:
+    """``import tlsctl``, ``patch()`` and a patched connection load none of
+    the modules behind the lazily loaded names (callbacks, keys, key files,
+    injection); the first use of such a name loads its module."""
+    code = (
+        "import sys, ssl\n"
+        "import tlsctl\n"
+        "from tlsctl import scenarios\n"
+        "certs = scenarios.make_certs()\n"
+        "server = tlsctl.patch(scenarios.server_context(certs))\n"
+        "done = scenarios.memory_bio_request_response(\n"
+        "    server, scenarios.client_context(certs)\n"
+        ")\n"
+        "assert done.replies_ok == done.connections == 2, done\n"
+        "assert done.early_bytes == 0 and done.tickets > 0, done\n"
+        f"lazy = {LAZY_MODULES!r}\n"
+        "print(sorted(m for m in lazy if m in sys.modules))\n"
+        "tlsctl.set_ticket_keys\n"
+        "print(sorted(m for m in lazy if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = proc.stdout.splitlines()
+    assert loaded[0] == "[]"
+    assert loaded[1] == "['tlsctl._tickets']"
+
+
+def test_lazily_loaded_names_are_the_modules_own() -> None:
+    """Every public name resolves, lazily loaded or not, to the object its
+    module defines; ``dir()`` and ``import *`` see them all; an unknown name
+    is an AttributeError."""
+    import importlib
+
+    namespace: dict[str, object] = {}
+    exec("from tlsctl import *", namespace)
+    for name in tlsctl.__all__:
+        assert name in dir(tlsctl)
+        assert namespace[name] is getattr(tlsctl, name)
+    for name, module in vars(tlsctl)["_LAZY"].items():
+        assert f"tlsctl.{module}" in LAZY_MODULES
+        assert getattr(tlsctl, name) is getattr(
+            importlib.import_module(f"tlsctl.{module}"), name
+        )
+    with pytest.raises(AttributeError, match="has no attribute 'nonesuch'"):
+        tlsctl.nonesuch  # type: ignore[attr-defined]  # noqa: B018
+
+
 def test_import_loads_nothing_heavy() -> None:
     """``import tlsctl`` stays within a few ms of ``import ssl`` (the
     benchmark measures it): none of these modules, which ssl does not load,
@@ -196,6 +256,7 @@ def test_import_loads_nothing_heavy() -> None:
         "tempfile",
         "importlib.abc",
         "encodings.idna",
+        "weakref",
     )
     code = (
         "import sys, ssl\n"

@@ -40,13 +40,6 @@ from tlsctl._errors import (
     TlsctlError,
     UnsupportedError,
 )
-from tlsctl._inject import extract_from_ssl, inject_into_ssl
-from tlsctl._keyfiles import KeyFileWarning, KeyWatcher, watch_ticket_keys
-from tlsctl._lifecycle import (
-    MAX_TICKET_LIFETIME,
-    rotate_ticket_keys,
-    set_ticket_lifetime,
-)
 from tlsctl._policy import (
     MAX_TICKETS,
     POLICIES,
@@ -57,14 +50,64 @@ from tlsctl._policy import (
 )
 from tlsctl._pyhold import SocketsNotDeferredWarning
 from tlsctl._quickack import quickack
-from tlsctl._tickets import (
-    ResumeStatus,
-    TicketDecision,
-    TicketKey,
-    TicketStatus,
-    set_ticket_callbacks,
-    set_ticket_keys,
-)
+
+# The rest of the API loads with its first use (PEP 562): a server that only
+# patches never imports the callback, key, key-file and injection modules
+# (~2 ms of ``import tlsctl``; docs/performance.md, "Import").  Type
+# checkers see the plain imports below.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from tlsctl._inject import extract_from_ssl, inject_into_ssl
+    from tlsctl._keyfiles import KeyFileWarning, KeyWatcher, watch_ticket_keys
+    from tlsctl._lifecycle import (
+        MAX_TICKET_LIFETIME,
+        rotate_ticket_keys,
+        set_ticket_lifetime,
+    )
+    from tlsctl._tickets import (
+        ResumeStatus,
+        TicketDecision,
+        TicketKey,
+        TicketStatus,
+        set_ticket_callbacks,
+        set_ticket_keys,
+    )
+
+# {public name: the submodule that defines it}, for __getattr__.
+_LAZY = {
+    "extract_from_ssl": "_inject",
+    "inject_into_ssl": "_inject",
+    "KeyFileWarning": "_keyfiles",
+    "KeyWatcher": "_keyfiles",
+    "watch_ticket_keys": "_keyfiles",
+    "MAX_TICKET_LIFETIME": "_lifecycle",
+    "rotate_ticket_keys": "_lifecycle",
+    "set_ticket_lifetime": "_lifecycle",
+    "ResumeStatus": "_tickets",
+    "TicketDecision": "_tickets",
+    "TicketKey": "_tickets",
+    "TicketStatus": "_tickets",
+    "set_ticket_callbacks": "_tickets",
+    "set_ticket_keys": "_tickets",
+}
+
+
+# Hidden from type checkers, which would otherwise accept any name (a typo
+# included) as an attribute of the package.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        """Load a lazily imported public name (and keep it in the module)."""
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'tlsctl' has no attribute {name!r}")
+        value = getattr(__import__(f"tlsctl.{module}", fromlist=[name]), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

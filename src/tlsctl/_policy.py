@@ -105,7 +105,7 @@ tickets in pure Python.
 from __future__ import annotations
 
 import ssl
-import weakref
+from _weakref import ref as _weakref
 
 from tlsctl import _bind, _pyhold, _quickack, _wrap
 from tlsctl._errors import (
@@ -167,7 +167,7 @@ class _CallbackRecord:
     __slots__ = ("conn", "exc")
 
     def __init__(self, conn: Connection) -> None:
-        self.conn = weakref.ref(conn)
+        self.conn = _weakref(conn)
         self.exc: BaseException | None = None
 
 

@@ -64,13 +64,14 @@ from __future__ import annotations
 import operator
 import ssl
 import sys
-import weakref
+from _weakref import ref as _weakref
 
 from tlsctl import _bind, _wrap
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # nothing from typing at run time: import cost
     from typing import Any, Callable
+    from weakref import WeakKeyDictionary
 
 __all__ = [
     "SocketsNotDeferredWarning",
@@ -103,7 +104,18 @@ class _State:
         self.issued = 0  # ticket records released
 
 
-_STATES: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
+# Made by the first plan (weakref's import is ~0.5 ms of ``import tlsctl``,
+# which a process that never uses this mechanism need not pay).
+_STATES: WeakKeyDictionary[Any, _State] | None = None
+
+
+def _states() -> WeakKeyDictionary[Any, _State]:
+    global _STATES
+    if _STATES is None:
+        from weakref import WeakKeyDictionary
+
+        _STATES = WeakKeyDictionary()
+    return _STATES
 
 
 def _records(data: bytes) -> int:
@@ -124,7 +136,7 @@ class _HoldProxy:
 
     def __init__(self, conn: Any, real: Any, out: ssl.MemoryBIO, state: _State) -> None:
         setattr_ = object.__setattr__
-        setattr_(self, "_conn", weakref.ref(conn))  # no cycle through conn
+        setattr_(self, "_conn", _weakref(conn))  # no cycle through conn
         setattr_(self, "_real", real)
         setattr_(self, "_out", out)
         setattr_(self, "_state", state)
@@ -250,7 +262,7 @@ def make_plan(setup: Callable[[Any], None] | None) -> _wrap.BioPlan:
         if setup is not None:
             setup(conn)
         any_conn: Any = conn
-        state = _STATES[conn] = _State("defer")
+        state = _states()[conn] = _State("defer")
         any_conn._sslobj = _HoldProxy(conn, any_conn._sslobj, outgoing, state)
 
     return _wrap.BioPlan(setup, bio)
@@ -261,7 +273,7 @@ def record_plan(policy: str) -> _wrap.BioPlan:
     (``"immediate"``): only remember the policy, for ``connection_state``."""
 
     def record(conn: Any, outgoing: Any = None) -> None:
-        _STATES[conn] = _State(policy)
+        _states()[conn] = _State(policy)
 
     return _wrap.BioPlan(record, record)
 
@@ -269,7 +281,7 @@ def record_plan(policy: str) -> _wrap.BioPlan:
 def manages(conn: object) -> bool:
     """``conn`` was set up by a plan of this module."""
     try:
-        return conn in _STATES
+        return _STATES is not None and conn in _STATES
     except TypeError:  # not weakly referenceable
         return False
 
@@ -277,6 +289,8 @@ def manages(conn: object) -> bool:
 def state_of(conn: object) -> tuple[str, bool, int] | None:
     """(policy, tickets held, ticket records released), or ``None`` when
     this module did not set ``conn`` up."""
+    if _STATES is None:
+        return None
     try:
         state = _STATES.get(conn)
     except TypeError:
