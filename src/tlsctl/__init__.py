@@ -48,13 +48,12 @@ from tlsctl._policy import (
     issue_tickets,
     patch,
 )
-from tlsctl._pyhold import SocketsNotDeferredWarning
 from tlsctl._quickack import quickack
 
 # The rest of the API loads with its first use (PEP 562): a server that only
-# patches never imports the callback, key, key-file and injection modules
-# (~2 ms of ``import tlsctl``; docs/performance.md, "Import").  Type
-# checkers see the plain imports below.
+# patches never imports the callback, key, key-file and injection modules,
+# nor the python mechanism's (~2 ms of ``import tlsctl``;
+# docs/performance.md, "Import").  Type checkers see the plain imports below.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from tlsctl._inject import extract_from_ssl, inject_into_ssl
@@ -64,6 +63,7 @@ if TYPE_CHECKING:
         rotate_ticket_keys,
         set_ticket_lifetime,
     )
+    from tlsctl._pyhold import SocketsNotDeferredWarning
     from tlsctl._tickets import (
         ResumeStatus,
         TicketDecision,
@@ -83,6 +83,7 @@ _LAZY = {
     "MAX_TICKET_LIFETIME": "_lifecycle",
     "rotate_ticket_keys": "_lifecycle",
     "set_ticket_lifetime": "_lifecycle",
+    "SocketsNotDeferredWarning": "_pyhold",
     "ResumeStatus": "_tickets",
     "TicketDecision": "_tickets",
     "TicketKey": "_tickets",

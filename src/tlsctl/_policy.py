@@ -105,9 +105,10 @@ tickets in pure Python.
 from __future__ import annotations
 
 import ssl
+import sys
 from _weakref import ref as _weakref
 
-from tlsctl import _bind, _pyhold, _quickack, _wrap
+from tlsctl import _bind, _quickack, _wrap
 from tlsctl._errors import (
     ConnectionStateError,
     OpenSSLError,
@@ -117,6 +118,7 @@ from tlsctl._record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # nothing from typing at run time: import cost
+    from types import ModuleType
     from typing import Any, Union
 
     Connection = Union[ssl.SSLSocket, ssl.SSLObject]
@@ -212,9 +214,16 @@ def _sslobj_of(conn: Connection) -> Any:
 
 
 # The C first-write proxy (None when nothing is bound: then nothing is
-# armed) and the python mechanism's; both keep the real object in _real.
+# armed); the python mechanism's is _pyhold.PROXY.  Both keep the real
+# object in _real.
 _C_PROXY: type | None = _bind.fast.get("FirstWriteProxy")
-_PROXIES = (_C_PROXY, _pyhold.PROXY) if _C_PROXY is not None else (_pyhold.PROXY,)
+
+
+def _pyhold_loaded() -> ModuleType | None:  # tlsctl-pymech
+    """The python mechanism's module once a plan of it was made: no
+    connection is managed by it before (``import tlsctl`` leaves it out,
+    ~0.3 ms, on a server that never uses it)."""
+    return sys.modules.get("tlsctl._pyhold")
 
 
 def _c_names(prefix: str) -> dict[int, str]:
@@ -245,7 +254,9 @@ _POLICY_CODES = {name: code for code, name in _POLICY_NAMES.items()}
 def _real_sslobj(conn: Connection) -> Any:
     """The connection's ``_ssl._SSLSocket`` behind any proxies."""
     sslobj = _sslobj_of(conn)
-    while type(sslobj) in _PROXIES:
+    pyhold = _pyhold_loaded()
+    proxies = (_C_PROXY, None if pyhold is None else pyhold.PROXY)
+    while type(sslobj) in proxies:
         sslobj = sslobj._real
     return sslobj
 
@@ -308,6 +319,8 @@ def _python_plan(policy: _Policy, callbacks: bool) -> Any:
     policies can only be ``immediate`` (stock, recorded).  With the binding
     (``TLSCTL_MECHANISM=python``), ``count`` and ticket callbacks are set up
     through it on every server connection, as the stash does."""
+    from tlsctl import _pyhold
+
     if policy.tickets != "defer":
         return _pyhold.record_plan(policy.tickets)
     setup = None
@@ -412,8 +425,10 @@ def patch(
     if not _bind.info().bound:  # tlsctl-pymech
         _patch_unbound(target, tickets, count, renew_on_resume)
         if tickets == "defer":
+            from tlsctl._pyhold import warn_sockets
+
             _quickack.install()
-            _pyhold.warn_sockets(stacklevel=1)
+            warn_sockets(stacklevel=1)
         return ctx
     ptr, kind = _bind.ctx_pointer(target)
     count = check_settings(tickets, count, renew_on_resume)
@@ -446,7 +461,9 @@ def patch(
         # handshake hooks (sockets do it in C: _binding, 10.)
         _quickack.install()
     if tickets == "defer" and _bind.info().mechanism == "python":
-        _pyhold.warn_sockets(stacklevel=1)  # tlsctl-pymech
+        from tlsctl._pyhold import warn_sockets  # tlsctl-pymech
+
+        warn_sockets(stacklevel=1)
     return ctx
 
 
@@ -511,7 +528,8 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
             f"{type(conn).__module__}.{type(conn).__qualname__}"
         )
     _bind.require_bound("issue_tickets()")  # tlsctl-pymech
-    if _pyhold.manages(conn):
+    pyhold = _pyhold_loaded()
+    if pyhold is not None and pyhold.manages(conn):
         raise UnsupportedError(
             "issue_tickets() does not combine with the python mechanism "
             "(TLSCTL_MECHANISM=python) on the connections it set up"
@@ -555,7 +573,8 @@ def connection_state(conn: Connection) -> ConnectionState:
             f"expected an ssl.SSLSocket or ssl.SSLObject, got {type(conn).__name__}"
         )
     sslobj = _sslobj_of(conn)
-    python = _pyhold.state_of(conn) if sslobj is not None else None
+    pyhold = _pyhold_loaded()
+    python = None if sslobj is None or pyhold is None else pyhold.state_of(conn)
     if python is not None:  # tlsctl-pymech: the python mechanism's record
         return ConnectionState(*python)
     if sslobj is None or not _bind.info().bound:
