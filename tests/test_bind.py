@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -193,21 +194,29 @@ LAZY_MODULES = (
 
 
 def test_a_patching_server_loads_no_key_or_callback_module() -> None:
-    """``import tlsctl``, ``patch()`` and a patched connection load none of
-    the modules behind the lazily loaded names (callbacks, keys, key files,
+    """``import tlsctl``, ``patch()``, patched connections (memory BIO and
+    socket), ``connection_state`` and ``issue_tickets`` load none of the
+    modules behind the lazily loaded names (callbacks, keys, key files,
     injection, the python mechanism where another one serves); the first use
     of such a name loads its module."""
     code = (
-        "import sys, ssl\n"
+        "import ssl, sys\n"
         "import tlsctl\n"
         "from tlsctl import scenarios\n"
         "certs = scenarios.make_certs()\n"
         "server = tlsctl.patch(scenarios.server_context(certs))\n"
-        "done = scenarios.memory_bio_request_response(\n"
-        "    server, scenarios.client_context(certs)\n"
-        ")\n"
+        "client = scenarios.client_context(certs)\n"
+        "done = scenarios.memory_bio_request_response(server, client)\n"
         "assert done.replies_ok == done.connections == 2, done\n"
         "assert done.early_bytes == 0 and done.tickets > 0, done\n"
+        "sockets = scenarios.request_response(server, client, connections=2)\n"
+        "assert sockets.replies_ok == 2, sockets\n"
+        "conn = server.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)\n"
+        "print(tlsctl.connection_state(conn).policy)\n"
+        "try:\n"
+        "    tlsctl.issue_tickets(conn)\n"
+        "except tlsctl.TlsctlError as exc:\n"
+        "    print(type(exc).__name__)\n"
         f"lazy = {LAZY_MODULES!r}\n"
         "print(sorted(m for m in lazy if m in sys.modules))\n"
         "tlsctl.set_ticket_keys\n"
@@ -217,11 +226,48 @@ def test_a_patching_server_loads_no_key_or_callback_module() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    loaded = proc.stdout.splitlines()
+    policy, refused, loaded, after = proc.stdout.splitlines()
+    assert policy == "defer"
+    info = tlsctl.info()
+    # issue_tickets() before the handshake: refused by the binding's check;
+    # a connection of the python mechanism's, or no binding, refused first
+    if info.mechanism != "python":
+        assert refused == "ConnectionStateError"
+    else:
+        assert refused == ("UnsupportedError" if info.bound else "NotBoundError")
     # the python mechanism's module comes with a plan of that mechanism
-    pyhold = ["tlsctl._pyhold"] if tlsctl.info().mechanism == "python" else []
-    assert loaded[0] == repr(pyhold)
-    assert loaded[1] == repr(sorted([*pyhold, "tlsctl._tickets"]))
+    pyhold = ["tlsctl._pyhold"] if info.mechanism == "python" else []
+    assert loaded == repr(pyhold)
+    assert after == repr(sorted([*pyhold, "tlsctl._tickets"]))
+
+
+def test_a_lazily_loaded_warning_class_works_in_a_w_option() -> None:
+    """``python -W error::tlsctl.SocketsNotDeferredWarning``: the warnings
+    machinery resolves the lazily loaded class at start-up (through
+    ``__import__``'s fromlist and the module ``__getattr__``)."""
+    import importlib.util
+
+    # tlsctl and cffi's runtime (for the binding) importable before site runs
+    paths = [str(Path(tlsctl.__file__).parent.parent)]
+    cffi = importlib.util.find_spec("_cffi_backend")
+    if cffi is not None and cffi.origin and Path(cffi.origin).is_file():
+        paths.append(str(Path(cffi.origin).parent))
+    code = (
+        "import warnings, tlsctl\n"
+        "action, _, category, _, _ = warnings.filters[0]\n"
+        "print(action, category is tlsctl.SocketsNotDeferredWarning)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::tlsctl.SocketsNotDeferredWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Invalid -W option" not in proc.stderr
+    assert proc.stdout.split() == ["error", "True"]
 
 
 def test_lazily_loaded_names_are_the_modules_own() -> None:
@@ -267,10 +313,14 @@ def test_import_loads_nothing_heavy() -> None:
         f"heavy = {heavy!r}\n"
         "before = {m for m in heavy if m in sys.modules}\n"
         "import tlsctl\n"
+        "print(sorted(before))\n"
         "print(sorted({m for m in heavy if m in sys.modules} - before))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    before, added = proc.stdout.splitlines()
+    if sys.implementation.name == "cpython":  # else ssl may load some itself
+        assert before == "[]"  # so that every name is checked
+    assert added == "[]"

@@ -105,7 +105,6 @@ tickets in pure Python.
 from __future__ import annotations
 
 import ssl
-import sys
 from _weakref import ref as _weakref
 
 from tlsctl import _bind, _quickack, _wrap
@@ -219,11 +218,10 @@ def _sslobj_of(conn: Connection) -> Any:
 _C_PROXY: type | None = _bind.fast.get("FirstWriteProxy")
 
 
-def _pyhold_loaded() -> ModuleType | None:  # tlsctl-pymech
-    """The python mechanism's module once a plan of it was made: no
-    connection is managed by it before (``import tlsctl`` leaves it out,
-    ~0.3 ms, on a server that never uses it)."""
-    return sys.modules.get("tlsctl._pyhold")
+# The python mechanism's module, which sets this at the end of its import: no
+# connection is managed by it before (its plans make them), and
+# ``import tlsctl`` leaves it out (~0.3 ms) on a server that never uses it.
+_PYHOLD: ModuleType | None = None  # tlsctl-pymech
 
 
 def _c_names(prefix: str) -> dict[int, str]:
@@ -254,7 +252,7 @@ _POLICY_CODES = {name: code for code, name in _POLICY_NAMES.items()}
 def _real_sslobj(conn: Connection) -> Any:
     """The connection's ``_ssl._SSLSocket`` behind any proxies."""
     sslobj = _sslobj_of(conn)
-    pyhold = _pyhold_loaded()
+    pyhold = _PYHOLD
     proxies = (_C_PROXY, None if pyhold is None else pyhold.PROXY)
     while type(sslobj) in proxies:
         sslobj = sslobj._real
@@ -528,7 +526,7 @@ def issue_tickets(conn: Connection, count: int = 1) -> None:
             f"{type(conn).__module__}.{type(conn).__qualname__}"
         )
     _bind.require_bound("issue_tickets()")  # tlsctl-pymech
-    pyhold = _pyhold_loaded()
+    pyhold = _PYHOLD
     if pyhold is not None and pyhold.manages(conn):
         raise UnsupportedError(
             "issue_tickets() does not combine with the python mechanism "
@@ -573,7 +571,7 @@ def connection_state(conn: Connection) -> ConnectionState:
             f"expected an ssl.SSLSocket or ssl.SSLObject, got {type(conn).__name__}"
         )
     sslobj = _sslobj_of(conn)
-    pyhold = _pyhold_loaded()
+    pyhold = _PYHOLD
     python = None if sslobj is None or pyhold is None else pyhold.state_of(conn)
     if python is not None:  # tlsctl-pymech: the python mechanism's record
         return ConnectionState(*python)

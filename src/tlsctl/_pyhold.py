@@ -64,14 +64,13 @@ from __future__ import annotations
 import operator
 import ssl
 import sys
-from _weakref import ref as _weakref
+import weakref
 
-from tlsctl import _bind, _wrap
+from tlsctl import _bind, _policy, _wrap
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # nothing from typing at run time: import cost
     from typing import Any, Callable
-    from weakref import WeakKeyDictionary
 
 __all__ = [
     "SocketsNotDeferredWarning",
@@ -104,18 +103,7 @@ class _State:
         self.issued = 0  # ticket records released
 
 
-# Made by the first plan (weakref's import is ~0.5 ms of ``import tlsctl``,
-# which a process that never uses this mechanism need not pay).
-_STATES: WeakKeyDictionary[Any, _State] | None = None
-
-
-def _states() -> WeakKeyDictionary[Any, _State]:
-    global _STATES
-    if _STATES is None:
-        from weakref import WeakKeyDictionary
-
-        _STATES = WeakKeyDictionary()
-    return _STATES
+_STATES: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
 
 
 def _records(data: bytes) -> int:
@@ -136,7 +124,7 @@ class _HoldProxy:
 
     def __init__(self, conn: Any, real: Any, out: ssl.MemoryBIO, state: _State) -> None:
         setattr_ = object.__setattr__
-        setattr_(self, "_conn", _weakref(conn))  # no cycle through conn
+        setattr_(self, "_conn", weakref.ref(conn))  # no cycle through conn
         setattr_(self, "_real", real)
         setattr_(self, "_out", out)
         setattr_(self, "_state", state)
@@ -262,7 +250,7 @@ def make_plan(setup: Callable[[Any], None] | None) -> _wrap.BioPlan:
         if setup is not None:
             setup(conn)
         any_conn: Any = conn
-        state = _states()[conn] = _State("defer")
+        state = _STATES[conn] = _State("defer")
         any_conn._sslobj = _HoldProxy(conn, any_conn._sslobj, outgoing, state)
 
     return _wrap.BioPlan(setup, bio)
@@ -273,7 +261,7 @@ def record_plan(policy: str) -> _wrap.BioPlan:
     (``"immediate"``): only remember the policy, for ``connection_state``."""
 
     def record(conn: Any, outgoing: Any = None) -> None:
-        _states()[conn] = _State(policy)
+        _STATES[conn] = _State(policy)
 
     return _wrap.BioPlan(record, record)
 
@@ -281,7 +269,7 @@ def record_plan(policy: str) -> _wrap.BioPlan:
 def manages(conn: object) -> bool:
     """``conn`` was set up by a plan of this module."""
     try:
-        return _STATES is not None and conn in _STATES
+        return conn in _STATES
     except TypeError:  # not weakly referenceable
         return False
 
@@ -289,8 +277,6 @@ def manages(conn: object) -> bool:
 def state_of(conn: object) -> tuple[str, bool, int] | None:
     """(policy, tickets held, ticket records released), or ``None`` when
     this module did not set ``conn`` up."""
-    if _STATES is None:
-        return None
     try:
         state = _STATES.get(conn)
     except TypeError:
@@ -407,3 +393,9 @@ def support() -> list[tuple[str, str]]:
                 )
             )
     return lines
+
+
+# Last, once everything above exists: from now on _policy asks this module
+# about connections (its plans are the only way to one of them), and no
+# thread sees it half made.
+_policy._PYHOLD = sys.modules[__name__]
