@@ -47,6 +47,22 @@ def test_bound_to_the_interpreters_own_libssl() -> None:
     assert info.mechanism == (forced or ("native" if info.native_tickets else "stash"))
 
 
+def _python(
+    code: str, *options: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a fresh interpreter (with ``options``); its stderr is
+    the failure message when it fails."""
+    proc = subprocess.run(
+        [sys.executable, *options, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def _run(prelude: str, body: str = "") -> dict[str, object]:
     """Import tlsctl in a fresh interpreter after ``prelude`` and report."""
     code = (
@@ -67,11 +83,7 @@ def _run(prelude: str, body: str = "") -> dict[str, object]:
         + textwrap.dedent(body)
         + "\nprint(json.dumps(out))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, object] = json.loads(proc.stdout.splitlines()[-1])
+    result: dict[str, object] = json.loads(_python(code).stdout.splitlines()[-1])
     return result
 
 
@@ -222,11 +234,7 @@ def test_a_patching_server_loads_no_key_or_callback_module() -> None:
         "tlsctl.set_ticket_keys\n"
         "print(sorted(m for m in lazy if m in sys.modules))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    policy, refused, loaded, after = proc.stdout.splitlines()
+    policy, refused, loaded, after = _python(code).stdout.splitlines()
     assert policy == "defer"
     info = tlsctl.info()
     # issue_tickets() before the handshake: refused by the binding's check;
@@ -258,14 +266,7 @@ def test_a_lazily_loaded_warning_class_works_in_a_w_option() -> None:
         "print(action, category is tlsctl.SocketsNotDeferredWarning)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    proc = subprocess.run(
-        [sys.executable, "-W", "error::tlsctl.SocketsNotDeferredWarning", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _python(code, "-W", "error::tlsctl.SocketsNotDeferredWarning", env=env)
     assert "Invalid -W option" not in proc.stderr
     assert proc.stdout.split() == ["error", "True"]
 
@@ -316,11 +317,7 @@ def test_import_loads_nothing_heavy() -> None:
         "print(sorted(before))\n"
         "print(sorted({m for m in heavy if m in sys.modules} - before))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    before, added = proc.stdout.splitlines()
+    before, added = _python(code).stdout.splitlines()
     if sys.implementation.name == "cpython":  # else ssl may load some itself
         assert before == "[]"  # so that every name is checked
     assert added == "[]"
