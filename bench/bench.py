@@ -125,6 +125,22 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   (``tlsserver.py byhand``: ``num_tickets = 0``, the tickets queued with
   ``SSL_new_session_ticket`` before the response; a reference, no target;
   OpenSSL 3.0+);
+* server CPU per connection: two server processes, stock and one
+  configuration (native, stash, the technique by hand, or stock again,
+  "A/A": the method's own bias), serve the same exchange (a full or resumed
+  handshake, a request line, a 100-byte response) alternately, connection
+  by connection, the client using ``TCP_NODELAY`` (so that no side's
+  response waits for a delayed ACK: the technique by hand sets no
+  ``TCP_QUICKACK``); where this process may use two CPUs both servers run
+  on the first and the client on the second.  Each server reports its
+  thread's CPU time (``time.thread_time_ns``: user and system, so the
+  kernel's work for its syscalls counts) per round of 100 connections;
+  the first round is a warm-up.  5 pairs of fresh processes x 10 rounds,
+  pooled; the ratio is the median of the per-round stock/patched CPU
+  times (target 0.99 for native and the stash).  Unlike the in-process
+  CPU rows this counts what a socket server pays in the kernel: stock
+  writes each ticket with its own ``write()`` during the handshake, a
+  patched server its tickets and the response in one;
 * write calls per first write (needs strace): the server runs under
   ``strace -f`` tracing write, writev, sendto, sendmsg and sendmmsg, and
   writes markers to /dev/null around each connection's first application
@@ -208,12 +224,16 @@ from bench_inprocess import (
 )
 from bench_processes import (
     MODES,
+    SERVER_KINDS,
     import_time,
     instruction_configs,
     instruction_target,
     rss_table,
     server_configs,
+    server_cpu,
     server_instructions,
+    socket_cpu_configs,
+    socket_cpu_target,
     write_call_table,
 )
 from bench_report import (
@@ -227,6 +247,7 @@ from bench_report import (
     report_rotation,
     report_rss,
     report_scaling,
+    report_server_cpu,
     report_wall,
     report_writes,
 )
@@ -304,6 +325,12 @@ def main() -> int:
     configs = 1 + len(server_configs())
     steps = plan.rounds * len(wall_metrics()) + 2 + plan.rss_repeats + 1
     steps += plan.import_runs + (len(MODES) * configs if strace else 0)
+    steps += (
+        len(SERVER_KINDS)
+        * len(MODES)
+        * len(socket_cpu_configs())
+        * (plan.socket_cpu_pairs)
+    )
     steps += (len(plan.sizes) + len(plan.delays)) if args.scaling else 0
     if args.instructions:
         counted = 1 + len(instruction_configs())
@@ -327,6 +354,7 @@ def main() -> int:
                 stock_ctx, patched_ctx, client, True, plan, progress
             ),
         }
+        socket_cpu = server_cpu(plan, certfile, client, progress)
         writes_table = (
             write_call_table(plan, certfile, client, progress) if strace else None
         )
@@ -356,6 +384,7 @@ def main() -> int:
                 for mode, config in server_counts
             },
         )
+    report_server_cpu(socket_cpu, plan)
     if writes_table is not None:
         report_writes(writes_table)
     else:
@@ -384,6 +413,16 @@ def main() -> int:
         chart += [
             ChartRow(f"first response, {name}", r.ratio, r.lo, r.hi, None)
             for name, r in latency.items()
+        ]
+        chart += [
+            ChartRow(
+                f"server CPU, {kind}, {mode}, {config}",
+                r.ratio,
+                r.lo,
+                r.hi,
+                socket_cpu_target(config),
+            )
+            for (kind, mode, config), r in socket_cpu.items()
         ]
         if server_counts is not None:
             chart += [

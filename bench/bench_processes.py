@@ -25,10 +25,12 @@ from bench_stats import (
     CountRow,
     Plan,
     Progress,
+    Row,
     bootstrap_ci,
     callgrind_total,
     count_row,
     min_difference,
+    row_of,
 )
 
 SERVER_INSTRUCTIONS_TARGET = 0.99  # stock / patched instructions per connection
@@ -126,22 +128,36 @@ class ServerProcess:
         self.stderr.close()
 
 
+def one_exchange(
+    port: int,
+    client: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+    nodelay: bool = False,
+) -> tuple[ssl.SSLSession | None, bool]:
+    """One connection, one request and response; (its session, whether it
+    resumed ``session``)."""
+    with socket.create_connection((LOCALHOST, port), timeout=120) as raw:
+        if nodelay:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with client.wrap_socket(
+            raw, server_hostname="localhost", session=session
+        ) as conn:
+            conn.sendall(REQUEST)
+            if tlsserver.recv_line(conn) != RESPONSE:
+                raise RuntimeError("bad response from the server process")
+            return conn.session, bool(conn.session_reused)
+
+
 def exchange_clients(port: int, client: ssl.SSLContext, n: int, resumed: bool) -> None:
     """``n`` connections, one request and response each; ``resumed``: each
     offers the newest session (the first one is a full handshake)."""
     session: ssl.SSLSession | None = None
     reused = 0
     for _ in range(n):
-        with socket.create_connection((LOCALHOST, port), timeout=120) as raw:
-            with client.wrap_socket(
-                raw, server_hostname="localhost", session=session
-            ) as conn:
-                conn.sendall(REQUEST)
-                if tlsserver.recv_line(conn) != RESPONSE:
-                    raise RuntimeError("bad response from the server process")
-                reused += bool(conn.session_reused)
-                if resumed:
-                    session = conn.session
+        newest, resumed_now = one_exchange(port, client, session)
+        reused += resumed_now
+        if resumed:
+            session = newest
     if reused != (n - 1 if resumed else 0):
         raise RuntimeError(f"{reused} of {n} connections resumed ({resumed=})")
 
@@ -197,28 +213,154 @@ def server_instructions(
     }
 
 
+# ------------------------------------------------------------ server CPU, sockets
+
+SERVER_CPU_TARGET = 0.99  # stock / patched server CPU time per connection
+# The servers of the CPU rows: a blocking one (SSLSocket: OpenSSL writes to
+# the socket) and asyncio's (SSLObject: memory BIOs) -> tlsserver.py flags.
+SERVER_KINDS: dict[str, list[str]] = {"sockets": [], "asyncio": ["--asyncio"]}
+A_A = "A/A"  # stock against stock again: the method's own bias
+
+
+def _cpus() -> tuple[int, int] | None:
+    """(the servers' CPU, the client's) where this process may pin to two
+    CPUs, else None."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def socket_cpu_run(
+    kind: str,
+    config: str,
+    mode: str,
+    plan: Plan,
+    certfile: str,
+    client: ssl.SSLContext,
+) -> tuple[list[float], list[float]]:
+    """Two fresh server processes of ``kind`` (``SERVER_KINDS``), stock
+    and ``config``, their connections
+    alternating one by one from this process (a client with
+    ``TCP_NODELAY``); where it can, both servers run on one CPU and the
+    client on another.  Returns each server's CPU ns per connection, one
+    value per round of ``plan.socket_cpu_connections``; the first round,
+    a warm-up, is left out."""
+    k, rounds = plan.socket_cpu_connections, plan.socket_cpu_rounds
+    cpus = _cpus()
+    flags = ["--rounds", str(k)] + (["--cpu", str(cpus[0])] if cpus else [])
+    flags += SERVER_KINDS[kind]
+    n = k * (rounds + 1)
+    resumed = mode == "resumed"
+    sessions: list[ssl.SSLSession | None] = [None, None]
+    per_conn: tuple[list[float], list[float]] = ([], [])
+    reused = 0
+    other = "stock" if config == A_A else config
+    with (
+        ServerProcess("stock", n, certfile, *flags) as first,
+        ServerProcess(other, n, certfile, *flags) as second,
+    ):
+        saved = os.sched_getaffinity(0) if cpus else None
+        try:
+            if cpus:
+                os.sched_setaffinity(0, {cpus[1]})
+            for r in range(rounds + 1):
+                order = (0, 1) if r % 2 == 0 else (1, 0)  # who starts alternates
+                for _ in range(k):
+                    for i in order:
+                        server = (first, second)[i]
+                        offered = sessions[i] if resumed else None
+                        sessions[i], resumed_now = one_exchange(
+                            server.port, client, offered, nodelay=True
+                        )
+                        reused += resumed_now
+                for i, server in enumerate((first, second)):
+                    ns = int(server.read_line())
+                    if r:
+                        per_conn[i].append(ns / k)
+        finally:
+            if saved is not None:
+                os.sched_setaffinity(0, saved)
+        first.finish()
+        second.finish()
+    if reused != (2 * (n - 1) if resumed else 0):
+        raise RuntimeError(f"{reused} of {2 * n} connections resumed ({mode})")
+    return per_conn
+
+
+def socket_cpu_configs() -> list[str]:
+    """The configurations the socket CPU rows set against stock."""
+    return [*instruction_configs(), A_A]
+
+
+def socket_cpu_target(config: str) -> float | None:
+    """The target of a configuration's socket CPU rows (None: a reference)."""
+    return None if config in (BY_HAND, A_A) else SERVER_CPU_TARGET
+
+
+def server_cpu(
+    plan: Plan, certfile: str, client: ssl.SSLContext, progress: Progress
+) -> dict[tuple[str, str, str], Row]:
+    """{(kind, mode, config): row}: server-process CPU time per connection
+    on real sockets, stock against ``config``, ``plan.socket_cpu_pairs``
+    pairs of fresh processes, their rounds pooled (a round's ratio: stock's
+    CPU time / config's, above 1 = cheaper than stock)."""
+    out = {}
+    for kind in SERVER_KINDS:
+        for mode in MODES:
+            for config in socket_cpu_configs():
+                stock_ns: list[float] = []
+                other_ns: list[float] = []
+                for _ in range(plan.socket_cpu_pairs):
+                    a, b = socket_cpu_run(kind, config, mode, plan, certfile, client)
+                    stock_ns += a
+                    other_ns += b
+                    progress.step(f"server CPU {kind} {mode} {config}")
+                out[kind, mode, config] = row_of(
+                    [1e9 / x for x in stock_ns],
+                    [1e9 / x for x in other_ns],
+                    [a / b for a, b in zip(stock_ns, other_ns)],
+                )
+    return out
+
+
 STRACE_CALLS = "write,writev,sendto,sendmsg,sendmmsg"
 _SYSCALL = re.compile(r"^(?:\d+\s+)?(\w+)\((\d+),.*\)\s+=\s+(-?\d+)")
 
 
-def first_write_calls(log: str) -> list[tuple[int, int]]:
-    """(write calls on the connection, bytes they wrote) per first write,
-    from an strace log of ``tlsserver.py --mark``."""
+class WriteCalls(NamedTuple):
+    """One connection's write calls in an strace log."""
+
+    first: int  # calls of its first application write
+    written: int  # bytes they wrote
+    total: int  # calls on the connection in all, handshake included
+
+
+def first_write_calls(log: str) -> list[WriteCalls]:
+    """The write calls of each connection, from an strace log of
+    ``tlsserver.py --mark`` (a blocking server: one connection at a time,
+    which writes nothing after its first write's end marker but closes)."""
     begin, end = tlsserver.MARK_BEGIN.decode(), tlsserver.MARK_END.decode()
-    out: list[tuple[int, int]] = []
+    out: list[WriteCalls] = []
     fd: str | None = None
     calls = written = 0
+    before: dict[str, int] = {}  # calls per fd since the last end marker
     for line in log.splitlines():
         if begin in line:
             fd = line.split(begin, 1)[1].split('"', 1)[0]
             calls = written = 0
         elif end in line:
             if fd is not None:
-                out.append((calls, written))
+                out.append(WriteCalls(calls, written, before.get(fd, 0) + calls))
             fd = None
-        elif fd is not None:
+            before.clear()
+        else:
             m = _SYSCALL.match(line)
-            if m and m.group(2) == fd:
+            if m is None:
+                continue
+            if fd is None:
+                before[m.group(2)] = before.get(m.group(2), 0) + 1
+            elif m.group(2) == fd:
                 calls += 1
                 written += max(0, int(m.group(3)))
     return out
@@ -226,7 +368,7 @@ def first_write_calls(log: str) -> list[tuple[int, int]]:
 
 def write_calls(
     config: str, mode: str, n: int, certfile: str, client: ssl.SSLContext
-) -> list[tuple[int, int]]:
+) -> list[WriteCalls]:
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "strace.log")
         strace = ("strace", "-f", "-qq", "-s", "64", "-e", f"trace={STRACE_CALLS}")
@@ -244,7 +386,7 @@ def write_calls(
 
 def write_call_table(
     plan: Plan, certfile: str, client: ssl.SSLContext, progress: Progress
-) -> dict[tuple[str, str], list[tuple[int, int]]]:
+) -> dict[tuple[str, str], list[WriteCalls]]:
     out = {}
     for mode in MODES:
         for config in ("stock", *server_configs()):

@@ -16,6 +16,8 @@ from bench_processes import (
     SERVER_CONFIGS,
     ImportRow,
     RssRow,
+    WriteCalls,
+    socket_cpu_target,
 )
 from bench_sockets import Latency
 from bench_stats import CountRow, Plan, Row, verdict
@@ -70,6 +72,33 @@ def report_latency(rows: dict[str, Latency], pairs: int) -> None:
         )
 
 
+def report_server_cpu(rows: dict[tuple[str, str, str], Row], plan: Plan) -> None:
+    print(
+        "\nserver process CPU per connection on real sockets, a blocking "
+        "server and an asyncio one: stock\nand one configuration serving "
+        "alternately, connection by connection, "
+        f"{plan.socket_cpu_pairs} pairs of fresh\nprocesses x "
+        f"{plan.socket_cpu_rounds} rounds of {plan.socket_cpu_connections} "
+        "(servers on one CPU, the client on another, with TCP_NODELAY);\n"
+        "rate = connections per server CPU second (user + system); ratio = "
+        "median of per-round\nstock/patched CPU time; +/- = half their IQR; "
+        "95% CI bootstrap; A/A = stock against stock again"
+    )
+    print(
+        f"{'metric':40} {'stock':>11} {'patched':>11} {'ratio':>6} {'+/-':>6} "
+        f"{'95% CI':>15} {'target':>6}  verdict"
+    )
+    for (kind, mode, config), row in rows.items():
+        target = socket_cpu_target(config)
+        shown = "-" if target is None else f"{target:.2f}"
+        name = f"server CPU, {kind}, {mode}, {config}"
+        print(
+            f"{name:40} {row.stock:11.1f} {row.patched:11.1f} {row.ratio:6.3f} "
+            f"{row.spread:6.3f} {_interval(row.lo, row.hi):>15} {shown:>6}  "
+            f"{verdict(row.lo, row.hi, target, True)}"
+        )
+
+
 def report_counts(
     title: str, rows: dict[str, CountRow], targets: Mapping[str, float | None]
 ) -> None:
@@ -88,27 +117,30 @@ def report_counts(
         )
 
 
-def report_writes(table: dict[tuple[str, str], list[tuple[int, int]]]) -> None:
+def _span(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def report_writes(table: dict[tuple[str, str], list[WriteCalls]]) -> None:
     print(
         "\nwrite calls on the connection per first application write "
-        "(strace; min-max over connections; bytes written)"
+        "(strace; min-max over connections; bytes written),\nand in the whole "
+        "connection, handshake included"
     )
     configs = sorted({c for _, c in table}, key=list(SERVER_CONFIGS).index)
     print(f"{'first write after':40} " + " ".join(f"{c:>18}" for c in configs))
     for mode in MODES:
-        cells = []
-        for config in configs:
-            counts = table[mode, config]
-            calls = sorted({c for c, _ in counts})
-            written = sorted({b for _, b in counts})
-            shown_calls = (
-                f"{calls[0]}" if len(calls) == 1 else f"{calls[0]}-{calls[-1]}"
-            )
-            shown_bytes = (
-                f"{written[0]}" if len(written) == 1 else f"{written[0]}-{written[-1]}"
-            )
-            cells.append(f"{shown_calls} ({shown_bytes} B)")
+        cells = [
+            f"{_span([w.first for w in table[mode, c]])} "
+            f"({_span([w.written for w in table[mode, c]])} B)"
+            for c in configs
+        ]
         label = f"a {mode} handshake"
+        print(f"{label:40} " + " ".join(f"{c:>18}" for c in cells))
+    for mode in MODES:
+        cells = [_span([w.total for w in table[mode, c]]) for c in configs]
+        label = f"whole connection, {mode}"
         print(f"{label:40} " + " ".join(f"{c:>18}" for c in cells))
 
 

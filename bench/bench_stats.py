@@ -30,6 +30,10 @@ class Plan:
     strace_connections: int = 5
     repeats: int = 3  # callgrind repetitions
     server_instr_n: int = 20  # N of the N / 11N server-process runs
+    # server CPU on sockets: process pairs, rounds each, connections a round
+    socket_cpu_pairs: int = 5
+    socket_cpu_rounds: int = 10
+    socket_cpu_connections: int = 100
     work_scale: float = 1.0  # of the in-process callgrind work (bench_inprocess.WORK)
     # --scaling: upload sizes, the server's read delays, uploads per point
     sizes: tuple[int, ...] = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
@@ -38,7 +42,15 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(rounds=9, latency_pairs=15, rss_repeats=3, import_runs=7)
+        return cls(
+            rounds=9,
+            latency_pairs=15,
+            rss_repeats=3,
+            import_runs=7,
+            socket_cpu_pairs=2,
+            socket_cpu_rounds=8,
+            socket_cpu_connections=50,
+        )
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -53,6 +65,9 @@ class Plan:
             strace_connections=2,
             repeats=1,
             server_instr_n=1,
+            socket_cpu_pairs=1,
+            socket_cpu_rounds=2,
+            socket_cpu_connections=2,
             work_scale=0.05,
             sizes=(4 << 10, 256 << 10),
             delays=(0.0, 0.01),

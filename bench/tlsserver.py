@@ -1,7 +1,7 @@
 """A TLS server process for bench.py's server-only rows (real sockets).
 
-    python bench/tlsserver.py SIDE N CERTFILE [--mark] [--idle [--warm W]]
-                              [--tracemalloc]
+    python bench/tlsserver.py SIDE N CERTFILE [--mark] [--rounds K] [--cpu C]
+                              [--asyncio] [--idle [--warm W]] [--tracemalloc]
 
 ``SIDE`` is ``stock`` (a plain ``PROTOCOL_TLS_SERVER`` context; tlsctl is
 not even imported), ``patched`` (``tlsctl.patch(ctx)``; the mechanism is
@@ -19,7 +19,12 @@ on 127.0.0.1, prints its port on one line, and then:
   per connection) and strace (``--mark``: around each connection's first
   application write it writes ``MARK_BEGIN<fd>`` and ``MARK_END`` to
   /dev/null, so the write calls on the connection in between can be
-  counted in the trace);
+  counted in the trace); with ``--rounds K`` it prints, after every ``K``
+  connections, the CPU time in ns its thread spent on them
+  (``time.thread_time_ns``: user and system time, the kernel's work for
+  its syscalls included), for bench.py's server CPU rows on sockets, and
+  ``--cpu C`` pins it to CPU ``C`` first; ``--asyncio`` serves the same
+  exchanges with ``asyncio.start_server`` instead (memory BIOs);
 * with ``--idle``: serves ``W`` warm-up connections as above, then accepts
   ``N`` connections, completes their handshakes and keeps them open
   without reading or writing; prints one line ``rss=<bytes> py=<bytes>
@@ -40,6 +45,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 
 REQUEST = b"GET /index.html HTTP/1.1 Host: localhost\n"  # one line
 RESPONSE = b"HTTP/1.1 200 OK " + b"x" * 83 + b"\n"  # 100 bytes
@@ -115,6 +121,43 @@ def serve_one(
             os.write(mark, MARK_END)
 
 
+def serve_asyncio(
+    ctx: ssl.SSLContext, listener: socket.socket, n: int, rounds: int, by_hand: bool
+) -> None:
+    """``n`` connections as an ``asyncio.start_server`` server (memory BIOs,
+    one event loop in this thread), each as ``serve_one``'s; with
+    ``rounds``, the thread's CPU time printed as in the blocking mode."""
+    import asyncio
+
+    async def serve() -> None:
+        done = asyncio.Event()
+        served = 0
+        start = time.thread_time_ns()
+
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            nonlocal served, start
+            if not (await reader.readline()).endswith(b"\n"):
+                raise ConnectionError("the client sent no request line")
+            if by_hand:
+                queue_by_hand(writer.get_extra_info("ssl_object"))
+            writer.write(RESPONSE)
+            writer.close()  # the client closes once it has the response
+            served += 1
+            if rounds and served % rounds == 0:
+                print(time.thread_time_ns() - start, flush=True)
+                start = time.thread_time_ns()
+            if served == n:
+                done.set()
+
+        server = await asyncio.start_server(handle, sock=listener, ssl=ctx)
+        async with server:
+            await asyncio.wait_for(done.wait(), 600)
+
+    asyncio.run(serve())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("side", choices=["stock", "patched", "byhand"])
@@ -124,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", action="store_true")
     parser.add_argument("--warm", type=int, default=0)
     parser.add_argument("--tracemalloc", action="store_true")
+    parser.add_argument("--rounds", type=int, default=0)
+    parser.add_argument("--cpu", type=int)
+    parser.add_argument("--asyncio", action="store_true")
     args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.certfile)
@@ -138,16 +186,27 @@ def main(argv: list[str] | None = None) -> int:
 
         tlsctl.info()  # binds the private binding (start-up: cancels out)
         ctx.num_tickets = 0
-    listener = socket.socket()
+    # The protocol given, as getaddrinfo gives it: asyncio sets TCP_NODELAY
+    # only on sockets whose proto says TCP (without it a stock server's
+    # response waits ~40 ms behind its unacknowledged tickets: Nagle).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.bind((LOCALHOST, 0))
     listener.listen(128)
     listener.settimeout(120.0)  # never hang for ever on a lost client
     print(listener.getsockname()[1], flush=True)
     mark = os.open(os.devnull, os.O_WRONLY) if args.mark else None
 
+    if args.asyncio:
+        serve_asyncio(ctx, listener, args.connections, args.rounds, by_hand)
+        return 0
     if not args.idle:
-        for _ in range(args.connections):
+        start = time.thread_time_ns()
+        for i in range(1, args.connections + 1):
             serve_one(ctx, listener, mark, by_hand)
+            if args.rounds and i % args.rounds == 0:
+                now = time.thread_time_ns()
+                print(now - start, flush=True)
+                start = time.thread_time_ns()
         return 0
 
     for _ in range(args.warm):

@@ -7,6 +7,7 @@ docstring says."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -147,6 +148,26 @@ def test_smoke_import_time_row(smoke: tuple[str, Path]) -> None:
     assert "tlsctl." in largest, largest
 
 
+def test_smoke_server_cpu_rows(smoke: tuple[str, Path]) -> None:
+    stdout, _ = smoke
+    configs = ["stash", "A/A"]
+    if tlsctl.info().native_tickets:
+        configs += ["native", "by hand"]
+    for kind, mode, config in itertools.product(
+        ("sockets", "asyncio"), ("full", "resumed"), configs
+    ):
+        line = _line(stdout, f"server CPU, {kind}, {mode}, {config} ")
+        stock, patched, ratio = (float(x) for x in line[40:].split()[:3])
+        # connections per server CPU second: a handshake costs the
+        # server between ~10 us and ~100 ms here, whatever the load
+        assert 10 < stock < 100_000 and 10 < patched < 100_000, line
+        lo, hi = _check_interval(line)
+        assert lo <= ratio <= hi, line
+        reference = config in ("by hand", "A/A")
+        assert (line.split()[-1] == "reference") == reference, line
+        assert line.split()[-1] in VERDICTS, line
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
 def test_smoke_write_calls_one_per_first_write(smoke: tuple[str, Path]) -> None:
     stdout, _ = smoke
@@ -166,6 +187,11 @@ def test_smoke_write_calls_one_per_first_write(smoke: tuple[str, Path]) -> None:
         # carry the tickets in it, so they write more bytes than stock.
         assert calls == ["1"] * len(cells), line
         assert all(w > written[0] for w in written[1:]), line
+        # In the whole connection stock writes each ticket with a call of
+        # its own, during the handshake: patched servers make fewer calls.
+        whole = _line(stdout, f"whole connection, {mode}").split()[3:]
+        assert len(whole) == len(cells) and all(t.isdigit() for t in whole), whole
+        assert all(int(t) < int(whole[0]) for t in whole[1:]), whole
 
 
 def test_smoke_scaling_and_charts(smoke: tuple[str, Path]) -> None:
@@ -217,7 +243,25 @@ def test_first_write_calls_parses_an_strace_log() -> None:
             'write(4, "tlsctl-bench:end", 16) = 16',
         ]
     )
-    assert first_write_calls(log) == [(1, 632), (2, 122)]
+    assert first_write_calls(log) == [(1, 632, 1), (2, 122, 2)]
+    # Calls on the connection before its first write (the handshake) count
+    # in its total; those on other descriptors, and the previous
+    # connection's, do not.
+    handshake = "\n".join(
+        [
+            'write(4, "tlsctl-bench:begin:5", 20) = 20',
+            'write(5, "x", 632) = 632',
+            'write(4, "tlsctl-bench:end", 16) = 16',
+            'write(1, "x", 1) = 1',
+            'write(5, "\\26\\3\\1", 2000) = 2000',
+            'write(5, "\\27\\3\\3", 250) = 250',
+            'write(6, "other", 5) = 5',
+            'write(4, "tlsctl-bench:begin:5", 20) = 20',
+            'write(5, "x", 100) = 100',
+            'write(4, "tlsctl-bench:end", 16) = 16',
+        ]
+    )
+    assert first_write_calls(handshake) == [(1, 632, 1), (1, 100, 3)]
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
