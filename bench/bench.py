@@ -126,10 +126,12 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   ``SSL_new_session_ticket`` before the response; a reference, no target;
   OpenSSL 3.0+);
 * server CPU per connection: two server processes, stock and one
-  configuration (native, stash, the technique by hand, or stock again,
-  "A/A": the method's own bias), serve the same exchange (a full or resumed
-  handshake, a request line, a 100-byte response) alternately, connection
-  by connection, the client using ``TCP_NODELAY`` (so that no side's
+  configuration (native, stash, the technique by hand; and two controls:
+  stock again, "A/A", the method's own bias, and "imported", stock in a
+  process that has imported and bound tlsctl), serve the same exchange (a
+  full or resumed handshake, a request line, a 100-byte response)
+  alternately, connection by connection, the client using
+  ``TCP_NODELAY`` (so that no side's
   response waits for a delayed ACK: the technique by hand sets no
   ``TCP_QUICKACK``); where this process may use two CPUs both servers run
   on the first and the client on the second.  Each server reports its
@@ -140,7 +142,8 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   times (target 0.99 for native and the stash).  Unlike the in-process
   CPU rows this counts what a socket server pays in the kernel: stock
   writes each ticket with its own ``write()`` during the handshake, a
-  patched server its tickets and the response in one;
+  patched server its tickets and the response in one.  Two servers: a
+  blocking one (``SSLSocket``) and ``asyncio.start_server`` (memory BIOs);
 * write calls per first write (needs strace): the server runs under
   ``strace -f`` tracing write, writev, sendto, sendmsg and sendmmsg, and
   writes markers to /dev/null around each connection's first application

@@ -40,12 +40,14 @@ REQUEST, RESPONSE = tlsserver.REQUEST, tlsserver.RESPONSE
 LOCALHOST = tlsserver.LOCALHOST
 SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tlsserver.py")
 # Server subprocess configurations: name -> (tlsserver.py side, TLSCTL_MECHANISM).
-BY_HAND = "by hand"  # a reference, in the instruction rows only
+BY_HAND = "by hand"  # a reference, in the instruction and CPU rows only
+IMPORTED = "imported"  # stock with tlsctl imported and bound: a CPU control
 SERVER_CONFIGS: dict[str, tuple[str, str | None]] = {
     "stock": ("stock", None),
     "native": ("patched", "native"),
     "stash": ("patched", "stash"),
     BY_HAND: ("byhand", None),
+    IMPORTED: ("imported", None),
 }
 MODES = ("full", "resumed")
 
@@ -176,7 +178,7 @@ def server_configs() -> list[str]:
     return [
         c
         for c in SERVER_CONFIGS
-        if c not in ("stock", BY_HAND) and (native or c != "native")
+        if c not in ("stock", BY_HAND, IMPORTED) and (native or c != "native")
     ]
 
 
@@ -290,12 +292,12 @@ def socket_cpu_run(
 
 def socket_cpu_configs() -> list[str]:
     """The configurations the socket CPU rows set against stock."""
-    return [*instruction_configs(), A_A]
+    return [*instruction_configs(), IMPORTED, A_A]
 
 
 def socket_cpu_target(config: str) -> float | None:
     """The target of a configuration's socket CPU rows (None: a reference)."""
-    return None if config in (BY_HAND, A_A) else SERVER_CPU_TARGET
+    return None if config in (BY_HAND, IMPORTED, A_A) else SERVER_CPU_TARGET
 
 
 def server_cpu(

@@ -82,7 +82,8 @@ def report_server_cpu(rows: dict[tuple[str, str, str], Row], plan: Plan) -> None
         "(servers on one CPU, the client on another, with TCP_NODELAY);\n"
         "rate = connections per server CPU second (user + system); ratio = "
         "median of per-round\nstock/patched CPU time; +/- = half their IQR; "
-        "95% CI bootstrap; A/A = stock against stock again"
+        "95% CI bootstrap; A/A = stock against stock again;\n"
+        "imported = stock in a process that has imported and bound tlsctl"
     )
     print(
         f"{'metric':40} {'stock':>11} {'patched':>11} {'ratio':>6} {'+/-':>6} "

@@ -9,7 +9,9 @@ whatever ``TLSCTL_MECHANISM`` in this process's environment selects) or
 ``byhand`` (the technique with no tlsctl code: ``num_tickets = 0`` and the
 tickets, two or one after a resumed handshake, queued with
 ``SSL_new_session_ticket`` right before the response, through tlsctl's
-private binding, whose few Python calls are the only glue; OpenSSL 3.0+).
+private binding, whose few Python calls are the only glue; OpenSSL 3.0+)
+or ``imported`` (stock, in a process that has imported and bound tlsctl:
+a control for the CPU rows).
 ``CERTFILE`` holds the server's key and certificate chain (PEM).  It listens
 on 127.0.0.1, prints its port on one line, and then:
 
@@ -160,7 +162,7 @@ def serve_asyncio(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("side", choices=["stock", "patched", "byhand"])
+    parser.add_argument("side", choices=["stock", "patched", "byhand", "imported"])
     parser.add_argument("connections", type=int)
     parser.add_argument("certfile")
     parser.add_argument("--mark", action="store_true")
@@ -181,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
         tlsctl.patch(ctx)
     by_hand = args.side == "byhand"
-    if by_hand:
+    if by_hand or args.side == "imported":
         import tlsctl
 
         tlsctl.info()  # binds the private binding (start-up: cancels out)
+    if by_hand:
         ctx.num_tickets = 0
     # The protocol given, as getaddrinfo gives it: asyncio sets TCP_NODELAY
     # only on sockets whose proto says TCP (without it a stock server's

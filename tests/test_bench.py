@@ -150,7 +150,7 @@ def test_smoke_import_time_row(smoke: tuple[str, Path]) -> None:
 
 def test_smoke_server_cpu_rows(smoke: tuple[str, Path]) -> None:
     stdout, _ = smoke
-    configs = ["stash", "A/A"]
+    configs = ["stash", "imported", "A/A"]
     if tlsctl.info().native_tickets:
         configs += ["native", "by hand"]
     for kind, mode, config in itertools.product(
@@ -163,7 +163,7 @@ def test_smoke_server_cpu_rows(smoke: tuple[str, Path]) -> None:
         assert 10 < stock < 100_000 and 10 < patched < 100_000, line
         lo, hi = _check_interval(line)
         assert lo <= ratio <= hi, line
-        reference = config in ("by hand", "A/A")
+        reference = config in ("by hand", "imported", "A/A")
         assert (line.split()[-1] == "reference") == reference, line
         assert line.split()[-1] in VERDICTS, line
 
