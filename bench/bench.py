@@ -130,20 +130,22 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   stock again, "A/A", the method's own bias, and "imported", stock in a
   process that has imported and bound tlsctl), serve the same exchange (a
   full or resumed handshake, a request line, a 100-byte response)
-  alternately, connection by connection, the client using
-  ``TCP_NODELAY`` (so that no side's
-  response waits for a delayed ACK: the technique by hand sets no
-  ``TCP_QUICKACK``); where this process may use two CPUs both servers run
-  on the first and the client on the second.  Each server reports its
-  thread's CPU time (``time.thread_time_ns``: user and system, so the
-  kernel's work for its syscalls counts) per round of 100 connections;
-  the first round is a warm-up.  5 pairs of fresh processes x 10 rounds,
-  pooled; the ratio is the median of the per-round stock/patched CPU
-  times (target 0.99 for native and the stash).  Unlike the in-process
-  CPU rows this counts what a socket server pays in the kernel: stock
-  writes each ticket with its own ``write()`` during the handshake, a
-  patched server its tickets and the response in one.  Two servers: a
-  blocking one (``SSLSocket``) and ``asyncio.start_server`` (memory BIOs);
+  alternately, connection by connection, the client using ``TCP_NODELAY``
+  (so that no side's response waits for a delayed ACK: the technique by
+  hand sets no ``TCP_QUICKACK``); where this process may use two CPUs both
+  servers run on the first and the client on the second; each process
+  holds a random 0 to 1 MiB from its start (``--pad``), so that the pairs
+  differ in memory layout, which moved the asyncio rows by ~10% on its
+  own.  Each server reports its thread's CPU time
+  (``time.thread_time_ns``: user and system, so the kernel's work for its
+  syscalls counts) per round of 100 connections; the first round is a
+  warm-up.  5 pairs of fresh processes x 10 rounds, pooled; the ratio is
+  the median of the per-round stock/patched CPU times (target 0.99 for
+  native and the stash).  Unlike the in-process CPU rows this counts what
+  a socket server pays in the kernel: stock writes each ticket with its
+  own ``write()`` during the handshake, a patched server its tickets and
+  the response in one.  Two servers: a blocking one (``SSLSocket``) and
+  ``asyncio.start_server`` (memory BIOs);
 * write calls per first write (needs strace): the server runs under
   ``strace -f`` tracing write, writev, sendto, sendmsg and sendmmsg, and
   writes markers to /dev/null around each connection's first application

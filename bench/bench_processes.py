@@ -6,6 +6,7 @@ interpreters importing tlsctl (import time)."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import select
 import socket
@@ -218,6 +219,7 @@ def server_instructions(
 # ------------------------------------------------------------ server CPU, sockets
 
 SERVER_CPU_TARGET = 0.99  # stock / patched server CPU time per connection
+PAD_MAX = 1 << 20  # bytes: the CPU rows' servers hold 0 .. 1 MiB from the start
 # The servers of the CPU rows: a blocking one (SSLSocket: OpenSSL writes to
 # the socket) and asyncio's (SSLObject: memory BIOs) -> tlsserver.py flags.
 SERVER_KINDS: dict[str, list[str]] = {"sockets": [], "asyncio": ["--asyncio"]}
@@ -252,6 +254,9 @@ def socket_cpu_run(
     cpus = _cpus()
     flags = ["--rounds", str(k)] + (["--cpu", str(cpus[0])] if cpus else [])
     flags += SERVER_KINDS[kind]
+    # Each process its own heap layout, drawn at random: a per-connection
+    # CPU cost can hang on the layout by 10% (docs/performance.md).
+    pads = [str(random.randrange(0, PAD_MAX, 64)) for _ in range(2)]
     n = k * (rounds + 1)
     resumed = mode == "resumed"
     sessions: list[ssl.SSLSession | None] = [None, None]
@@ -259,8 +264,8 @@ def socket_cpu_run(
     reused = 0
     other = "stock" if config == A_A else config
     with (
-        ServerProcess("stock", n, certfile, *flags) as first,
-        ServerProcess(other, n, certfile, *flags) as second,
+        ServerProcess("stock", n, certfile, *flags, "--pad", pads[0]) as first,
+        ServerProcess(other, n, certfile, *flags, "--pad", pads[1]) as second,
     ):
         saved = os.sched_getaffinity(0) if cpus else None
         try:

@@ -1,7 +1,8 @@
 """A TLS server process for bench.py's server-only rows (real sockets).
 
     python bench/tlsserver.py SIDE N CERTFILE [--mark] [--rounds K] [--cpu C]
-                              [--asyncio] [--idle [--warm W]] [--tracemalloc]
+                              [--pad B] [--asyncio] [--idle [--warm W]]
+                              [--tracemalloc]
 
 ``SIDE`` is ``stock`` (a plain ``PROTOCOL_TLS_SERVER`` context; tlsctl is
 not even imported), ``patched`` (``tlsctl.patch(ctx)``; the mechanism is
@@ -25,8 +26,10 @@ on 127.0.0.1, prints its port on one line, and then:
   connections, the CPU time in ns its thread spent on them
   (``time.thread_time_ns``: user and system time, the kernel's work for
   its syscalls included), for bench.py's server CPU rows on sockets, and
-  ``--cpu C`` pins it to CPU ``C`` first; ``--asyncio`` serves the same
-  exchanges with ``asyncio.start_server`` instead (memory BIOs);
+  ``--cpu C`` pins it to CPU ``C`` first, ``--pad B`` holds about ``B``
+  bytes from the start (a different heap layout per value); ``--asyncio``
+  serves the same exchanges with ``asyncio.start_server`` instead (memory
+  BIOs);
 * with ``--idle``: serves ``W`` warm-up connections as above, then accepts
   ``N`` connections, completes their handshakes and keeps them open
   without reading or writing; prints one line ``rss=<bytes> py=<bytes>
@@ -172,9 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=0)
     parser.add_argument("--cpu", type=int)
     parser.add_argument("--asyncio", action="store_true")
+    parser.add_argument("--pad", type=int, default=0)
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
+    # --pad: memory held from here on (a large block and small objects), so
+    # that fresh processes lay out their heaps differently (bench.py's CPU
+    # rows draw it at random per process: their figures then average over
+    # layouts instead of depending on one).
+    padding = (bytearray(args.pad), [object() for _ in range(args.pad // 256)])
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.certfile)
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.asyncio:
         serve_asyncio(ctx, listener, args.connections, args.rounds, by_hand)
-        return 0
+        return len(padding) - 2
     if not args.idle:
         start = time.thread_time_ns()
         for i in range(1, args.connections + 1):
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 now = time.thread_time_ns()
                 print(now - start, flush=True)
                 start = time.thread_time_ns()
-        return 0
+        return len(padding) - 2
 
     for _ in range(args.warm):
         serve_one(ctx, listener, None, by_hand)
