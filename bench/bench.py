@@ -334,7 +334,7 @@ def main() -> int:
         len(SERVER_KINDS)
         * len(MODES)
         * len(socket_cpu_configs())
-        * (plan.socket_cpu_pairs)
+        * plan.socket_cpu_pairs
     )
     steps += (len(plan.sizes) + len(plan.delays)) if args.scaling else 0
     if args.instructions:

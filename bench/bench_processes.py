@@ -244,12 +244,11 @@ def socket_cpu_run(
     client: ssl.SSLContext,
 ) -> tuple[list[float], list[float]]:
     """Two fresh server processes of ``kind`` (``SERVER_KINDS``), stock
-    and ``config``, their connections
-    alternating one by one from this process (a client with
-    ``TCP_NODELAY``); where it can, both servers run on one CPU and the
-    client on another.  Returns each server's CPU ns per connection, one
-    value per round of ``plan.socket_cpu_connections``; the first round,
-    a warm-up, is left out."""
+    and ``config``, their connections alternating one by one from this
+    process (a client with ``TCP_NODELAY``); where it can, both servers run
+    on one CPU and the client on another.  Returns each server's CPU ns per
+    connection, one value per round of ``plan.socket_cpu_connections``; the
+    first round, a warm-up, is left out."""
     k, rounds = plan.socket_cpu_connections, plan.socket_cpu_rounds
     cpus = _cpus()
     flags = ["--rounds", str(k)] + (["--cpu", str(cpus[0])] if cpus else [])

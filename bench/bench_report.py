@@ -34,24 +34,28 @@ def _interval(lo: float, hi: float, digits: int = 3) -> str:
     return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def report_wall(results: dict[str, Row], rounds: int) -> None:
-    print(
-        f"\nin process, {rounds} interleaved rounds (ratio = median of per-round "
-        "patched/stock rate ratios; +/- = half their IQR;\n95% CI = bootstrap "
-        "CI of that median; verdict from the CI)"
-    )
+def _report_rows(rows: list[tuple[str, Row, float | None]]) -> None:
+    """A table of paired-rounds rows: (metric, row, target or None)."""
     print(
         f"{'metric':40} {'stock':>11} {'patched':>11} {'ratio':>6} {'+/-':>6} "
         f"{'95% CI':>15} {'target':>6}  verdict"
     )
-    for metric, row in results.items():
-        target = TARGETS[metric]
+    for metric, row, target in rows:
         shown = "-" if target is None else f"{target:.2f}"
         print(
             f"{metric:40} {row.stock:11.1f} {row.patched:11.1f} {row.ratio:6.3f} "
             f"{row.spread:6.3f} {_interval(row.lo, row.hi):>15} {shown:>6}  "
             f"{verdict(row.lo, row.hi, target, True)}"
         )
+
+
+def report_wall(results: dict[str, Row], rounds: int) -> None:
+    print(
+        f"\nin process, {rounds} interleaved rounds (ratio = median of per-round "
+        "patched/stock rate ratios; +/- = half their IQR;\n95% CI = bootstrap "
+        "CI of that median; verdict from the CI)"
+    )
+    _report_rows([(m, row, TARGETS[m]) for m, row in results.items()])
 
 
 def report_latency(rows: dict[str, Latency], pairs: int) -> None:
@@ -85,19 +89,12 @@ def report_server_cpu(rows: dict[tuple[str, str, str], Row], plan: Plan) -> None
         "95% CI bootstrap; A/A = stock against stock again;\n"
         "imported = stock in a process that has imported and bound tlsctl"
     )
-    print(
-        f"{'metric':40} {'stock':>11} {'patched':>11} {'ratio':>6} {'+/-':>6} "
-        f"{'95% CI':>15} {'target':>6}  verdict"
+    _report_rows(
+        [
+            (f"server CPU, {kind}, {mode}, {config}", row, socket_cpu_target(config))
+            for (kind, mode, config), row in rows.items()
+        ]
     )
-    for (kind, mode, config), row in rows.items():
-        target = socket_cpu_target(config)
-        shown = "-" if target is None else f"{target:.2f}"
-        name = f"server CPU, {kind}, {mode}, {config}"
-        print(
-            f"{name:40} {row.stock:11.1f} {row.patched:11.1f} {row.ratio:6.3f} "
-            f"{row.spread:6.3f} {_interval(row.lo, row.hi):>15} {shown:>6}  "
-            f"{verdict(row.lo, row.hi, target, True)}"
-        )
 
 
 def report_counts(

@@ -126,6 +126,13 @@ def serve_one(
             os.write(mark, MARK_END)
 
 
+def round_done(start: int) -> int:
+    """Print the thread's CPU ns since ``start`` (a round of ``--rounds``);
+    returns the next round's start, the printing left out."""
+    print(time.thread_time_ns() - start, flush=True)
+    return time.thread_time_ns()
+
+
 def serve_asyncio(
     ctx: ssl.SSLContext, listener: socket.socket, n: int, rounds: int, by_hand: bool
 ) -> None:
@@ -151,8 +158,7 @@ def serve_asyncio(
             writer.close()  # the client closes once it has the response
             served += 1
             if rounds and served % rounds == 0:
-                print(time.thread_time_ns() - start, flush=True)
-                start = time.thread_time_ns()
+                start = round_done(start)
             if served == n:
                 done.set()
 
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # that fresh processes lay out their heaps differently (bench.py's CPU
     # rows draw it at random per process: their figures then average over
     # layouts instead of depending on one).
-    padding = (bytearray(args.pad), [object() for _ in range(args.pad // 256)])
+    _padding = (bytearray(args.pad), [object() for _ in range(args.pad // 256)])
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.certfile)
@@ -210,16 +216,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.asyncio:
         serve_asyncio(ctx, listener, args.connections, args.rounds, by_hand)
-        return len(padding) - 2
+        return 0
     if not args.idle:
         start = time.thread_time_ns()
         for i in range(1, args.connections + 1):
             serve_one(ctx, listener, mark, by_hand)
             if args.rounds and i % args.rounds == 0:
-                now = time.thread_time_ns()
-                print(now - start, flush=True)
-                start = time.thread_time_ns()
-        return len(padding) - 2
+                start = round_done(start)
+        return 0
 
     for _ in range(args.warm):
         serve_one(ctx, listener, None, by_hand)
