@@ -25,7 +25,7 @@ from typing import Any, Callable, cast
 import pytest
 
 import tlsctl
-from conftest import bio_pair, needs_defer, require_binding_for
+from conftest import bio_pair, needs_c_defer, needs_defer, require_binding_for
 from quickack_latency import (
     GET,
     LOCALHOST,
@@ -37,7 +37,7 @@ from quickack_latency import (
     run_trio,
     run_websockets,
 )
-from tlsctl import _quickack, scenarios
+from tlsctl import _bind, _quickack, scenarios
 
 pytestmark = [needs_defer]  # native, stash or python: memory-BIO servers
 linux_only = pytest.mark.skipif(
@@ -279,6 +279,40 @@ def test_which_connections_need_it(
     pair = bio_pair(tlsctl.patch(scenarios.server_context(certs)), generic)
     pair.handshake()
     assert not _quickack._needs_quickack(pair.client)  # client side of a patched ctx
+
+
+@needs_c_defer
+@pytest.mark.parametrize(
+    ("tickets", "version", "expected"),
+    [
+        ("defer", ssl.TLSVersion.TLSv1_3, True),  # _sslobj: the C proxy
+        ("suppress", ssl.TLSVersion.TLSv1_3, True),  # _sslobj: the real object
+        ("immediate", ssl.TLSVersion.TLSv1_3, False),
+        ("defer", ssl.TLSVersion.TLSv1_2, False),
+    ],
+    ids=["defer", "suppress", "immediate", "defer-TLSv1.2"],
+)
+def test_the_binding_answers_for_its_connections(
+    certs: scenarios.Certs, tickets: str, version: ssl.TLSVersion, expected: bool
+) -> None:
+    """The binding's ``quiet``, the one call _needs_quickack makes per
+    handshake: the policy recorded for the connection, its side, version
+    and handshake state; None for a connection it does not track, which
+    _needs_quickack then reports as not needing the option."""
+    quiet = _bind.fast["quiet"]
+    server = scenarios.server_context(certs, maximum_version=version)
+    pair = bio_pair(
+        tlsctl.patch(server, tickets=tickets), _generic_client_context(certs)
+    )
+    assert quiet(pair.server._sslobj) is False  # handshake not done
+    pair.handshake()
+    assert quiet(pair.server._sslobj) is expected
+    assert quiet(pair.client._sslobj) is None  # client side: never tracked
+    stock = bio_pair(scenarios.server_context(certs), scenarios.client_context(certs))
+    stock.handshake()
+    assert quiet(stock.server._sslobj) is None
+    assert _quickack._needs_quickack(stock.server) is False
+    assert quiet(object()) is None  # not an _sslobj: its type says so, nothing read
 
 
 # ------------------------------------------------------------ quickack()

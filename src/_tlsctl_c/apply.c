@@ -294,12 +294,40 @@ static PyObject *tlsctl_fast_report(PyObject *unused, PyObject *sslobj)
                          (info >> 2) + (long)released);
 }
 
+/* quiet(sslobj) -> True, False or None: whether the connection behind
+ * sslobj (conn._sslobj: a proxy, or the real object, proven here) needs
+ * TCP_QUICKACK now (10.): a server connection whose TLS 1.3 handshake is
+ * done and whose tlsctl policy sends no ticket in the handshake (defer,
+ * suppress), as recorded when the connection was made.  None when tlsctl's
+ * C side does not track it (a stock context, the python mechanism).  For
+ * _quickack's memory-BIO hooks, once per handshake: one call instead of
+ * connection_state()'s Python. */
+static PyObject *tlsctl_fast_quiet(PyObject *unused, PyObject *sslobj)
+{
+    SSL *ssl;
+    long info, policy;
+    (void)unused;
+    if (Py_TYPE(sslobj) == tlsctl_fw_type)
+        ssl = ((tlsctl_fw *)sslobj)->ssl;
+    else if ((ssl = tlsctl_real_ssl(sslobj)) == NULL)
+        Py_RETURN_NONE;
+    if ((info = tlsctl_conn_info(ssl)) < 0)
+        Py_RETURN_NONE;
+    policy = info & 3;
+    return PyBool_FromLong(
+        (policy == TLSCTL_POLICY_DEFER || policy == TLSCTL_POLICY_SUPPRESS) &&
+        p_SSL_is_server(ssl) && p_SSL_is_init_finished(ssl) &&
+        p_SSL_version(ssl) == TLS1_3_VERSION);
+}
+
 static PyMethodDef tlsctl_fast_functions[] = {
     {"arm", tlsctl_fast_arm, METH_VARARGS, "arm(conn, n) -> None"},
     {"make_apply", tlsctl_fast_make_apply, METH_VARARGS,
      "make_apply(policy, count, stash, record_factory, fallback)"},
     {"report", tlsctl_fast_report, METH_O,
      "report(sslobj) -> (policy, state, waiting, issued) or None"},
+    {"quiet", tlsctl_fast_quiet, METH_O,
+     "quiet(sslobj) -> whether it needs TCP_QUICKACK now, or None"},
     {NULL, NULL, 0, NULL}};
 
 static PyObject *tlsctl_intern(const char *s, int *ok)
@@ -310,8 +338,8 @@ static PyObject *tlsctl_intern(const char *s, int *ok)
     return u;
 }
 
-/* Called once at import: put FirstWriteProxy, arm, make_apply and report
- * into the dict at namespace_dict (id() of a dict the caller keeps
+/* Called once at import: put FirstWriteProxy, arm, make_apply, report and
+ * quiet into the dict at namespace_dict (id() of a dict the caller keeps
  * alive).  raise_error(what) raises tlsctl's OpenSSLError. */
 static int tlsctl_fast_init(uintptr_t namespace_dict, uintptr_t sslsocket_type,
                             uintptr_t raise_error)

@@ -124,8 +124,8 @@
  *    callbacks) and for issue_tickets().  A Python version cost several per
  *    cent of a handshake (docs/performance.md, "Behind the design").
  *    - tlsctl_fast_init(), once at binding, creates the FirstWriteProxy
- *      type (PyType_FromSpec, stable ABI) and the builtins arm, make_apply
- *      and report, and hands them to Python in a dict (passed by id(), as
+ *      type (PyType_FromSpec, stable ABI) and the builtins arm, make_apply,
+ *      report and quiet, and hands them to Python in a dict (passed by id(), as
  *      every object in 3.; the caller keeps it alive).  These are ordinary
  *      Python-callable C functions: the GIL is held, unlike in the cffi
  *      functions above.
@@ -160,7 +160,8 @@
  *    that send no ticket in their handshake, or at once when the handshake
  *    already ran), and Linux sends the pending ACK immediately.  Memory
  *    BIOs have no descriptor: _quickack hooks asyncio's and trio's own
- *    handshake completion instead.  And the first write's tickets go out
+ *    handshake completion instead, and asks quiet() (apply.c) whether the
+ *    connection needs the option.  And the first write's tickets go out
  *    in the SAME write() as its data: tlsctl_capture makes the stash filter
  *    hold the ticket records the handshake driver writes (a captured write
  *    always succeeds, so a socket can never be left with half a ticket

@@ -138,7 +138,7 @@ STDLIB_CONTEXT = _find_stdlib_context()
 
 # Filled by the C module at binding (tlsctl_fast_init): "FirstWriteProxy",
 # the C proxy type; "make_apply", which makes a context's plan; "arm" and
-# "report" (see _policy).
+# "report" (see _policy); "quiet" (see _quickack).
 fast: dict[str, Any] = {}
 
 

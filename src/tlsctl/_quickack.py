@@ -71,11 +71,14 @@ Only connections that need it are touched: server side, TLS 1.3, and
 (the policy fixed when the connection was created, so a connection whose SNI
 callback switched contexts is judged by the context it was created from).
 Client-side connections, TLS 1.2 (tlsctl leaves it stock), stock contexts
-and ``immediate`` return before any system call (the check is a few
-attribute reads and one ``connection_state()`` per handshake).  Only TCP
-sockets get the option, and an error from ``setsockopt`` is ignored (the
-connection then behaves as without this module).  Without
-``socket.TCP_QUICKACK`` (not Linux) nothing is installed.
+and ``immediate`` return before any system call.  The check is one call
+into the binding per handshake (``quiet``: the policy recorded in the
+connection's ex_data, its side, version and handshake state), and
+``connection_state()`` for the python mechanism's connections, which the
+binding does not track.  Only TCP sockets take the option (any other
+refuses it), and an error from ``setsockopt`` is ignored (the connection
+then behaves as without this module).  Without ``socket.TCP_QUICKACK``
+(not Linux) nothing is installed.
 
 Lazy installation.  ``install()`` wraps the hooks of frameworks already
 imported (``sys.modules``); it never imports a framework itself.  For a
@@ -104,7 +107,6 @@ if TYPE_CHECKING:  # (nothing here at run time: import cost, see test_import)
 __all__ = ["install", "quickack", "status"]
 
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-_TCP_FAMILIES = (socket.AF_INET, getattr(socket, "AF_INET6", socket.AF_INET))
 _QUIET_POLICIES = ("defer", "suppress")  # policies that send no ticket in the handshake
 _MARK = "_tlsctl_quickack"  # set on our wrappers: never wrap twice
 
@@ -124,6 +126,8 @@ _installed = False
 _results: dict[str, str] = {}  # framework -> "active" or "unavailable: ..."
 _pending: dict[str, ModuleType] = {}  # framework -> its module, waiting for uvloop
 _connection_state: Callable[[Any], Any] | None = None
+_quiet: Callable[[Any], bool | None] | None = None  # the binding's, if bound
+_policy: ModuleType | None = None
 
 
 def quickack(obj: Any, /) -> bool:
@@ -149,8 +153,9 @@ def quickack(obj: Any, /) -> bool:
     elif not hasattr(obj, "family") and hasattr(obj, "socket"):
         sock = obj.socket  # trio.SocketStream
     try:
-        if sock.family not in _TCP_FAMILIES or sock.type != socket.SOCK_STREAM:
-            return False
+        # A socket that is not TCP refuses the option (EOPNOTSUPP from
+        # AF_UNIX, ENOPROTOOPT from UDP): that is the test, without the
+        # enum conversions of .family and .type (~5 us, cold).
         sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
     except (AttributeError, OSError):
         return False
@@ -158,11 +163,24 @@ def quickack(obj: Any, /) -> bool:
 
 
 def _needs_quickack(sslobj: Any) -> bool:
-    """A server-side TLS 1.3 connection whose tlsctl policy sends no ticket
-    in the handshake.  Never raises."""
+    """A server-side TLS 1.3 connection whose handshake is done and whose
+    tlsctl policy sends no ticket in the handshake.  Never raises.
+
+    One C call (``quiet``) answers for the connections tlsctl's C side
+    set up; only the python mechanism's connections, which it does not
+    track, take ``connection_state()``'s Python (~9 us per handshake, cold,
+    measured in an asyncio server: docs/performance.md)."""
     state_of = _connection_state
     if sslobj is None or state_of is None:
         return False
+    quiet = _quiet
+    if quiet is not None:
+        try:
+            answer = quiet(sslobj._sslobj)
+        except Exception:  # no _sslobj (a foreign object): the long way
+            answer = None
+        if answer is not None or _policy is None or _policy._PYHOLD is None:
+            return bool(answer)
     try:
         if not sslobj.server_side or sslobj.version() != "TLSv1.3":
             return False
@@ -511,16 +529,19 @@ def install() -> None:
     they are imported.  It imports none of them.  Does nothing where
     ``socket.TCP_QUICKACK`` does not exist.  ``tlsctl.patch()`` calls it.
     """
-    global _installed, _connection_state
+    global _installed, _connection_state, _quiet, _policy
     if _installed:
         return
     with _lock:
         if _installed:
             return
         if _QUICKACK is not None:
-            from tlsctl._policy import connection_state
+            from tlsctl import _bind
+            from tlsctl import _policy as policy
 
-            _connection_state = connection_state
+            _policy = policy
+            _quiet = _bind.fast.get("quiet")
+            _connection_state = policy.connection_state
             for framework, (module_name, _, _) in _HOOKS.items():
                 module = _loaded(module_name)
                 if module is not None:
