@@ -30,8 +30,8 @@ from bench_stats import (
     bootstrap_ci,
     callgrind_total,
     count_row,
+    grouped_row_of,
     min_difference,
-    row_of,
 )
 
 SERVER_INSTRUCTIONS_TARGET = 0.99  # stock / patched instructions per connection
@@ -56,17 +56,35 @@ MODES = ("full", "resumed")
 # ------------------------------------------------------------ server process
 
 
-def _server_env(mechanism: str | None) -> dict[str, str]:
+# glibc's malloc with fixed thresholds, for both servers of the CPU rows.
+# By default glibc raises its mmap and trim thresholds as a program frees
+# large blocks, and an asyncio server allocates one 256 KiB read buffer per
+# connection (asyncio.sslproto's max_size): whether that buffer's memory
+# stays mapped or is given back at the top of the heap and faulted in again
+# at the next connection then hangs on the heap's layout.  A process that
+# draws the bad layout takes ~45 minor faults and ~10% more CPU per
+# connection, stock or not (docs/performance.md, "Server CPU").  Fixed
+# thresholds (an operator can set the same) take that draw out of the rows.
+FIXED_MALLOC = (
+    "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
+)
+
+
+def _server_env(mechanism: str | None, fixed_malloc: bool = False) -> dict[str, str]:
     env = dict(os.environ, PYTHONHASHSEED="0")
     env.pop("TLSCTL_MECHANISM", None)
     if mechanism is not None:
         env["TLSCTL_MECHANISM"] = mechanism
+    if fixed_malloc:
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, FIXED_MALLOC])
     return env
 
 
 class ServerProcess:
     """``tlsserver.py`` in a subprocess (under ``prefix``: valgrind,
-    strace), for ``with``; ``port`` is where it listens."""
+    strace; ``fixed_malloc``: with ``FIXED_MALLOC``), for ``with``;
+    ``port`` is where it listens."""
 
     def __init__(
         self,
@@ -75,6 +93,7 @@ class ServerProcess:
         certfile: str,
         *flags: str,
         prefix: Sequence[str] = (),
+        fixed_malloc: bool = False,
     ) -> None:
         side, mechanism = SERVER_CONFIGS[config]
         self.stderr = tempfile.TemporaryFile()
@@ -83,7 +102,7 @@ class ServerProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
-            env=_server_env(mechanism),
+            env=_server_env(mechanism, fixed_malloc),
         )
         self.port = int(self.read_line())
 
@@ -246,15 +265,16 @@ def socket_cpu_run(
     """Two fresh server processes of ``kind`` (``SERVER_KINDS``), stock
     and ``config``, their connections alternating one by one from this
     process (a client with ``TCP_NODELAY``); where it can, both servers run
-    on one CPU and the client on another.  Returns each server's CPU ns per
-    connection, one value per round of ``plan.socket_cpu_connections``; the
-    first round, a warm-up, is left out."""
+    on one CPU and the client on another; both with ``FIXED_MALLOC``.
+    Returns each server's CPU ns per connection, one value per round of
+    ``plan.socket_cpu_connections``; the first round, a warm-up, is left
+    out."""
     k, rounds = plan.socket_cpu_connections, plan.socket_cpu_rounds
     cpus = _cpus()
     flags = ["--rounds", str(k)] + (["--cpu", str(cpus[0])] if cpus else [])
     flags += SERVER_KINDS[kind]
-    # Each process its own heap layout, drawn at random: a per-connection
-    # CPU cost can hang on the layout by 10% (docs/performance.md).
+    # Each process its own heap layout, drawn at random, so that the rows
+    # average over layouts (FIXED_MALLOC removes the one 10% effect found).
     pads = [str(random.randrange(0, PAD_MAX, 64)) for _ in range(2)]
     n = k * (rounds + 1)
     resumed = mode == "resumed"
@@ -263,8 +283,12 @@ def socket_cpu_run(
     reused = 0
     other = "stock" if config == A_A else config
     with (
-        ServerProcess("stock", n, certfile, *flags, "--pad", pads[0]) as first,
-        ServerProcess(other, n, certfile, *flags, "--pad", pads[1]) as second,
+        ServerProcess(
+            "stock", n, certfile, *flags, "--pad", pads[0], fixed_malloc=True
+        ) as first,
+        ServerProcess(
+            other, n, certfile, *flags, "--pad", pads[1], fixed_malloc=True
+        ) as second,
     ):
         saved = os.sched_getaffinity(0) if cpus else None
         try:
@@ -310,22 +334,23 @@ def server_cpu(
     """{(kind, mode, config): row}: server-process CPU time per connection
     on real sockets, stock against ``config``, ``plan.socket_cpu_pairs``
     pairs of fresh processes, their rounds pooled (a round's ratio: stock's
-    CPU time / config's, above 1 = cheaper than stock)."""
+    CPU time / config's, above 1 = cheaper than stock); the interval
+    resamples the pairs, then their rounds (``cluster_bootstrap_ci``)."""
     out = {}
     for kind in SERVER_KINDS:
         for mode in MODES:
             for config in socket_cpu_configs():
                 stock_ns: list[float] = []
                 other_ns: list[float] = []
+                ratios: list[list[float]] = []
                 for _ in range(plan.socket_cpu_pairs):
                     a, b = socket_cpu_run(kind, config, mode, plan, certfile, client)
                     stock_ns += a
                     other_ns += b
+                    ratios.append([x / y for x, y in zip(a, b)])
                     progress.step(f"server CPU {kind} {mode} {config}")
-                out[kind, mode, config] = row_of(
-                    [1e9 / x for x in stock_ns],
-                    [1e9 / x for x in other_ns],
-                    [a / b for a, b in zip(stock_ns, other_ns)],
+                out[kind, mode, config] = grouped_row_of(
+                    [1e9 / x for x in stock_ns], [1e9 / x for x in other_ns], ratios
                 )
     return out
 

@@ -83,11 +83,13 @@ def report_server_cpu(rows: dict[tuple[str, str, str], Row], plan: Plan) -> None
         "alternately, connection by connection, "
         f"{plan.socket_cpu_pairs} pairs of fresh\nprocesses x "
         f"{plan.socket_cpu_rounds} rounds of {plan.socket_cpu_connections} "
-        "(servers on one CPU, the client on another, with TCP_NODELAY);\n"
-        "rate = connections per server CPU second (user + system); ratio = "
-        "median of per-round\nstock/patched CPU time; +/- = half their IQR; "
-        "95% CI bootstrap; A/A = stock against stock again;\n"
-        "imported = stock in a process that has imported and bound tlsctl"
+        "(servers on one CPU, the client on another, with TCP_NODELAY;\n"
+        "glibc's malloc thresholds fixed on both); rate = connections per "
+        "server CPU second (user +\nsystem); ratio = median of per-round "
+        "stock/patched CPU time; +/- = half their IQR; 95% CI\n"
+        "bootstrap over the pairs, then their rounds; A/A = stock against "
+        "stock again; imported =\nstock in a process that has imported and "
+        "bound tlsctl"
     )
     _report_rows(
         [

@@ -93,6 +93,31 @@ def bootstrap_ci(
     return stats[int(0.025 * resamples)], stats[int(0.975 * resamples) - 1]
 
 
+def cluster_bootstrap_ci(
+    groups: Sequence[Sequence[float]],
+    stat: Callable[[Sequence[float]], float] = statistics.median,
+    resamples: int = BOOTSTRAP,
+) -> tuple[float, float]:
+    """Two-stage percentile bootstrap 95% confidence interval of
+    ``stat`` of the pooled ``groups``, for values that come in correlated
+    groups (the rounds of one pair of server processes, which share a
+    memory layout): each resample draws the groups with replacement, then
+    the values within each drawn group.  So the interval widens with the
+    spread between groups, which resampling the pooled values would miss.
+    One group: ``bootstrap_ci``'s interval.  Fixed seed."""
+    if len(groups) == 1:
+        return bootstrap_ci(groups[0], stat, resamples)
+    rng = random.Random(0)
+    stats = []
+    for _ in range(resamples):
+        pooled: list[float] = []
+        for group in rng.choices(groups, k=len(groups)):
+            pooled += rng.choices(group, k=len(group))
+        stats.append(stat(pooled))
+    stats.sort()
+    return stats[int(0.025 * resamples)], stats[int(0.975 * resamples) - 1]
+
+
 def verdict(lo: float, hi: float, target: float | None, higher_is_better: bool) -> str:
     """Return "meets" / "misses" only when the interval [lo, hi] lies entirely on
     one side of the target, else "inconclusive"; "reference" without one."""
@@ -137,6 +162,20 @@ def ratio_summary(ratios: Sequence[float]) -> tuple[float, float, float, float]:
 def row_of(stock: list[float], patched: list[float], ratios: list[float]) -> Row:
     return Row(
         statistics.median(stock), statistics.median(patched), *ratio_summary(ratios)
+    )
+
+
+def grouped_row_of(
+    stock: list[float], patched: list[float], ratio_groups: list[list[float]]
+) -> Row:
+    """``row_of`` for ratios that come in groups (``cluster_bootstrap_ci``):
+    the median and spread of all of them, the interval of the groups."""
+    ratios = [r for group in ratio_groups for r in group]
+    return Row(
+        statistics.median(stock),
+        statistics.median(patched),
+        *median_spread(ratios),
+        *cluster_bootstrap_ci(ratio_groups),
     )
 
 

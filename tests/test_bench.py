@@ -227,6 +227,24 @@ def test_bootstrap_ci_contains_the_median_and_is_deterministic() -> None:
     assert bootstrap_ci([1.0] * 5) == (1.0, 1.0)
 
 
+def test_cluster_bootstrap_ci_widens_with_the_spread_between_groups() -> None:
+    """Rounds of one process pair share its layout: when the pairs differ,
+    the interval must say so, where resampling the pooled rounds would
+    report a narrow one."""
+    from bench_stats import bootstrap_ci, cluster_bootstrap_ci
+
+    tight = [1.0 + d for d in (-0.002, -0.001, 0.0, 0.001, 0.002)]
+    groups = [[v + shift for v in tight] for shift in (-0.05, -0.02, 0.0, 0.02, 0.05)]
+    pooled = [v for group in groups for v in group]
+    lo, hi = cluster_bootstrap_ci(groups)
+    plo, phi = bootstrap_ci(pooled)
+    assert lo <= 1.0 <= hi and (lo, hi) == cluster_bootstrap_ci(groups)
+    assert hi - lo > 2 * (phi - plo)
+    assert cluster_bootstrap_ci([tight]) == bootstrap_ci(tight)
+    same = cluster_bootstrap_ci([tight] * 5)  # no spread between groups
+    assert same[1] - same[0] < 0.004
+
+
 def test_first_write_calls_parses_an_strace_log() -> None:
     from bench_processes import first_write_calls
 
