@@ -135,13 +135,16 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   hand sets no ``TCP_QUICKACK``); where this process may use two CPUs both
   servers run on the first and the client on the second; each process
   holds a random 0 to 1 MiB from its start (``--pad``), so that the pairs
-  differ in memory layout, which moved the asyncio rows by ~10% on its
-  own.  Each server reports its thread's CPU time
+  differ in memory layout, and runs with glibc's malloc thresholds fixed
+  (``bench_processes.FIXED_MALLOC``: by default an asyncio server's
+  per-connection read buffer made some layouts ~10% dearer, stock or
+  not).  Each server reports its thread's CPU time
   (``time.thread_time_ns``: user and system, so the kernel's work for its
   syscalls counts) per round of 100 connections; the first round is a
   warm-up.  5 pairs of fresh processes x 10 rounds, pooled; the ratio is
-  the median of the per-round stock/patched CPU times (target 0.99 for
-  native and the stash).  Unlike the in-process CPU rows this counts what
+  the median of the per-round stock/patched CPU times, its interval a
+  bootstrap over the pairs, then their rounds (target 0.99 for native and
+  the stash).  Unlike the in-process CPU rows this counts what
   a socket server pays in the kernel: stock writes each ticket with its
   own ``write()`` during the handshake, a patched server its tickets and
   the response in one.  Two servers: a blocking one (``SSLSocket``) and

@@ -304,6 +304,7 @@ def test_the_binding_answers_for_its_connections(
     handshake: the policy recorded for the connection, its side, version
     and handshake state; None for a connection it does not track, which
     _needs_quickack then reports as not needing the option."""
+    _quickack.install()  # (tlsctl.patch() does too) _needs_quickack asks quiet
     quiet = _bind.fast["quiet"]
     server = scenarios.server_context(certs, maximum_version=version)
     pair = bio_pair(
@@ -318,6 +319,22 @@ def test_the_binding_answers_for_its_connections(
     assert quiet(_inner(stock.server)) is None
     assert _quickack._needs_quickack(stock.server) is False
     assert quiet(object()) is None  # not an _sslobj: its type says so, nothing read
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_a_defer_connection_with_a_count_needs_it(
+    certs: scenarios.Certs, count: int
+) -> None:
+    """With a count (and under the python mechanism, where the binding then
+    tracks the connection for the count alone, its policy left to Python)
+    the connection is still a quiet one: no ticket left in its handshake."""
+    require_binding_for(count=count)
+    server = tlsctl.patch(scenarios.server_context(certs), count=count)
+    _quickack.install()
+    pair = bio_pair(server, scenarios.client_context(certs))
+    pair.handshake()
+    assert tlsctl.connection_state(pair.server).policy == "defer"
+    assert _quickack._needs_quickack(pair.server) is True
 
 
 # ------------------------------------------------------------ quickack()

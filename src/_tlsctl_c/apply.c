@@ -299,9 +299,10 @@ static PyObject *tlsctl_fast_report(PyObject *unused, PyObject *sslobj)
  * TCP_QUICKACK now (10.): a server connection whose TLS 1.3 handshake is
  * done and whose tlsctl policy sends no ticket in the handshake (defer,
  * suppress), as recorded when the connection was made.  None when tlsctl's
- * C side does not track it (a stock context, the python mechanism).  For
- * _quickack's memory-BIO hooks, once per handshake: one call instead of
- * connection_state()'s Python. */
+ * C side does not track it (a stock context; the python mechanism's defer
+ * connections, or False when it tracks them for a count or callbacks:
+ * _quickack asks Python then).  For _quickack's memory-BIO hooks, once per
+ * handshake: one call instead of connection_state()'s Python. */
 static PyObject *tlsctl_fast_quiet(PyObject *unused, PyObject *sslobj)
 {
     SSL *ssl;

@@ -66,16 +66,18 @@ its transport:
   ``call_connection_made=False``): the application calls
   ``tlsctl.quickack(writer)`` right after ``await start_tls(...)``.
 
-Only connections that need it are touched: server side, TLS 1.3, and
-``tlsctl.connection_state()`` reporting the policy ``defer`` or ``suppress``
-(the policy fixed when the connection was created, so a connection whose SNI
-callback switched contexts is judged by the context it was created from).
-Client-side connections, TLS 1.2 (tlsctl leaves it stock), stock contexts
-and ``immediate`` return before any system call.  The check is one call
-into the binding per handshake (``quiet``: the policy recorded in the
-connection's ex_data, its side, version and handshake state), and
-``connection_state()`` for the python mechanism's connections, which the
-binding does not track.  Only TCP sockets take the option (any other
+Only connections that need it are touched: server side, a finished TLS 1.3
+handshake, and the policy ``defer`` or ``suppress``, as
+``tlsctl.connection_state()`` reports it (the policy fixed when the
+connection was created, so a connection whose SNI callback switched contexts
+is judged by the context it was created from).  Client-side connections,
+TLS 1.2 (tlsctl leaves it stock), stock contexts and ``immediate`` return
+before any system call.  The check is one call into the binding per
+handshake (``quiet``: the policy recorded in the connection's ex_data, its
+side, version and handshake state); under the python mechanism
+(``TLSCTL_MECHANISM=python``), whose ``defer`` connections the binding
+records as policy-less at most, anything but a yes from it is asked again
+through ``connection_state()``.  Only TCP sockets take the option (any other
 refuses it), and an error from ``setsockopt`` is ignored (the connection
 then behaves as without this module).  Without ``socket.TCP_QUICKACK``
 (not Linux) nothing is installed.
@@ -127,7 +129,7 @@ _results: dict[str, str] = {}  # framework -> "active" or "unavailable: ..."
 _pending: dict[str, ModuleType] = {}  # framework -> its module, waiting for uvloop
 _connection_state: Callable[[Any], Any] | None = None
 _quiet: Callable[[Any], bool | None] | None = None  # the binding's, if bound
-_policy: ModuleType | None = None
+_python_mechanism = False  # TLSCTL_MECHANISM=python with the binding
 
 
 def quickack(obj: Any, /) -> bool:
@@ -167,9 +169,11 @@ def _needs_quickack(sslobj: Any) -> bool:
     tlsctl policy sends no ticket in the handshake.  Never raises.
 
     One C call (``quiet``) answers for the connections tlsctl's C side
-    set up; only the python mechanism's connections, which it does not
-    track, take ``connection_state()``'s Python (~9 us per handshake, cold,
-    measured in an asyncio server: docs/performance.md)."""
+    set up; only under the python mechanism, whose ``defer`` connections
+    the binding tracks without their policy (or not at all), does anything
+    but a yes go on to ``connection_state()``'s Python (with it for every
+    connection, the asyncio hook cost ~19 us per handshake, cold:
+    docs/performance.md, "Server CPU")."""
     state_of = _connection_state
     if sslobj is None or state_of is None:
         return False
@@ -177,9 +181,9 @@ def _needs_quickack(sslobj: Any) -> bool:
     if quiet is not None:
         try:
             answer = quiet(sslobj._sslobj)
-        except Exception:  # no _sslobj (a foreign object): the long way
+        except Exception:  # no _sslobj: not a connection tlsctl set up
             answer = None
-        if answer is not None or _policy is None or _policy._PYHOLD is None:
+        if answer or not _python_mechanism:
             return bool(answer)
     try:
         if not sslobj.server_side or sslobj.version() != "TLSv1.3":
@@ -529,7 +533,7 @@ def install() -> None:
     they are imported.  It imports none of them.  Does nothing where
     ``socket.TCP_QUICKACK`` does not exist.  ``tlsctl.patch()`` calls it.
     """
-    global _installed, _connection_state, _quiet, _policy
+    global _installed, _connection_state, _quiet, _python_mechanism
     if _installed:
         return
     with _lock:
@@ -537,11 +541,11 @@ def install() -> None:
             return
         if _QUICKACK is not None:
             from tlsctl import _bind
-            from tlsctl import _policy as policy
+            from tlsctl._policy import connection_state
 
-            _policy = policy
             _quiet = _bind.fast.get("quiet")
-            _connection_state = policy.connection_state
+            _python_mechanism = _bind.info().mechanism == "python"
+            _connection_state = connection_state
             for framework, (module_name, _, _) in _HOOKS.items():
                 module = _loaded(module_name)
                 if module is not None:
