@@ -430,7 +430,7 @@ def main() -> int:
                 r.hi,
                 socket_cpu_target(config),
             )
-            for (kind, mode, config), r in socket_cpu.items()
+            for (kind, mode, config), r in socket_cpu.rows.items()
         ]
         if server_counts is not None:
             chart += [

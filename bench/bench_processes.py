@@ -68,6 +68,10 @@ MODES = ("full", "resumed")
 FIXED_MALLOC = (
     "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
 )
+# Minor page faults per connection from which bench.py says a CPU row
+# compares heap layouts (the effect above took ~45 a connection; a server
+# whose allocator keeps its memory takes ~0 after the warm-up round).
+FAULTS_WARN = 1.0
 
 
 def _server_env(mechanism: str | None, fixed_malloc: bool = False) -> dict[str, str]:
@@ -261,14 +265,16 @@ def socket_cpu_run(
     plan: Plan,
     certfile: str,
     client: ssl.SSLContext,
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], float]:
     """Two fresh server processes of ``kind`` (``SERVER_KINDS``), stock
     and ``config``, their connections alternating one by one from this
     process (a client with ``TCP_NODELAY``); where it can, both servers run
     on one CPU and the client on another; both with ``FIXED_MALLOC``.
     Returns each server's CPU ns per connection, one value per round of
-    ``plan.socket_cpu_connections``; the first round, a warm-up, is left
-    out."""
+    ``plan.socket_cpu_connections`` (the first round, a warm-up, left
+    out), and the minor page faults per connection of the server that
+    took more (median of its rounds): ~0 unless the allocator gives memory
+    back and takes it again on every connection (``FIXED_MALLOC``)."""
     k, rounds = plan.socket_cpu_connections, plan.socket_cpu_rounds
     cpus = _cpus()
     flags = ["--rounds", str(k)] + (["--cpu", str(cpus[0])] if cpus else [])
@@ -280,6 +286,7 @@ def socket_cpu_run(
     resumed = mode == "resumed"
     sessions: list[ssl.SSLSession | None] = [None, None]
     per_conn: tuple[list[float], list[float]] = ([], [])
+    faults: tuple[list[float], list[float]] = ([], [])
     reused = 0
     other = "stock" if config == A_A else config
     with (
@@ -305,9 +312,10 @@ def socket_cpu_run(
                         )
                         reused += resumed_now
                 for i, server in enumerate((first, second)):
-                    ns = int(server.read_line())
+                    ns, minor = (int(x) for x in server.read_line().split())
                     if r:
                         per_conn[i].append(ns / k)
+                        faults[i].append(minor / k)
         finally:
             if saved is not None:
                 os.sched_setaffinity(0, saved)
@@ -315,7 +323,7 @@ def socket_cpu_run(
         second.finish()
     if reused != (2 * (n - 1) if resumed else 0):
         raise RuntimeError(f"{reused} of {2 * n} connections resumed ({mode})")
-    return per_conn
+    return (*per_conn, max(statistics.median(f) for f in faults))
 
 
 def socket_cpu_configs() -> list[str]:
@@ -328,30 +336,43 @@ def socket_cpu_target(config: str) -> float | None:
     return None if config in (BY_HAND, IMPORTED, A_A) else SERVER_CPU_TARGET
 
 
+class ServerCpu(NamedTuple):
+    """The server CPU rows, and per row the minor page faults per
+    connection of the worst server process (``socket_cpu_run``)."""
+
+    rows: dict[tuple[str, str, str], Row]
+    faults: dict[tuple[str, str, str], float]
+
+
 def server_cpu(
     plan: Plan, certfile: str, client: ssl.SSLContext, progress: Progress
-) -> dict[tuple[str, str, str], Row]:
+) -> ServerCpu:
     """{(kind, mode, config): row}: server-process CPU time per connection
     on real sockets, stock against ``config``, ``plan.socket_cpu_pairs``
     pairs of fresh processes, their rounds pooled (a round's ratio: stock's
     CPU time / config's, above 1 = cheaper than stock); the interval
     resamples the pairs, then their rounds (``cluster_bootstrap_ci``)."""
-    out = {}
+    out = ServerCpu({}, {})
     for kind in SERVER_KINDS:
         for mode in MODES:
             for config in socket_cpu_configs():
                 stock_ns: list[float] = []
                 other_ns: list[float] = []
                 ratios: list[list[float]] = []
+                worst = 0.0
                 for _ in range(plan.socket_cpu_pairs):
-                    a, b = socket_cpu_run(kind, config, mode, plan, certfile, client)
+                    a, b, faults = socket_cpu_run(
+                        kind, config, mode, plan, certfile, client
+                    )
                     stock_ns += a
                     other_ns += b
                     ratios.append([x / y for x, y in zip(a, b)])
+                    worst = max(worst, faults)
                     progress.step(f"server CPU {kind} {mode} {config}")
-                out[kind, mode, config] = grouped_row_of(
+                out.rows[kind, mode, config] = grouped_row_of(
                     [1e9 / x for x in stock_ns], [1e9 / x for x in other_ns], ratios
                 )
+                out.faults[kind, mode, config] = worst
     return out
 
 

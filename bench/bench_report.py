@@ -10,12 +10,14 @@ from typing import NamedTuple
 
 from bench_inprocess import ROTATION_EVERY, TARGETS
 from bench_processes import (
+    FAULTS_WARN,
     IMPORT_TARGET_MS,
     MODES,
     RSS_TARGET_BYTES,
     SERVER_CONFIGS,
     ImportRow,
     RssRow,
+    ServerCpu,
     WriteCalls,
     socket_cpu_target,
 )
@@ -76,7 +78,7 @@ def report_latency(rows: dict[str, Latency], pairs: int) -> None:
         )
 
 
-def report_server_cpu(rows: dict[tuple[str, str, str], Row], plan: Plan) -> None:
+def report_server_cpu(cpu: ServerCpu, plan: Plan) -> None:
     print(
         "\nserver process CPU per connection on real sockets, a blocking "
         "server and an asyncio one: stock\nand one configuration serving "
@@ -94,8 +96,23 @@ def report_server_cpu(rows: dict[tuple[str, str, str], Row], plan: Plan) -> None
     _report_rows(
         [
             (f"server CPU, {kind}, {mode}, {config}", row, socket_cpu_target(config))
-            for (kind, mode, config), row in rows.items()
+            for (kind, mode, config), row in cpu.rows.items()
         ]
+    )
+    # FIXED_MALLOC keeps an asyncio server's per-connection buffer mapped;
+    # where it did not (another allocator), say so: the rows would then
+    # compare heap layouts (docs/performance.md, "Server CPU").
+    faulty = [" ".join(key) for key, f in cpu.faults.items() if f >= FAULTS_WARN]
+    worst = max(cpu.faults.values(), default=0.0)
+    print(
+        f"minor page faults per connection, the worse server of each pair: at "
+        f"most {worst:.2f}"
+        + (
+            f"; {FAULTS_WARN:g} or more in {', '.join(faulty)}: those rows "
+            "compare heap layouts, not tlsctl"
+            if faulty
+            else ""
+        )
     )
 
 

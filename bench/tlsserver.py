@@ -25,7 +25,8 @@ on 127.0.0.1, prints its port on one line, and then:
   counted in the trace); with ``--rounds K`` it prints, after every ``K``
   connections, the CPU time in ns its thread spent on them
   (``time.thread_time_ns``: user and system time, the kernel's work for
-  its syscalls included), for bench.py's server CPU rows on sockets, and
+  its syscalls included) and the minor page faults it took meanwhile, on
+  one line, for bench.py's server CPU rows on sockets, and
   ``--cpu C`` pins it to CPU ``C`` first, ``--pad B`` holds about ``B``
   bytes from the start (a different heap layout per value); ``--asyncio``
   serves the same exchanges with ``asyncio.start_server`` instead (memory
@@ -126,11 +127,31 @@ def serve_one(
             os.write(mark, MARK_END)
 
 
-def round_done(start: int) -> int:
-    """Print the thread's CPU ns since ``start`` (a round of ``--rounds``);
-    returns the next round's start, the printing left out."""
-    print(time.thread_time_ns() - start, flush=True)
-    return time.thread_time_ns()
+def _minor_faults() -> int:
+    """The minor page faults of this thread (of the process where the
+    system counts no thread's own)."""
+    import resource
+
+    who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+    return resource.getrusage(who).ru_minflt
+
+
+class Round:
+    """A round of ``--rounds``: ``done()`` prints the thread's CPU ns and
+    minor page faults since the round began, and begins the next; the
+    printing and the fault count are left out of the CPU time."""
+
+    def __init__(self) -> None:
+        self._begin()
+
+    def _begin(self) -> None:
+        self.faults = _minor_faults()
+        self.ns = time.thread_time_ns()
+
+    def done(self) -> None:
+        ns = time.thread_time_ns() - self.ns
+        print(ns, _minor_faults() - self.faults, flush=True)
+        self._begin()
 
 
 def serve_asyncio(
@@ -144,12 +165,12 @@ def serve_asyncio(
     async def serve() -> None:
         done = asyncio.Event()
         served = 0
-        start = time.thread_time_ns()
+        round_ = Round()
 
         async def handle(
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
-            nonlocal served, start
+            nonlocal served
             if not (await reader.readline()).endswith(b"\n"):
                 raise ConnectionError("the client sent no request line")
             if by_hand:
@@ -158,7 +179,7 @@ def serve_asyncio(
             writer.close()  # the client closes once it has the response
             served += 1
             if rounds and served % rounds == 0:
-                start = round_done(start)
+                round_.done()
             if served == n:
                 done.set()
 
@@ -218,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         serve_asyncio(ctx, listener, args.connections, args.rounds, by_hand)
         return 0
     if not args.idle:
-        start = time.thread_time_ns()
+        round_ = Round()
         for i in range(1, args.connections + 1):
             serve_one(ctx, listener, mark, by_hand)
             if args.rounds and i % args.rounds == 0:
-                start = round_done(start)
+                round_.done()
         return 0
 
     for _ in range(args.warm):

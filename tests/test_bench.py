@@ -166,6 +166,10 @@ def test_smoke_server_cpu_rows(smoke: tuple[str, Path]) -> None:
         reference = config in ("by hand", "imported", "A/A")
         assert (line.split()[-1] == "reference") == reference, line
         assert line.split()[-1] in VERDICTS, line
+    # Each server counts its minor page faults per round: the rows say
+    # when a server kept taking memory back from the system.
+    faults = _line(stdout, "minor page faults per connection")
+    assert re.search(r"at most \d+\.\d\d", faults), faults
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
