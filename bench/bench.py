@@ -140,8 +140,9 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   per-connection read buffer made some layouts ~10% dearer, stock or
   not).  Each server reports its thread's CPU time
   (``time.thread_time_ns``: user and system, so the kernel's work for its
-  syscalls counts) per round of 100 connections; the first round is a
-  warm-up.  5 pairs of fresh processes x 10 rounds, pooled; the ratio is
+  syscalls counts) and its minor page faults per round of 100
+  connections (the report names rows where a server took 1 or more per
+  connection); the first round is a warm-up.  5 pairs of fresh processes x 10 rounds, pooled; the ratio is
   the median of the per-round stock/patched CPU times, its interval a
   bootstrap over the pairs, then their rounds (target 0.99 for native and
   the stash).  Unlike the in-process CPU rows this counts what
