@@ -142,14 +142,14 @@ Server process (``tlsserver.py`` beside this file; real sockets on
   (``time.thread_time_ns``: user and system, so the kernel's work for its
   syscalls counts) and its minor page faults per round of 100
   connections (the report names rows where a server took 1 or more per
-  connection); the first round is a warm-up.  5 pairs of fresh processes x 10 rounds, pooled; the ratio is
-  the median of the per-round stock/patched CPU times, its interval a
-  bootstrap over the pairs, then their rounds (target 0.99 for native and
-  the stash).  Unlike the in-process CPU rows this counts what
-  a socket server pays in the kernel: stock writes each ticket with its
-  own ``write()`` during the handshake, a patched server its tickets and
-  the response in one.  Two servers: a blocking one (``SSLSocket``) and
-  ``asyncio.start_server`` (memory BIOs);
+  connection); the first round is a warm-up.  5 pairs of fresh processes
+  x 10 rounds, pooled; the ratio is the median of the per-round
+  stock/patched CPU times, its interval a bootstrap over the pairs, then
+  their rounds (target 0.99 for native and the stash).  Unlike the
+  in-process CPU rows this counts what a socket server pays in the kernel:
+  stock writes each ticket with its own ``write()`` during the handshake,
+  a patched server its tickets and the response in one.  Two servers: a
+  blocking one (``SSLSocket``) and ``asyncio.start_server`` (memory BIOs);
 * write calls per first write (needs strace): the server runs under
   ``strace -f`` tracing write, writev, sendto, sendmsg and sendmmsg, and
   writes markers to /dev/null around each connection's first application
