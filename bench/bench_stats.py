@@ -89,8 +89,15 @@ def bootstrap_ci(
     (fixed seed: the same data give the same interval)."""
     rng = random.Random(0)
     n = len(values)
-    stats = sorted(stat(rng.choices(values, k=n)) for _ in range(resamples))
-    return stats[int(0.025 * resamples)], stats[int(0.975 * resamples) - 1]
+    return _percentile_interval(
+        [stat(rng.choices(values, k=n)) for _ in range(resamples)]
+    )
+
+
+def _percentile_interval(stats: list[float]) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of a bootstrap's statistics."""
+    stats = sorted(stats)
+    return stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
 
 
 def cluster_bootstrap_ci(
@@ -114,8 +121,7 @@ def cluster_bootstrap_ci(
         for group in rng.choices(groups, k=len(groups)):
             pooled += rng.choices(group, k=len(group))
         stats.append(stat(pooled))
-    stats.sort()
-    return stats[int(0.025 * resamples)], stats[int(0.975 * resamples) - 1]
+    return _percentile_interval(stats)
 
 
 def verdict(lo: float, hi: float, target: float | None, higher_is_better: bool) -> str:
@@ -204,15 +210,11 @@ def count_row(stock: list[float], patched: list[float]) -> CountRow:
 def min_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """min(a) - min(b) and a bootstrap 95% CI of it (each side resampled)."""
     rng = random.Random(0)
-    boot = sorted(
+    boot = [
         min(rng.choices(a, k=len(a))) - min(rng.choices(b, k=len(b)))
         for _ in range(BOOTSTRAP)
-    )
-    return (
-        min(a) - min(b),
-        boot[int(0.025 * BOOTSTRAP)],
-        boot[int(0.975 * BOOTSTRAP) - 1],
-    )
+    ]
+    return (min(a) - min(b), *_percentile_interval(boot))
 
 
 VALGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
