@@ -20,6 +20,19 @@ static SSL *tlsctl_real_ssl(PyObject *real)
     return ssl;
 }
 
+/* The SSL behind sslobj (conn._sslobj: a proxy's, or the real object's,
+ * proven as above) when tlsctl tracks it, its recorded info (policy and
+ * tickets issued, tlsctl_conn_info) in *info; else NULL, no exception set.
+ * What report and quiet both answer from. */
+static SSL *tlsctl_tracked_ssl(PyObject *sslobj, long *info)
+{
+    SSL *ssl = Py_TYPE(sslobj) == tlsctl_fw_type ? ((tlsctl_fw *)sslobj)->ssl
+                                                 : tlsctl_real_ssl(sslobj);
+    if (ssl == NULL || (*info = tlsctl_conn_info(ssl)) < 0)
+        return NULL;
+    return ssl;
+}
+
 /* A new proxy for (real, ssl) in state, in front of conn._sslobj, with
  * the connection's callback record if it has one; a new reference, or
  * NULL with the exception set. */
@@ -268,20 +281,14 @@ static PyObject *tlsctl_fast_make_apply(PyObject *unused, PyObject *args)
  * none after this handshake). */
 static PyObject *tlsctl_fast_report(PyObject *unused, PyObject *sslobj)
 {
-    tlsctl_fw *fw = NULL;
+    tlsctl_fw *fw =
+        Py_TYPE(sslobj) == tlsctl_fw_type ? (tlsctl_fw *)sslobj : NULL;
     SSL *ssl;
     long info;
     size_t held = 0, released = 0;
-    int waiting = 0, state = TLSCTL_STATE_STOCK;
+    int waiting, state = fw != NULL ? fw->state : TLSCTL_STATE_STOCK;
     (void)unused;
-    if (Py_TYPE(sslobj) == tlsctl_fw_type) {
-        fw = (tlsctl_fw *)sslobj;
-        ssl = fw->ssl;
-        state = fw->state;
-    } else if ((ssl = tlsctl_real_ssl(sslobj)) == NULL) {
-        Py_RETURN_NONE;
-    }
-    if ((info = tlsctl_conn_info(ssl)) < 0)
+    if ((ssl = tlsctl_tracked_ssl(sslobj, &info)) == NULL)
         Py_RETURN_NONE;
     if (fw != NULL && fw->stash)
         tlsctl_stash_state(ssl, &held, &released);
@@ -308,11 +315,7 @@ static PyObject *tlsctl_fast_quiet(PyObject *unused, PyObject *sslobj)
     SSL *ssl;
     long info, policy;
     (void)unused;
-    if (Py_TYPE(sslobj) == tlsctl_fw_type)
-        ssl = ((tlsctl_fw *)sslobj)->ssl;
-    else if ((ssl = tlsctl_real_ssl(sslobj)) == NULL)
-        Py_RETURN_NONE;
-    if ((info = tlsctl_conn_info(ssl)) < 0)
+    if ((ssl = tlsctl_tracked_ssl(sslobj, &info)) == NULL)
         Py_RETURN_NONE;
     policy = info & 3;
     return PyBool_FromLong(
