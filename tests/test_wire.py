@@ -212,17 +212,22 @@ def test_first_write_reaches_the_kernel_whole_with_small_buffers(
     server_ctx: CtxFactory, client_ctx: CtxFactory
 ) -> None:
     """Tickets held for the first write and a socket that takes only part
-    of it (non-blocking, tiny send buffer): every byte arrives, in order."""
+    of it (non-blocking, tiny send buffer): every byte arrives, in order.
+    The client reads nothing until the server's first write has been
+    refused, so the refusal does not depend on how fast it drains."""
     server = tlsctl.patch(server_ctx())
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024)
     payload = os.urandom(300_000)
     got = bytearray()
     errors: list[BaseException] = []
+    first_refused = threading.Event()
 
     def client_side() -> None:
         try:
             with client_ctx().wrap_socket(b, server_hostname="localhost") as c:
+                if not first_refused.wait(30):
+                    raise AssertionError("the server's first write was never refused")
                 while len(got) < len(payload):
                     chunk = c.recv(65536)
                     if not chunk:
@@ -245,19 +250,24 @@ def test_first_write_reaches_the_kernel_whole_with_small_buffers(
                 select.select([conn], [], [], 10)
             except ssl.SSLWantWriteError:
                 select.select([], [conn], [], 10)
-        refused = 0
+        sends = 0
         while view:
+            sends += 1
             try:
                 view = view[conn.send(view) :]
             except (ssl.SSLWantWriteError, BlockingIOError):
-                refused += 1
+                # 300 kB cannot fit a 1 KiB send buffer the client is not
+                # reading yet: the first send is refused, and only then
+                # does the client start reading
+                first_refused.set()
                 select.select([], [conn], [], 10)
             except ssl.SSLWantReadError:
                 select.select([conn], [], [], 10)
+            assert first_refused.is_set(), "the first send went through whole"
         # The refused first write was retried through the proxy, which put
         # the real object back and took its filter out of the write chain:
         # later writes cost what stock's cost.
-        assert refused > 0
+        assert sends > 1
         real = conn._sslobj  # type: ignore[attr-defined]
         assert type(real) is _bind.SSL_SOCKET_TYPE
         held = _bind.ffi.new("size_t *")
