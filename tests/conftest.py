@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import statistics
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -285,3 +286,43 @@ def s_client(port: int, ca: Path, stdin: bytes, *args: str) -> str:
         timeout=30,
     )
     return (proc.stdout + proc.stderr).decode(errors="replace")
+
+
+# --- the delayed-ACK stall (TCP_QUICKACK) -------------------------------------
+
+#: Seconds: a first response slower than this, as the median of a batch of
+#: connections, is the ~40 ms delayed-ACK stall (half of it; Linux never
+#: delays an ACK less than 40 ms, so a stalled connection is never faster).
+STALL = 0.020
+#: Batches a latency test may take before it calls a server stalled.
+STALL_BATCHES = 3
+
+
+def stall_free_batches(measure: Callable[[], list[float]]) -> list[list[float]]:
+    """Batches of first-response latencies (seconds) from ``measure``, until
+    one's median is under ``STALL`` or ``STALL_BATCHES`` were taken.  A
+    server with the stall is over it on every connection of every batch; a
+    loaded machine's scheduling delays (several ms a wake-up with the other
+    suites running) can push one batch of a good server over, rarely three
+    in a row."""
+    batches: list[list[float]] = []
+    while len(batches) < STALL_BATCHES:
+        batches.append(measure())
+        if statistics.median(batches[-1]) < STALL:
+            break
+    return batches
+
+
+def _ms(batches: list[list[float]]) -> str:
+    return "; ".join(", ".join(f"{v * 1e3:.2f}" for v in b) for b in batches)
+
+
+def assert_stall_free(batches: list[list[float]]) -> None:
+    """The last batch (see ``stall_free_batches``) is free of the stall."""
+    assert statistics.median(batches[-1]) < STALL, f"latencies (ms): {_ms(batches)}"
+
+
+def assert_stalled(batches: list[list[float]]) -> None:
+    """Every batch stalled (a control: the stall is there without the fix)."""
+    assert len(batches) == STALL_BATCHES, f"latencies (ms): {_ms(batches)}"
+    assert all(statistics.median(b) > STALL for b in batches), _ms(batches)
