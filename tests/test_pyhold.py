@@ -380,7 +380,7 @@ def test_unbound_sockets_are_stock() -> None:
     handshake, as stock: the client reads them before any data exists."""
     out = _unbound(
         """
-        import socket, threading
+        import socket, threading, time
         from tlsctl import scenarios
         certs = scenarios.make_certs(client_sans=1)
         warnings.simplefilter("ignore")
@@ -400,11 +400,16 @@ def test_unbound_sockets_are_stock() -> None:
         thread.start()
         with socket.create_connection(listener.getsockname()) as raw:
             with client.wrap_socket(raw, server_hostname="localhost") as c:
-                c.settimeout(1.0)
-                try:
-                    c.recv(10)
-                except (socket.timeout, ssl.SSLError):
-                    pass
+                # the server sends no data: each recv only lets the tickets
+                # in, until both came (or 10 s passed: a loaded machine may
+                # take more than one short timeout to schedule the server)
+                c.settimeout(0.1)
+                deadline = time.monotonic() + 10
+                while counter.count < 2 and time.monotonic() < deadline:
+                    try:
+                        c.recv(10)
+                    except (socket.timeout, ssl.SSLError):
+                        pass
                 out["tickets_before_data"] = counter.count
                 c.sendall(b"bye")
         thread.join(10)
