@@ -221,8 +221,13 @@ def _break(kind: str, path: Path) -> str:
         path.unlink()
         return "No such file or directory"
     if kind == "directory":
-        path.unlink()
-        path.mkdir()
+        # in one step, as every kind here: the watcher never sees the file
+        # missing in between (a directory cannot be renamed over a file; a
+        # symbolic link to one can, and stat() follows it)
+        folder, link = path.with_name("folder"), path.with_name("link")
+        folder.mkdir()
+        link.symlink_to(folder)
+        os.replace(link, path)
         return "directory"
     if kind == "unreadable":
         path.chmod(0)
@@ -231,11 +236,9 @@ def _break(kind: str, path: Path) -> str:
 
 
 def _repair(path: Path, data: bytes) -> None:
-    if path.is_dir():
-        path.rmdir()
-    if path.exists():
+    if path.exists() and not path.is_symlink():
         path.chmod(0o600)
-    write_atomic(path, data)
+    write_atomic(path, data)  # over the bad file or link, in one step
 
 
 @pytest.mark.parametrize(
@@ -330,10 +333,11 @@ def test_each_distinct_problem_is_reported_once(
 
     current.unlink()
     wait_for(seen("No such file"), "missing")
-    current.write_bytes(bytes(10))
+    # write_atomic: write_bytes() would show the watcher an empty file first
+    write_atomic(current, bytes(10))
     wait_for(seen("this one 10"), "half-written")
     wait_for(_reported(reports, 2), "the second report")
-    current.write_bytes(bytes(20))  # still half-written, another size
+    write_atomic(current, bytes(20))  # still half-written, another size
     wait_for(seen("this one 20"), "still half-written")
     write_atomic(current, k0.export())
     wait_for(lambda: watcher.errors == {}, "the repair")
