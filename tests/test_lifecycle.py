@@ -29,6 +29,29 @@ def _reused(server: ssl.SSLContext, client: ssl.SSLContext, s: ssl.SSLSession) -
     return connect(server, client, s).client.session_reused
 
 
+def _window(ctx: ssl.SSLContext) -> int:
+    """The rotation window a rotating context encrypts under now."""
+    ptr, _ = _bind.ctx_pointer(ctx)
+    return int(_bind.lib.tlsctl_rotation_window(ptr))
+
+
+def _resumes_in_a_kept_window(rotating: ssl.SSLContext, client: ssl.SSLContext) -> None:
+    """A ticket resumes 1.5 s later with every=1, keep=2: asserted when the
+    check ended within two windows of the ticket's (1.5 s and three
+    handshakes; a machine so loaded that it took longer tries again with a
+    new ticket)."""
+    for _ in range(3):
+        issued = _window(rotating)
+        session = connect(rotating, client).client.session
+        assert session is not None
+        time.sleep(1.5)
+        reused = _reused(rotating, client, session)
+        if _window(rotating) <= issued + 2:
+            assert reused, "lost after 1.5 s, within the kept windows"
+            return
+    pytest.fail("three checks in a row took 2 s or more")
+
+
 def test_lifetime_and_rotation_by_the_clock(
     server_ctx: CtxFactory, client_ctx: CtxFactory
 ) -> None:
@@ -44,18 +67,16 @@ def test_lifetime_and_rotation_by_the_clock(
         )
         client = client_ctx()
         s_short = connect(short, client).client.session
-        s_rot = connect(rotating, client).client.session
         s_rot_late = connect(rotating, client).client.session
-        assert s_short is not None and s_rot is not None and s_rot_late is not None
+        assert s_short is not None and s_rot_late is not None
         assert s_short.ticket_lifetime_hint == 1
         assert _reused(short, client, connect(short, client).client.session)  # type: ignore[arg-type]
-        cases.append((version, short, rotating, client, s_short, s_rot, s_rot_late))
-    start = time.monotonic()
-    time.sleep(max(0.0, 1.5 - (time.monotonic() - start)))
-    for version, _, rotating, client, _, s_rot, _ in cases:
-        assert _reused(rotating, client, s_rot), f"{version}: lost after 1.5 s"
-    time.sleep(max(0.0, 3.5 - (time.monotonic() - start)))
-    for version, short, rotating, client, s_short, _, s_rot_late in cases:
+        cases.append((version, short, rotating, client, s_short, s_rot_late))
+    issued = time.monotonic()  # after every session the late checks refuse
+    for _version, _, rotating, client, _, _ in cases:
+        _resumes_in_a_kept_window(rotating, client)
+    time.sleep(max(0.0, 3.5 - (time.monotonic() - issued)))
+    for version, short, rotating, client, s_short, s_rot_late in cases:
         assert not _reused(short, client, s_short), f"{version}: outlived 1 s"
         assert not _reused(rotating, client, s_rot_late), f"{version}: 3.5 s"
 
@@ -69,21 +90,25 @@ def test_same_master_same_keys_across_contexts_and_windows(
     other = tlsctl.rotate_ticket_keys(server_ctx(), every=1, keep=2)
     client = client_ctx()
     counter = TicketCounter(client)
-    ptr, _ = _bind.ctx_pointer(a)
-    window = _bind.lib.tlsctl_rotation_window(ptr)
+    window = _window(a)
     session = connect(a, client).client.session
     assert session is not None
     assert _reused(b, client, session)  # same window
     assert not _reused(other, client, session)  # another master
     deadline = time.monotonic() + 3
-    while _bind.lib.tlsctl_rotation_window(ptr) == window:
+    while _window(a) == window:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert _reused(b, client, session)  # across the boundary: kept key
-    fresh = connect(a, client).client.session
-    assert fresh is not None and _reused(b, client, fresh)
-    # the new window's key encrypts on both: one name for both contexts
-    names = counter.key_names[-2:]
+    # the new window's key encrypts on both: one name for both contexts,
+    # when a's ticket and b's renewal of it came in one window (else again)
+    for _ in range(3):
+        now = _window(a)
+        fresh = connect(a, client).client.session
+        assert fresh is not None and _reused(b, client, fresh)
+        names = counter.key_names[-2:]
+        if _window(a) == now:
+            break
     assert names[0] == names[1]
 
 
