@@ -432,6 +432,21 @@ def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
                 stacklevel=1,
             )
     new = failed - expected - own
+    if new:
+        # Failing once patched, then passing patched: test_ssl's own short
+        # timeouts on a loaded machine (it runs beside the rest of the
+        # suite), not tlsctl, which fails the same way every time.
+        _, again = _regrtest(child_env(policy), tmp_path, new)
+        if again.ran is not None and again.ran >= len(new):
+            flaky = new - set(again.failures)
+            new -= flaky
+            if flaky:
+                warnings.warn(
+                    f"test_ssl ({policy}): {len(flaky)} test(s) failed, then "
+                    f"passed on a second patched run, not counted:\n"
+                    f"{_report(result.failures, flaky, limit=8)}",
+                    stacklevel=1,
+                )
     missing = expected - failed
     assert not new, (
         f"{head}\n{len(new)} test(s) of test_ssl failed with tickets={policy!r} "
@@ -441,10 +456,22 @@ def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
         f"{head}\nexpected to fail by design with tickets={policy!r}, but "
         f"passed: {sorted(missing)} (update EXPECTED_FAILURES)"
     )
-    if not failed:
-        assert result.status == "OK" and child.returncode == 0, (
-            f"{head}\nno failure reported, yet the run did not succeed "
-            f"(env changed? timeout?); output ends:\n{_tail(child.output, 40)}"
+    if not failed and not (result.status == "OK" and child.returncode == 0):
+        # No failure, yet no success: regrtest's "env changed" (exit 3), a
+        # thread one of test_ssl's own servers left running on a loaded
+        # machine, or a timeout.  Once more, patched: tlsctl's doing would
+        # show again.
+        again_child, again = _regrtest(child_env(policy), tmp_path)
+        assert again.status == "OK" and again_child.returncode == 0, (
+            f"{head}\nno failure reported, yet the run did not succeed, twice "
+            f"(env changed? timeout?); first output ends:\n"
+            f"{_tail(child.output, 20)}\nsecond:\n{_tail(again_child.output, 20)}"
+        )
+        warnings.warn(
+            f"test_ssl ({policy}): status {result.status}, regrtest exit "
+            f"{child.returncode} with no failure, then a clean run; output "
+            f"ended:\n{_tail(child.output, 10)}",
+            stacklevel=1,
         )
 
 
