@@ -238,42 +238,45 @@ def test_first_write_reaches_the_kernel_whole_with_small_buffers(
 
     thread = threading.Thread(target=client_side)
     thread.start()
-    a.setblocking(False)
-    conn = server.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
-    view = memoryview(payload)
-    with conn:
-        while True:
-            try:
-                conn.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                select.select([conn], [], [], 10)
-            except ssl.SSLWantWriteError:
-                select.select([], [conn], [], 10)
-        sends = 0
-        while view:
-            sends += 1
-            try:
-                view = view[conn.send(view) :]
-            except (ssl.SSLWantWriteError, BlockingIOError):
-                # 300 kB cannot fit a 1 KiB send buffer the client is not
-                # reading yet: the first send is refused, and only then
-                # does the client start reading
-                first_refused.set()
-                select.select([], [conn], [], 10)
-            except ssl.SSLWantReadError:
-                select.select([conn], [], [], 10)
-            assert first_refused.is_set(), "the first send went through whole"
-        # The refused first write was retried through the proxy, which put
-        # the real object back and took its filter out of the write chain:
-        # later writes cost what stock's cost.
-        assert sends > 1
-        real = conn._sslobj  # type: ignore[attr-defined]
-        assert type(real) is _bind.SSL_SOCKET_TYPE
-        held = _bind.ffi.new("size_t *")
-        released = _bind.ffi.new("size_t *")
-        ptr = _bind.sslobj_pointer(real)
-        assert _bind.lib.tlsctl_stash_state(ptr, held, released) == 0
+    try:
+        a.setblocking(False)
+        conn = server.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+        view = memoryview(payload)
+        with conn:
+            while True:
+                try:
+                    conn.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    select.select([conn], [], [], 10)
+                except ssl.SSLWantWriteError:
+                    select.select([], [conn], [], 10)
+            sends = 0
+            while view:
+                sends += 1
+                try:
+                    view = view[conn.send(view) :]
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    # 300 kB cannot fit a 1 KiB send buffer the client is not
+                    # reading yet: the first send is refused, and only then
+                    # does the client start reading
+                    first_refused.set()
+                    select.select([], [conn], [], 10)
+                except ssl.SSLWantReadError:
+                    select.select([conn], [], [], 10)
+                assert first_refused.is_set(), "the first send was not refused"
+            # The refused first write was retried through the proxy, which put
+            # the real object back and took its filter out of the write chain:
+            # later writes cost what stock's cost.
+            assert sends > 1
+            real = conn._sslobj  # type: ignore[attr-defined]
+            assert type(real) is _bind.SSL_SOCKET_TYPE
+            held = _bind.ffi.new("size_t *")
+            released = _bind.ffi.new("size_t *")
+            ptr = _bind.sslobj_pointer(real)
+            assert _bind.lib.tlsctl_stash_state(ptr, held, released) == 0
+    finally:
+        first_refused.set()  # a failure above must not leave the client waiting
         thread.join(30)
     assert not errors, errors
     assert bytes(got) == payload
