@@ -99,7 +99,9 @@ def test_same_master_same_keys_across_contexts_and_windows(
     while _window(a) == window:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert _reused(b, client, session)  # across the boundary: kept key
+    reused = _reused(b, client, session)
+    if _window(a) <= window + 2:  # else too slow to tell: two more went by
+        assert reused  # across the boundary: kept key
     # the new window's key encrypts on both: one name for both contexts,
     # when a's ticket and b's renewal of it came in one window (else again)
     for _ in range(3):
