@@ -316,6 +316,13 @@ def _regrtest(
     return child, UnittestResult.parse(child.output)
 
 
+def _patched_again(policy: str, cwd: Path) -> tuple[Child, UnittestResult]:
+    """A second whole run of test_ssl, patched, proven patched."""
+    child, result = _regrtest(child_env(policy), cwd)
+    _check_patching(child, policy)
+    return child, result
+
+
 # CPython's test_ssl takes ~25 s here of which ~1 s is CPU: it mostly waits
 # on its own timeouts.  conftest.py calls start_early() once the tests are
 # selected, so the selected runs start then and overlap the rest of the
@@ -439,8 +446,7 @@ def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
         # timeouts on a loaded machine (it runs beside the rest of the
         # suite).  An intermittent fault of tlsctl's would pass that way
         # too: warned, with its traceback, not silenced.
-        again_child, again = _regrtest(child_env(policy), tmp_path)
-        _check_patching(again_child, policy)
+        _, again = _patched_again(policy, tmp_path)
         if again.ran is not None and again.ran >= (result.ran or 0):
             flaky = new - set(again.failures)
             new -= flaky
@@ -465,8 +471,7 @@ def test_cpython_test_ssl(policy: str, tmp_path: Path) -> None:
         # thread one of test_ssl's own servers left running on a loaded
         # machine, or a timeout.  Once more, patched: tlsctl's doing would
         # show again.
-        again_child, again = _regrtest(child_env(policy), tmp_path)
-        _check_patching(again_child, policy)
+        again_child, again = _patched_again(policy, tmp_path)
         assert again.status == "OK" and again_child.returncode == 0, (
             f"{head}\nno failure reported, yet the run did not succeed, twice "
             f"(env changed? timeout?); first output ends:\n"
